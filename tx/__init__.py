@@ -1,0 +1,22 @@
+"""tx: transformers for studying attention, in JAX and Flax Linen.
+
+Pure functions (no state): attention with an explicit temperature β, masks,
+alignment scores and positional encodings. Linen modules: multi-head attention,
+encoder/decoder blocks and stacks, encoder-decoder, decoder-only LM, encoder
+classifier and ViT. Importing tx has no side effects and imports only jax,
+flax and numpy.
+"""
+
+from tx.attention import attend, dot_product_attention, softargmax_beta
+from tx.layers import (DecoderBlock, EncoderBlock, FeedForward, MultiHeadAttention)
+from tx.masks import (causal_mask, combine_masks, local_window_mask, padding_mask,
+                      valid_from_lengths, valid_from_tokens)
+from tx.models import (Decoder, DecoderLM, Encoder, EncoderClassifier, EncoderDecoder,
+                       TokenEmbedding, shift_right)
+from tx.posemb import AddPositionEmbs, resample_posemb, rope, sincos_2d, sinusoidal_1d
+from tx.scores import (AdditiveScore, GeneralScore, LocationScore, cosine_score, dot_score,
+                       scaled_dot_score)
+from tx.vit import VARIANTS as VIT_VARIANTS
+from tx.vit import ViT, vit_variant
+
+__version__ = '0.1.0'

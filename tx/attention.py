@@ -1,0 +1,200 @@
+"""Scaled dot-product attention with an explicit temperature β.
+
+Layout follows `jax.nn.dot_product_attention`:
+
+  q_BxTqxHxD  queries      [batch..., Tq, H, Dk]
+  k_BxTkxHxD  keys         [batch..., Tk, H, Dk]
+  v_BxTkxHxD  values       [batch..., Tk, H, Dv]
+  mask        boolean, True = "may attend", broadcastable to [batch..., H, Tq, Tk]
+  weights     [batch..., H, Tq, Tk]
+
+Logits and the softargmax are always computed in float32; the output takes the
+dtype of the inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tx.scores import dot_score
+from tx.validate import check_beta, check_choice, concrete
+
+IMPLEMENTATIONS = (None, 'xla', 'fused')
+
+
+def _beta_for_logits(beta, num_heads: int):
+  """A 1-D β is per head: [H] becomes [H, 1, 1] so it broadcasts over [..., H, Tq, Tk]."""
+  beta = jnp.asarray(beta, jnp.float32)
+  if beta.ndim == 1:
+    if beta.shape[0] != num_heads:
+      raise ValueError(f'beta has shape {beta.shape}; a 1-D beta is per head and needs '
+                       f'shape ({num_heads},)')
+    return beta[:, None, None]
+  return beta
+
+
+def softargmax_beta(scores, beta=1.0, mask=None, axis: int = -1):
+  """softargmax_β(s)_j = exp(β s_j) / Σ_{j' attendable} exp(β s_j'), in float32.
+
+  Masked positions (mask False) get weight exactly 0. A row with no attendable
+  position gets all-zero weights instead of NaN. β = 0 gives the uniform
+  distribution over attendable positions; β → ∞ approaches one-hot argmax.
+  """
+  logits = jnp.asarray(scores, jnp.float32) * jnp.asarray(beta, jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=axis)
+  mask = jnp.asarray(mask, bool)
+  # A finite floor (not -inf) keeps fully-masked rows NaN-free; the final
+  # `where` makes masked weights exactly zero.
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=axis)
+  return jnp.where(mask, weights, 0.0)
+
+
+def _check_mask(mask, logits_shape, name='mask'):
+  if mask is None:
+    return None
+  shape = tuple(np.shape(mask))
+  try:
+    ok = np.broadcast_shapes(shape, logits_shape) == tuple(logits_shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f'{name} has shape {shape}, which does not broadcast to the attention '
+                     f'logits [batch..., H, Tq, Tk] = {tuple(logits_shape)}')
+  return mask
+
+
+def _check_qkv(q, k, v):
+  if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim:
+    raise ValueError(f'q, k, v must be [batch..., T, H, D] with equal rank; got shapes '
+                     f'q={q.shape}, k={k.shape}, v={v.shape}')
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f'q and k must share the head dim Dk; got q={q.shape}, k={k.shape}')
+  if k.shape[-3] != v.shape[-3]:
+    raise ValueError(f'k and v must share the key length Tk; got k={k.shape}, v={v.shape}')
+  if not q.shape[-2] == k.shape[-2] == v.shape[-2]:
+    raise ValueError(f'q, k, v must share the number of heads H; got q={q.shape}, '
+                     f'k={k.shape}, v={v.shape}')
+  try:
+    batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+  except ValueError:
+    raise ValueError(f'q, k, v batch dims do not broadcast: q={q.shape}, k={k.shape}, '
+                     f'v={v.shape}') from None
+  return tuple(batch) + (q.shape[-2], q.shape[-3], k.shape[-3])
+
+
+def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0.0,
+           dropout_rng=None):
+  """Turns alignment scores into attention: H = softargmax_β(scores + bias/β) V.
+
+  Args:
+    scores: [batch..., H, Tq, Tk] alignment scores s(q_i, k_j) (any score function).
+    v: [batch..., Tk, H, Dv] values.
+    mask: boolean, broadcastable to `scores`; True = may attend.
+    bias: added to the β-scaled logits: logits = β·scores + bias.
+    beta: temperature β; scalar, per-head [H], or broadcastable to `scores`.
+    dropout_rate, dropout_rng: attention-weight dropout (inverted scaling),
+      applied only when a key is given; the returned weights are pre-dropout.
+
+  Returns:
+    (out [batch..., Tq, H, Dv] in v.dtype, weights [batch..., H, Tq, Tk] float32).
+  """
+  _check_mask(mask, scores.shape)
+  _check_mask(bias, scores.shape, 'bias')
+  logits = jnp.asarray(scores, jnp.float32) * _beta_for_logits(beta, scores.shape[-3])
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
+  weights = softargmax_beta(logits, 1.0, mask)
+  used = weights
+  if dropout_rng is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    used = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('...hqk,...khd->...qhd', used.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), weights
+
+
+def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
+                          return_weights: bool = False, implementation: str | None = None,
+                          dropout_rate: float = 0.0, dropout_rng=None):
+  """Scaled dot-product attention: softargmax_β(Q Kᵀ + bias) V, row-wise over keys.
+
+    out_i = Σ_j w_ij v_j,  w_ij = exp(β q_i·k_j + b_ij) / Σ_{j' attendable} exp(β q_i·k_j' + b_ij')
+
+  Args:
+    q: [batch..., Tq, H, Dk] queries.
+    k: [batch..., Tk, H, Dk] keys.
+    v: [batch..., Tk, H, Dv] values.
+    mask: boolean, broadcastable to [batch..., H, Tq, Tk]; True = may attend.
+      Masked keys get weight exactly 0; a query with no attendable key outputs 0.
+    bias: additive logit bias, broadcastable to [batch..., H, Tq, Tk].
+    beta: inverse temperature β >= 0. None means 1/sqrt(Dk) (Vaswani et al.).
+      A scalar, a per-head array [H] (e.g. a learned β), or anything broadcastable
+      to the logits. β = 0 averages the attendable values uniformly; β → ∞
+      returns the value of the argmax key.
+    return_weights: also return the float32 weights [batch..., H, Tq, Tk].
+    implementation: None or 'xla' for this einsum path; 'fused' for
+      `jax.nn.dot_product_attention` (cuDNN on GPU for bf16/fp16 when it
+      supports the shapes, XLA otherwise). 'fused' cannot return weights.
+    dropout_rate, dropout_rng: attention-weight dropout, as in `attend`.
+
+  Returns:
+    out [batch..., Tq, H, Dv] in q's dtype, and the weights if requested.
+  """
+  check_choice('implementation', implementation, IMPLEMENTATIONS)
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  logits_shape = _check_qkv(q, k, v)
+  _check_mask(mask, logits_shape)
+  _check_mask(bias, logits_shape, 'bias')
+  if beta is None:
+    beta = 1.0 / np.sqrt(q.shape[-1])
+  check_beta(beta)
+
+  if implementation == 'fused':
+    if return_weights:
+      raise ValueError('return_weights=True needs implementation=None or "xla"; '
+                       'the fused kernel never materialises the weights')
+    if dropout_rng is not None and dropout_rate > 0.0:
+      raise ValueError(f'dropout_rate={dropout_rate} needs implementation=None or "xla"; '
+                       'the fused kernel has no attention-weight dropout')
+    return _fused(q, k, v, mask, bias, beta, logits_shape)
+
+  out, weights = attend(dot_score(q, k), v, mask=mask, bias=bias, beta=beta,
+                        dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  out = out.astype(q.dtype)
+  return (out, weights) if return_weights else out
+
+
+def _fused(q, k, v, mask, bias, beta, logits_shape):
+  """`jax.nn.dot_product_attention` on our [batch..., T, H, D] layout."""
+  batch = logits_shape[:-3]
+  flat = lambda x: jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
+  as4d = lambda m: None if m is None else jnp.broadcast_to(m, logits_shape).reshape(
+      (-1,) + logits_shape[-3:])
+  beta_value = concrete(beta)
+  if beta_value is not None and beta_value.ndim == 0:
+    scale = float(beta_value)
+  elif jnp.ndim(beta) <= 1:  # traced or per-head β: fold it into the queries (q·k is linear in q).
+    scale = 1.0
+    per_head = _beta_for_logits(beta, q.shape[-2])[..., 0]  # [H, 1] or []
+    q = (q.astype(jnp.float32) * per_head).astype(q.dtype)
+  else:
+    raise ValueError(f'implementation="fused" takes a scalar or per-head [H] beta; got shape '
+                     f'{jnp.shape(beta)}')
+  args = (flat(q), flat(k), flat(v), as4d(bias), as4d(mask))
+  out = None
+  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      out = jax.nn.dot_product_attention(*args, scale=scale, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):
+      out = None  # shape/dtype cuDNN does not support: fall back to XLA below.
+  if out is None:
+    out = jax.nn.dot_product_attention(*args, scale=scale, implementation='xla')
+  out = out.reshape(batch + out.shape[-3:])
+  if mask is not None:  # jax.nn gives a uniform average for fully-masked rows; we give 0.
+    row_ok = jnp.any(jnp.broadcast_to(mask, logits_shape), axis=-1)  # [batch..., H, Tq]
+    out = jnp.where(jnp.swapaxes(row_ok, -1, -2)[..., None], out, 0)
+  return out.astype(q.dtype)

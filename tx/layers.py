@@ -1,0 +1,246 @@
+"""Linen layers: MultiHeadAttention, FeedForward, EncoderBlock, DecoderBlock.
+
+Tensor layout inside attention is [batch..., T, H, D]; activations between
+layers are [batch..., T, d_model]. `dtype` is the compute dtype, `param_dtype`
+the storage dtype (float32); softmax and LayerNorm statistics stay in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tx import scores as scores_lib
+from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention
+from tx.masks import combine_masks
+from tx.posemb import rope as apply_rope
+from tx.validate import check_beta, check_choice
+
+Dtype = Any
+SCORES = ('dot', 'general', 'additive', 'cosine', 'location')
+NORMS = ('post', 'pre')
+ACTIVATIONS = {'relu': nn.relu, 'gelu': nn.gelu}
+kernel_init = nn.initializers.xavier_uniform()
+
+
+class MultiHeadAttention(nn.Module):
+  """MultiHead(Q, K, V) = Concat(head_1, ..., head_H) W^O,
+  head_h = Attention(X_q W^Q_h, X_kv W^K_h, X_kv W^V_h).
+
+  Self-attention when `inputs_kv` is None, cross-attention otherwise.
+  The logits are β·score(q, k) with β = beta_scale / sqrt(d_head), fixed, or
+  learned per head (`learn_beta`, parametrised as log β so that β stays > 0).
+  The attention weights [batch..., H, Tq, Tk] are sown into 'intermediates'
+  as 'attention_weights' (except with implementation='fused').
+
+  decode=True (self-attention only) keeps keys and values in a 'cache'
+  collection, sized by the input given to `init`; each call appends its T
+  tokens and attends causally to everything cached so far.
+  """
+  num_heads: int
+  qkv_features: int | None = None  # default: input feature size.
+  out_features: int | None = None  # default: input feature size.
+  beta_scale: float = 1.0
+  learn_beta: bool = False
+  score: str = 'dot'
+  implementation: str | None = None
+  dropout_rate: float = 0.0  # attention-weight dropout.
+  rope: bool = False  # rotary position embedding on q and k (self-attention only).
+  rope_base: float = 10000.0
+  max_len: int = 512  # key positions for score='location'.
+  decode: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _beta(self, head_dim: int):
+    check_beta(self.beta_scale, 'beta_scale')
+    base = 1.0 / np.sqrt(head_dim)
+    if not self.learn_beta:
+      return self.beta_scale * base
+    if self.beta_scale == 0:
+      raise ValueError('beta_scale=0 with learn_beta=True; a learned β starts from '
+                       'beta_scale/sqrt(d_head) and must be > 0')
+    log_beta = self.param('log_beta', nn.initializers.constant(np.log(self.beta_scale * base)),
+                          (self.num_heads,), jnp.float32)
+    return jnp.exp(log_beta)
+
+  def _scores(self, q, k):
+    if self.score == 'cosine':
+      return scores_lib.cosine_score(q, k)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=f'{self.score}_score')
+    if self.score == 'general':
+      return scores_lib.GeneralScore(**kw)(q, k)
+    if self.score == 'additive':
+      return scores_lib.AdditiveScore(**kw)(q, k)
+    return scores_lib.LocationScore(self.max_len, **kw)(q, k)
+
+  def _decode_step(self, q, k, v, mask):
+    """Writes this call's k, v into the cache at `cache_index`; returns full-cache k, v, mask."""
+    initialized = self.has_variable('cache', 'cached_key')
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    if not initialized:  # `init` only sizes the cache.
+      return self._rope(q), self._rope(k), v, mask
+    positions = index.value + jnp.arange(q.shape[-3])
+    q, k = self._rope(q, positions), self._rope(k, positions)
+    start = (0,) * (k.ndim - 3) + (index.value, 0, 0)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+    index.value = index.value + q.shape[-3]
+    length = cached_k.value.shape[-3]
+    causal = jnp.arange(length)[None, :] <= positions[:, None]  # [T, length]
+    return q, cached_k.value, cached_v.value, combine_masks(mask, causal)
+
+  def _rope(self, x, positions=None):
+    return apply_rope(x, positions, self.rope_base) if self.rope else x
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None,
+               deterministic: bool = True):
+    check_choice('score', self.score, SCORES)
+    check_choice('implementation', self.implementation, IMPLEMENTATIONS)
+    features = self.qkv_features or inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
+    if self.implementation == 'fused' and self.score != 'dot':
+      raise ValueError(f'implementation="fused" supports score="dot" only; got score={self.score!r}')
+    head_dim = features // self.num_heads
+    self_attention = inputs_kv is None
+    inputs_kv = inputs_q if self_attention else inputs_kv
+
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                                         param_dtype=self.param_dtype, kernel_init=kernel_init,
+                                         name=name)
+    q_BxTxHxD = dense('query')(inputs_q)
+    k_BxSxHxD = dense('key')(inputs_kv)
+    v_BxSxHxD = dense('value')(inputs_kv)
+    if self_attention and self.decode:
+      q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask = self._decode_step(q_BxTxHxD, k_BxSxHxD,
+                                                                 v_BxSxHxD, mask)
+    elif self_attention:
+      q_BxTxHxD, k_BxSxHxD = self._rope(q_BxTxHxD), self._rope(k_BxSxHxD)
+
+    beta = self._beta(head_dim)
+    dropout_rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      dropout_rng = self.make_rng('dropout')
+    common = dict(mask=mask, bias=bias, beta=beta, dropout_rate=self.dropout_rate,
+                  dropout_rng=dropout_rng)
+    if self.score == 'dot' and self.implementation == 'fused':
+      out_BxTxHxD = dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD,
+                                          implementation='fused', **common)
+    else:
+      scores_BxHxTxS = (scores_lib.dot_score(q_BxTxHxD, k_BxSxHxD) if self.score == 'dot'
+                        else self._scores(q_BxTxHxD, k_BxSxHxD))
+      out_BxTxHxD, weights_BxHxTxS = attend(scores_BxHxTxS, v_BxSxHxD, **common)
+      self.sow('intermediates', 'attention_weights', weights_BxHxTxS)
+    return nn.DenseGeneral(self.out_features or inputs_q.shape[-1], axis=(-2, -1),
+                           dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=kernel_init, name='out')(out_BxTxHxD)
+
+
+class FeedForward(nn.Module):
+  """FFN(x) = act(x W_1 + b_1) W_2 + b_2, act = ReLU (Vaswani et al.) or GELU (ViT, BERT)."""
+  d_ff: int
+  activation: str = 'relu'
+  dropout: float = 0.0  # on the hidden layer.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    check_choice('activation', self.activation, tuple(ACTIVATIONS))
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     kernel_init=kernel_init, name=name)
+    h = ACTIVATIONS[self.activation](dense(self.d_ff, 'hidden')(x))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return dense(x.shape[-1], 'output')(h)
+
+
+class BlockHParams(nn.Module):
+  """Hyper-parameters shared by the blocks and by every model built from them."""
+  num_heads: int = 8
+  d_ff: int = 2048
+  dropout: float = 0.0  # residual, embedding and FFN-hidden dropout.
+  attention_dropout: float = 0.0
+  beta_scale: float = 1.0  # β = beta_scale / sqrt(d_head).
+  learn_beta: bool = False
+  score: str = 'dot'
+  implementation: str | None = None
+  norm: str = 'post'  # 'post': LN(x + f(x)) (Vaswani); 'pre': x + f(LN(x)) (ViT, GPT-2).
+  activation: str = 'relu'
+  max_len: int = 512  # learned posemb rows and location-score keys.
+  decode: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
+def hparams(module, cls=BlockHParams) -> dict:
+  """The values of `cls`'s hyper-parameter fields on `module`, to pass on to a sub-module."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
+          if f.init and f.name not in ('parent', 'name')}
+
+
+class _Block(BlockHParams, kw_only=True):
+  rope: bool = False
+
+  def attention(self, name: str, self_attention: bool):
+    return MultiHeadAttention(
+        num_heads=self.num_heads, beta_scale=self.beta_scale, learn_beta=self.learn_beta,
+        score=self.score, implementation=self.implementation,
+        dropout_rate=self.attention_dropout, rope=self.rope and self_attention,
+        max_len=self.max_len, decode=self.decode and self_attention, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+
+  def sublayer(self, x, f: Callable, name: str, deterministic: bool):
+    """Residual connection with LayerNorm: post-LN LN(x + f(x)) or pre-LN x + f(LN(x))."""
+    check_choice('norm', self.norm, NORMS)
+    ln = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f'{name}_norm')
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    if self.norm == 'pre':
+      return x + drop(f(ln(x)))
+    return ln(x + drop(f(x)))
+
+  def ffn(self, x, deterministic: bool):
+    return FeedForward(self.d_ff, self.activation, self.dropout, self.dtype, self.param_dtype,
+                       name='ffn')(x, deterministic=deterministic)
+
+
+class EncoderBlock(_Block):
+  """x ← AddNorm(x, SelfAttention(x)); x ← AddNorm(x, FFN(x))."""
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, deterministic: bool = True):
+    attn = self.attention('self_attention', True)
+    x = self.sublayer(x, lambda y: attn(y, mask=mask, deterministic=deterministic),
+                      'self_attention', deterministic)
+    return self.sublayer(x, lambda y: self.ffn(y, deterministic), 'ffn', deterministic)
+
+
+class DecoderBlock(_Block):
+  """x ← AddNorm(x, MaskedSelfAttention(x)); x ← AddNorm(x, CrossAttention(x, memory));
+  x ← AddNorm(x, FFN(x)).
+
+  Queries of the cross-attention come from the decoder, keys and values from the
+  encoder output `memory`. Without `memory` the block has no cross-attention
+  (a GPT-style block); the caller supplies the causal `self_mask`.
+  """
+
+  @nn.compact
+  def __call__(self, x, memory=None, *, self_mask=None, cross_mask=None,
+               deterministic: bool = True):
+    attn = self.attention('self_attention', True)
+    x = self.sublayer(x, lambda y: attn(y, mask=self_mask, deterministic=deterministic),
+                      'self_attention', deterministic)
+    if memory is not None:
+      cross = self.attention('cross_attention', False)
+      x = self.sublayer(
+          x, lambda y: cross(y, memory, mask=cross_mask, deterministic=deterministic),
+          'cross_attention', deterministic)
+    return self.sublayer(x, lambda y: self.ffn(y, deterministic), 'ffn', deterministic)

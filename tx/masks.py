@@ -1,0 +1,67 @@
+"""Boolean attention masks: True = "query i may attend to key j".
+
+Every mask broadcasts to the logits [batch..., H, Tq, Tk]; combine them with
+`combine_masks` (logical AND).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def causal_mask(length: int, key_length: int | None = None):
+  """M_ij = [j <= i]: query i sees keys 0..i (autoregressive decoding). Shape [Tq, Tk].
+
+  With key_length > length the queries are the last `length` positions of the
+  key sequence (j <= i + key_length - length), as when queries extend a prefix.
+  """
+  key_length = length if key_length is None else key_length
+  i = jnp.arange(length)[:, None] + (key_length - length)
+  return jnp.arange(key_length)[None, :] <= i
+
+
+def local_window_mask(length: int, window: int | tuple[int, int]):
+  """M_ij = [i - left <= j <= i + right]: attention as a (soft) convolution. Shape [T, T].
+
+  `window` is the radius w (left = right = w, a receptive field of 2w+1 keys),
+  or a (left, right) pair; (w, 0) is a causal sliding window.
+  """
+  left, right = (window, window) if isinstance(window, int) else window
+  if left < 0 or right < 0:
+    raise ValueError(f'window={window!r}; sizes must be >= 0')
+  offset = jnp.arange(length)[None, :] - jnp.arange(length)[:, None]  # j - i
+  return (offset >= -left) & (offset <= right)
+
+
+def valid_from_lengths(lengths, max_len: int):
+  """valid[..., t] = t < lengths[...]: which of max_len positions hold real tokens."""
+  return jnp.arange(max_len) < jnp.asarray(lengths)[..., None]
+
+
+def valid_from_tokens(tokens, pad_id: int = 0):
+  """valid[..., t] = tokens[..., t] != pad_id."""
+  return jnp.asarray(tokens) != pad_id
+
+
+def padding_mask(kv_valid, q_valid=None):
+  """M_ij = kv_valid[j] (and q_valid[i]), shape [batch..., 1, Tq or 1, Tk].
+
+  Works for self-attention (q_valid = kv_valid) and cross-attention (decoder
+  queries × encoder keys). Masking padded keys is what matters; masking padded
+  queries as well makes their rows all-zero outputs.
+  """
+  m = jnp.asarray(kv_valid, bool)[..., None, None, :]
+  if q_valid is not None:
+    m = m & jnp.asarray(q_valid, bool)[..., None, :, None]
+  return m
+
+
+def combine_masks(*masks):
+  """Logical AND of the given masks (None entries are skipped); None if all are None."""
+  masks = [jnp.asarray(m, bool) for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = out & m
+  return out

@@ -1,0 +1,200 @@
+"""Linen models: Encoder, Decoder, EncoderDecoder, DecoderLM, EncoderClassifier.
+
+All share the hyper-parameters of `ModelHParams` (and `tx.layers.BlockHParams`),
+so a config's `model` section maps straight onto any of them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from tx.layers import BlockHParams, DecoderBlock, EncoderBlock, hparams
+from tx.masks import causal_mask, combine_masks, padding_mask, valid_from_tokens
+from tx.posemb import AddPositionEmbs
+from tx.validate import check_choice
+
+POOLS = ('cls', 'mean')
+
+
+def shift_right(tokens, bos_id: int):
+  """Teacher forcing: decoder inputs [bos, y_0, ..., y_{T-2}] for targets [y_0, ..., y_{T-1}]."""
+  bos = jnp.full(tokens.shape[:-1] + (1,), bos_id, tokens.dtype)
+  return jnp.concatenate([bos, tokens[..., :-1]], axis=-1)
+
+
+class ModelHParams(BlockHParams, kw_only=True):
+  num_layers: int = 6
+  d_model: int = 512
+  posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'rope' | 'none'.
+
+
+def _block_args(model: ModelHParams) -> dict:
+  return dict(hparams(model), rope=model.posemb == 'rope')
+
+
+class Encoder(ModelHParams):
+  """N encoder blocks over embedded inputs x [batch..., T, d_model], after the posemb.
+
+  With norm='pre' a final LayerNorm closes the stack (as in ViT).
+  """
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, deterministic: bool = True):
+    x = AddPositionEmbs(self.posemb, self.max_len, param_dtype=self.param_dtype,
+                        name='posemb')(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    for i in range(self.num_layers):
+      x = EncoderBlock(**_block_args(self), name=f'block_{i}')(x, mask,
+                                                               deterministic=deterministic)
+    if self.norm == 'pre':
+      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm')(x)
+    return x
+
+
+class Decoder(ModelHParams):
+  """N decoder blocks with causal self-attention, over embedded inputs x [batch..., T, d_model].
+
+  `mask` (e.g. padding) is combined with the causal mask; with `memory`
+  (the encoder output) each block also cross-attends under `cross_mask`.
+  In decode mode the causal mask comes from the KV cache.
+  """
+
+  @nn.compact
+  def __call__(self, x, memory=None, *, mask=None, cross_mask=None,
+               deterministic: bool = True):
+    x = AddPositionEmbs(self.posemb, self.max_len, decode=self.decode,
+                        param_dtype=self.param_dtype, name='posemb')(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))
+    for i in range(self.num_layers):
+      x = DecoderBlock(**_block_args(self), name=f'block_{i}')(
+          x, memory, self_mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
+    if self.norm == 'pre':
+      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm')(x)
+    return x
+
+
+class TokenEmbedding(nn.Module):
+  """Token embedding scaled by sqrt(d_model) (Vaswani et al.), and the output logits.
+
+  The table is initialised N(0, 1/d_model), so embeddings start at unit scale.
+  With `tie`, logits = x Eᵀ reuse the table (Press & Wolf, 2017).
+  """
+  vocab_size: int
+  d_model: int
+  tie: bool = True
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  def setup(self):
+    self.embedding = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              embedding_init=nn.initializers.normal(self.d_model ** -0.5))
+    if not self.tie:
+      self.head = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def __call__(self, tokens):
+    return self.embedding(tokens) * jnp.sqrt(jnp.asarray(self.d_model, self.dtype))
+
+  def logits(self, x):
+    """[batch..., T, d_model] -> float32 logits [batch..., T, vocab_size]."""
+    return (self.embedding.attend(x) if self.tie else self.head(x)).astype(jnp.float32)
+
+
+class DecoderLM(ModelHParams, kw_only=True):
+  """GPT-style language model: tokens [batch..., T] -> next-token logits [batch..., T, V].
+
+  With decode=True, call once with the full-length input through `init` to size
+  the cache, then feed tokens chunk by chunk with mutable=['cache'].
+  """
+  vocab_size: int
+  tie_embeddings: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, *, deterministic: bool = True):
+    embed = TokenEmbedding(self.vocab_size, self.d_model, self.tie_embeddings, self.dtype,
+                           self.param_dtype, name='embed')
+    x = Decoder(**hparams(self, ModelHParams), name='decoder')(embed(tokens),
+                                                               deterministic=deterministic)
+    return embed.logits(x)
+
+
+class EncoderDecoder(ModelHParams, kw_only=True):
+  """The Transformer of Vaswani et al.: encode(source), then decode_logits(targets | memory).
+
+  Source and target share one vocabulary and embedding (tied with the output
+  layer unless tie_embeddings=False). Tokens equal to `pad_id` are masked out
+  as keys in every attention. Train with `shift_right(targets, bos_id)` as the
+  decoder input (teacher forcing).
+  """
+  vocab_size: int
+  pad_id: int = 0
+  tie_embeddings: bool = True
+
+  def setup(self):
+    self.embed = TokenEmbedding(self.vocab_size, self.d_model, self.tie_embeddings, self.dtype,
+                                self.param_dtype)
+    # The encoder never caches: decode mode only concerns the decoder's self-attention.
+    self.encoder = Encoder(**dict(hparams(self, ModelHParams), decode=False))
+    self.decoder = Decoder(**hparams(self, ModelHParams))
+
+  def encode(self, source, *, deterministic: bool = True):
+    """source [batch..., S] -> memory [batch..., S, d_model]."""
+    mask = padding_mask(valid_from_tokens(source, self.pad_id))
+    return self.encoder(self.embed(source), mask, deterministic=deterministic)
+
+  def decode_logits(self, decoder_input, memory, source, *, deterministic: bool = True):
+    """decoder_input [batch..., T] and memory -> logits [batch..., T, V].
+
+    `source` gives the encoder padding for the cross-attention mask.
+    """
+    cross_mask = padding_mask(valid_from_tokens(source, self.pad_id))
+    self_mask = None if self.decode else padding_mask(
+        valid_from_tokens(decoder_input, self.pad_id))
+    x = self.decoder(self.embed(decoder_input), memory, mask=self_mask, cross_mask=cross_mask,
+                     deterministic=deterministic)
+    return self.embed.logits(x)
+
+  def __call__(self, source, decoder_input, *, deterministic: bool = True):
+    memory = self.encode(source, deterministic=deterministic)
+    return self.decode_logits(decoder_input, memory, source, deterministic=deterministic)
+
+
+class EncoderClassifier(ModelHParams, kw_only=True):
+  """BERT-style sequence classifier: encoder, then CLS-token or mean pooling, then a linear head.
+
+  Inputs are token ids [batch..., T] when `vocab_size` is set (tokens equal to
+  `pad_id` are masked out), or feature vectors [batch..., T, F] otherwise
+  (projected to d_model; e.g. MNIST-1D as 1-D patches).
+  """
+  num_classes: int
+  vocab_size: int | None = None
+  pad_id: int = 0
+  pool: str = 'cls'
+
+  @nn.compact
+  def __call__(self, inputs, *, deterministic: bool = True):
+    check_choice('pool', self.pool, POOLS)
+    if self.vocab_size is None:
+      x = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name='input_projection')(inputs)
+      valid = jnp.ones(x.shape[:-1], bool)
+    else:
+      x = TokenEmbedding(self.vocab_size, self.d_model, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name='embed')(inputs)
+      valid = valid_from_tokens(inputs, self.pad_id)
+    if self.pool == 'cls':
+      cls = self.param('cls', nn.initializers.zeros, (self.d_model,), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), x.shape[:-2] + (1, x.shape[-1])),
+                           x], axis=-2)
+      valid = jnp.concatenate([jnp.ones(valid.shape[:-1] + (1,), bool), valid], axis=-1)
+    x = Encoder(**hparams(self, ModelHParams), name='encoder')(
+        x, padding_mask(valid), deterministic=deterministic)
+    if self.pool == 'cls':
+      pooled = x[..., 0, :]
+    else:
+      w = valid[..., None].astype(x.dtype)
+      pooled = (x * w).sum(-2) / jnp.maximum(w.sum(-2), 1)
+    return nn.Dense(self.num_classes, param_dtype=self.param_dtype, name='head')(
+        pooled).astype(jnp.float32)

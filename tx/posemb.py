@@ -1,0 +1,138 @@
+"""Positional encodings: sinusoidal 1-D, sincos 2-D, rotary (RoPE), learned, none.
+
+Self-attention is permutation-equivariant; a positional encoding is what tells
+the model where each token is. `base` is the sinusoid frequency base (10000 in
+Vaswani et al.); it is not the attention temperature β.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tx.validate import check_choice
+
+SEQUENCE_POSEMBS = ('learn', 'sinusoidal', 'rope', 'none')
+
+
+def _angles(positions, dim: int, base: float):
+  """angle[p, i] = p / base^(2i/dim) for i < ceil(dim/2), in float32."""
+  inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  return jnp.asarray(positions, jnp.float32)[..., None] * inv_freq.astype(np.float32)
+
+
+def sinusoidal_1d(length: int, d_model: int, base: float = 10000.0, offset=0):
+  """Vaswani et al. (2017), sine and cosine interleaved, shape [length, d_model]:
+
+    PE(pos, 2i)   = sin(pos / base^(2i/d_model))
+    PE(pos, 2i+1) = cos(pos / base^(2i/d_model))
+
+  for pos = offset, ..., offset + length - 1 (`offset` may be traced, for decoding).
+  """
+  angles = _angles(offset + jnp.arange(length), d_model, base)  # [L, ceil(d/2)]
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)
+  return pe[:, :d_model]
+
+
+def sincos_2d(h: int, w: int, d_model: int, base: float = 10000.0):
+  """2-D sin-cos encoding of an h×w patch grid (MoCo v3 / big_vision), shape [h*w, d_model].
+
+  With ω_i = 1 / base^(i/(d/4 - 1)), i < d/4, the row-major patch (y, x) gets
+    [sin(x ω), cos(x ω), sin(y ω), cos(y ω)].
+  """
+  if d_model % 4:
+    raise ValueError(f'd_model={d_model}; sincos_2d needs a multiple of 4')
+  quarter = d_model // 4
+  omega = 1.0 / base ** (np.arange(quarter) / max(quarter - 1, 1))
+  y, x = np.mgrid[:h, :w]
+  x = np.einsum('m,d->md', x.reshape(-1), omega)
+  y = np.einsum('m,d->md', y.reshape(-1), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, jnp.float32)
+
+
+def rope(x, positions=None, base: float = 10000.0):
+  """Rotary position embedding (Su et al., RoFormer) of x [batch..., T, H, D], D even.
+
+  Each pair (x_2i, x_2i+1) at position p is rotated by the angle θ = p / base^(2i/D):
+    x'_2i   = x_2i cos θ - x_2i+1 sin θ
+    x'_2i+1 = x_2i sin θ + x_2i+1 cos θ
+  so that rope(q, m) · rope(k, n) depends on m - n only. `positions` is [T] or
+  [batch..., T], default 0..T-1. Computed in float32, returned in x.dtype.
+  """
+  t, d = x.shape[-3], x.shape[-1]
+  if d % 2:
+    raise ValueError(f'rope needs an even head dim; got D={d}')
+  if positions is None:
+    positions = jnp.arange(t)
+  angles = _angles(positions, d, base)[..., None, :]  # [..., T, 1, D/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  xf = x.astype(jnp.float32)
+  even, odd = xf[..., 0::2], xf[..., 1::2]
+  out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def resample_posemb(posemb, new_grid: tuple[int, int], num_prefix_tokens: int = 0,
+                    old_grid: tuple[int, int] | None = None):
+  """Resizes a learned 2-D posemb table to a new patch grid (bilinear), e.g. for a new image size.
+
+  posemb is [N, D] or [1, N, D] with N = num_prefix_tokens + h*w (row-major
+  grid; the old grid is taken as square unless `old_grid` is given). Prefix
+  tokens such as CLS keep their embeddings unchanged.
+  """
+  squeeze = posemb.ndim == 2
+  table = posemb if squeeze else posemb[0]
+  prefix, grid = table[:num_prefix_tokens], table[num_prefix_tokens:]
+  if old_grid is None:
+    side = int(round(np.sqrt(grid.shape[0])))
+    old_grid = (side, side)
+  if old_grid[0] * old_grid[1] != grid.shape[0]:
+    raise ValueError(f'posemb has {grid.shape[0]} grid tokens, which is not old_grid={old_grid}; '
+                     'pass old_grid or num_prefix_tokens')
+  grid = grid.reshape(*old_grid, -1)
+  grid = jax.image.resize(grid, (*new_grid, grid.shape[-1]), method='bilinear')
+  out = jnp.concatenate([prefix, grid.reshape(-1, grid.shape[-1]).astype(table.dtype)])
+  return out if squeeze else out[None]
+
+
+class AddPositionEmbs(nn.Module):
+  """x [batch..., T, D] + PE[offset : offset + T] for a 1-D sequence.
+
+  posemb: 'learn' (a trained table of `max_len` rows, N(0, 0.02) init),
+    'sinusoidal' (`sinusoidal_1d`, any length), or 'rope'/'none' (identity here;
+    rope is applied to q and k inside attention).
+  decode: positions continue from a counter in the 'cache' collection, one
+    call per generated chunk.
+  """
+  posemb: str = 'sinusoidal'
+  max_len: int = 512
+  base: float = 10000.0
+  decode: bool = False
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    check_choice('posemb', self.posemb, SEQUENCE_POSEMBS)
+    if self.posemb in ('rope', 'none'):
+      return x
+    t, d = x.shape[-2], x.shape[-1]
+    offset = 0
+    if self.decode:
+      initialized = self.has_variable('cache', 'pos_index')
+      index = self.variable('cache', 'pos_index', lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        offset = index.value
+        index.value = offset + t
+    if self.posemb == 'sinusoidal':
+      return x + sinusoidal_1d(t, d, self.base, offset).astype(x.dtype)
+    if not self.decode and t > self.max_len:
+      raise ValueError(f'sequence length {t} exceeds the learned posemb table (max_len='
+                       f'{self.max_len}); use a larger max_len or posemb="sinusoidal"/"rope"')
+    table = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                       (self.max_len, d), self.param_dtype)
+    return x + jax.lax.dynamic_slice_in_dim(table, offset, t).astype(x.dtype)
