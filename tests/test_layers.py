@@ -1,0 +1,202 @@
+"""MultiHeadAttention, blocks and stacks: reference math, symmetry, causality, KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+import tx
+
+SMALL = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, max_len=12)
+
+
+def _project(x, p):
+  """x [.., T, D] through a DenseGeneral to heads: [.., T, H, Dh]."""
+  return np.einsum('...td,dhe->...the', x, np.asarray(p['kernel'], np.float64)) + np.asarray(
+      p['bias'], np.float64)
+
+
+def mha_reference(params, xq, xkv, beta, mask=None):
+  q, k, v = (_project(x, params[n]) for x, n in ((xq, 'query'), (xkv, 'key'), (xkv, 'value')))
+  out, _ = reference.attention(q, k, v, mask=mask, beta=beta)
+  o = params['out']
+  return np.einsum('...the,hed->...td', out, np.asarray(o['kernel'], np.float64)) + np.asarray(
+      o['bias'], np.float64)
+
+
+@pytest.mark.parametrize('beta_scale', [1.0, 0.0, 3.0])
+def test_mha_self_attention_matches_reference(beta_scale):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+  mha = tx.MultiHeadAttention(num_heads=4, beta_scale=beta_scale)
+  mask = np.asarray(tx.causal_mask(5))
+  params = mha.init(jax.random.key(0), x)['params']
+  out = mha.apply({'params': params}, x, mask=mask)
+  ref = mha_reference(params, x, x, beta_scale / np.sqrt(4), mask)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_mha_cross_attention_with_learned_per_head_beta():
+  rng = np.random.default_rng(1)
+  xq = rng.normal(size=(2, 3, 16)).astype(np.float32)
+  xkv = rng.normal(size=(2, 7, 16)).astype(np.float32)
+  mha = tx.MultiHeadAttention(num_heads=4, learn_beta=True, beta_scale=2.0)
+  params = mha.init(jax.random.key(0), xq, xkv)['params']
+  np.testing.assert_allclose(np.exp(params['log_beta']), np.full(4, 2.0 / np.sqrt(4)), rtol=1e-6)
+  beta = np.array([0.1, 0.5, 1.0, 4.0], np.float32)
+  params = dict(params, log_beta=jnp.log(beta))
+  mask = np.asarray(tx.padding_mask(tx.valid_from_lengths(np.array([7, 4]), 7)))
+  out = mha.apply({'params': params}, xq, xkv, mask=mask)
+  np.testing.assert_allclose(out, mha_reference(params, xq, xkv, beta, mask), atol=1e-5)
+  # β is trainable: the loss has a gradient with respect to it.
+  g = jax.grad(lambda p: mha.apply({'params': p}, xq, xkv).sum())(params)
+  assert np.all(np.abs(g['log_beta']) > 0)
+
+
+def test_mha_sows_attention_weights():
+  x = jnp.ones((1, 4, 16))
+  mha = tx.MultiHeadAttention(num_heads=2)
+  v = mha.init(jax.random.key(0), x)
+  _, state = mha.apply(v, x, mask=tx.causal_mask(4), mutable=['intermediates'])
+  (w,) = state['intermediates']['attention_weights']
+  assert w.shape == (1, 2, 4, 4)
+  np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+  assert np.all(np.asarray(w)[0, :, 0, 1:] == 0)
+
+
+@pytest.mark.parametrize('score', ['general', 'additive', 'cosine', 'location'])
+def test_every_score_trains_a_gradient(score):
+  x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+  mha = tx.MultiHeadAttention(num_heads=2, score=score, max_len=6)
+  params = mha.init(jax.random.key(0), x)['params']
+  g = jax.grad(lambda p: (mha.apply({'params': p}, x, mask=tx.causal_mask(6)) ** 2).sum())(params)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(g))
+  assert np.abs(g['query']['kernel']).max() > 0
+  if score != 'cosine':  # cosine has no parameters of its own.
+    assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(g[f'{score}_score']))
+
+
+def _apply_encoder(posemb, x, norm='post'):
+  enc = tx.Encoder(posemb=posemb, norm=norm, **SMALL)
+  params = enc.init(jax.random.key(0), x)
+  return enc.apply(params, x)
+
+
+@pytest.mark.parametrize('posemb,equivariant', [('none', True), ('sinusoidal', False),
+                                                ('learn', False), ('rope', False)])
+def test_permutation_equivariance_without_posemb_only(posemb, equivariant):
+  x = jax.random.normal(jax.random.key(2), (1, 8, 16))
+  perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
+  enc = tx.Encoder(posemb=posemb, **SMALL)
+  params = enc.init(jax.random.key(0), x)
+  if posemb == 'learn':  # make the learned table clearly non-constant.
+    params['params']['posemb']['pos_embedding'] = jax.random.normal(jax.random.key(3), (12, 16))
+  out, out_perm = enc.apply(params, x), enc.apply(params, x[:, perm])
+  gap = np.abs(np.asarray(out)[:, perm] - np.asarray(out_perm)).max()
+  assert (gap < 1e-5) if equivariant else (gap > 1e-2)
+
+
+def _input_jacobian_norms(module, params, x):
+  """norms[t, s] = |d out[t] / d x[s]| for a single sequence x [T, D]."""
+  jac = jax.jacrev(lambda x: module.apply(params, x[None])[0])(x)  # [T, D, T, D]
+  return np.sqrt((np.asarray(jac) ** 2).sum(axis=(1, 3)))
+
+
+@pytest.mark.parametrize('posemb', ['learn', 'sinusoidal', 'rope', 'none'])
+@pytest.mark.parametrize('norm', ['post', 'pre'])
+def test_decoder_is_causal_through_gradients(posemb, norm):
+  x = jax.random.normal(jax.random.key(4), (6, 16))
+  dec = tx.Decoder(posemb=posemb, norm=norm, **SMALL)
+  params = dec.init(jax.random.key(0), x[None])
+  norms = _input_jacobian_norms(dec, params, x)
+  future = np.triu(np.ones((6, 6), bool), k=1)
+  assert np.all(norms[future] == 0.0)  # exactly zero, not just small.
+  assert np.all(norms[~future] > 0.0)
+
+
+def test_encoder_sees_everything_through_gradients():
+  x = jax.random.normal(jax.random.key(5), (6, 16))
+  enc = tx.Encoder(posemb='sinusoidal', **SMALL)
+  norms = _input_jacobian_norms(enc, enc.init(jax.random.key(0), x[None]), x)
+  assert np.all(norms > 0.0)
+
+
+def _decode_stepwise(model, params, full_args, step_args, method=None, chunks=(4, 1, 1, 1, 1)):
+  cache = model.clone(decode=True).init(jax.random.key(0), *full_args)['cache']
+  outs, start = [], 0
+  for size in chunks:
+    args = step_args(start, size)
+    out, state = model.clone(decode=True).apply({'params': params, 'cache': cache}, *args,
+                                                method=method, mutable=['cache'])
+    cache, start = state['cache'], start + size
+    outs.append(out)
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize('posemb', ['learn', 'sinusoidal', 'rope', 'none'])
+def test_kv_cache_decoding_equals_full_pass_lm(posemb):
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, 20)
+  lm = tx.DecoderLM(vocab_size=20, posemb=posemb, **SMALL)
+  params = lm.init(jax.random.key(0), tokens)['params']
+  full = lm.apply({'params': params}, tokens)
+  # A 4-token prefill, then one token at a time.
+  cached = _decode_stepwise(lm, params, (tokens,), lambda s, n: (tokens[:, s:s + n],))
+  np.testing.assert_allclose(cached, full, atol=1e-5)
+
+
+@pytest.mark.parametrize('posemb', ['learn', 'sinusoidal', 'rope'])
+def test_kv_cache_decoding_equals_full_pass_seq2seq(posemb):
+  source = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12]])  # padded source.
+  target = jax.random.randint(jax.random.key(7), (2, 8), 1, 20)
+  model = tx.EncoderDecoder(vocab_size=20, posemb=posemb, **SMALL)
+  params = model.init(jax.random.key(0), source, target)['params']
+  full = model.apply({'params': params}, source, target)
+  memory = model.apply({'params': params}, source, method=tx.EncoderDecoder.encode)
+  cached = _decode_stepwise(
+      model, params, (source, target),
+      lambda s, n: (target[:, s:s + n], memory, source),
+      method=tx.EncoderDecoder.decode_logits)
+  np.testing.assert_allclose(cached, full, atol=1e-5)
+
+
+def test_encoder_decoder_ignores_source_padding():
+  model = tx.EncoderDecoder(vocab_size=20, **SMALL)
+  src_a = jnp.array([[3, 4, 5, 0, 0]])
+  src_b = jnp.array([[3, 4, 5, 0, 0, 0, 0, 0]])  # same tokens, more padding.
+  tgt = jnp.array([[1, 6, 7]])
+  params = model.init(jax.random.key(0), src_a, tgt)
+  np.testing.assert_allclose(model.apply(params, src_a, tgt), model.apply(params, src_b, tgt),
+                             atol=1e-5)
+
+
+def test_shift_right():
+  np.testing.assert_array_equal(tx.shift_right(jnp.array([[5, 6, 7]]), 1), [[1, 5, 6]])
+
+
+def test_encoder_classifier_mean_pool_ignores_padding():
+  model = tx.EncoderClassifier(num_classes=3, vocab_size=20, pool='mean', posemb='none', **SMALL)
+  a, b = jnp.array([[4, 5, 6, 0]]), jnp.array([[4, 5, 6, 0, 0, 0]])
+  params = model.init(jax.random.key(0), a)
+  np.testing.assert_allclose(model.apply(params, a), model.apply(params, b), atol=1e-5)
+
+
+def test_bfloat16_compute_float32_params():
+  model = tx.DecoderLM(vocab_size=20, dtype=jnp.bfloat16, **SMALL)
+  tokens = jnp.arange(8)[None] % 20
+  variables = model.init(jax.random.key(0), tokens)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
+  logits, state = model.apply(variables, tokens, mutable=['intermediates'])
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+  w = state['intermediates']['decoder']['block_0']['self_attention']['attention_weights'][0]
+  assert w.dtype == jnp.float32
+
+
+def test_dropout_needs_rng_and_changes_output_in_training():
+  model = tx.EncoderClassifier(num_classes=3, dropout=0.5, attention_dropout=0.5, **SMALL)
+  x = jnp.ones((2, 5, 3))
+  params = model.init(jax.random.key(0), x)
+  train = lambda k: model.apply(params, x, deterministic=False, rngs={'dropout': k})
+  np.testing.assert_array_equal(train(jax.random.key(1)), train(jax.random.key(1)))
+  assert np.abs(train(jax.random.key(1)) - train(jax.random.key(2))).max() > 0
+  np.testing.assert_array_equal(model.apply(params, x), model.apply(params, x))
