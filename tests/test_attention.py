@@ -149,3 +149,35 @@ def test_attention_dropout_is_keyed_and_unbiased():
   assert np.abs(a - plain).max() > 1e-2
   mean = jax.vmap(drop)(jax.random.split(jax.random.key(1), 4000)).mean(0)
   np.testing.assert_allclose(mean, plain, atol=0.1)
+
+
+def test_fused_takes_traced_scalar_beta_and_its_gradient():
+  rng = np.random.default_rng(7)
+  q, k, v = (rng.normal(size=(2, 5, 3, 8)).astype(np.float32) for _ in range(3))
+  f = lambda b, impl: tx.dot_product_attention(q, k, v, beta=b, implementation=impl).sum()
+  np.testing.assert_allclose(jax.jit(lambda b: f(b, 'fused'))(0.4), f(0.4, 'xla'), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(0.4, 'fused'), jax.grad(f)(0.4, 'xla'), rtol=1e-4)
+
+
+@pytest.mark.parametrize('shape', [(3, 1, 1), (1,), (3,)])
+def test_beta_shapes_agree_across_implementations(shape):
+  rng = np.random.default_rng(8)
+  q, k, v = (rng.normal(size=(2, 5, 3, 8)).astype(np.float32) for _ in range(3))
+  beta = rng.uniform(0.2, 1.0, size=shape).astype(np.float32)
+  ours = tx.dot_product_attention(q, k, v, beta=beta)
+  np.testing.assert_allclose(tx.dot_product_attention(q, k, v, beta=beta, implementation='fused'),
+                             ours, atol=1e-5)
+  ref, _ = reference.attention(q, k, v, beta=beta.reshape(-1))
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_extreme_beta_and_bias_stay_finite():
+  rng = np.random.default_rng(9)
+  q, k, v = (rng.normal(size=(4, 1, 4)).astype(np.float32) for _ in range(3))
+  for beta in (1e38, np.inf):
+    assert np.all(np.isfinite(tx.dot_product_attention(q, k, v, beta=beta)))
+  bias = np.zeros((1, 4, 4), np.float32)
+  bias[:, 2, :] = -np.inf
+  assert np.all(np.isfinite(tx.dot_product_attention(q, k, v, bias=bias)))
+  with pytest.raises(ValueError, match='negative or NaN'):
+    tx.dot_product_attention(q, k, v, beta=np.nan)

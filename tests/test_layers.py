@@ -160,6 +160,27 @@ def test_kv_cache_decoding_equals_full_pass_seq2seq(posemb):
   np.testing.assert_allclose(cached, full, atol=1e-5)
 
 
+def test_kv_cache_seq2seq_with_bos_equal_to_pad_and_padded_targets():
+  """The Flax WMT convention (bos = pad = 0) and targets with trailing padding."""
+  source = jnp.array([[3, 4, 5, 0], [6, 7, 8, 9]])
+  target = jnp.array([[4, 5, 2, 0, 0, 0], [6, 7, 8, 9, 2, 0]])
+  decoder_input = tx.shift_right(target, 0)
+  model = tx.EncoderDecoder(vocab_size=20, pad_id=0, **SMALL)
+  params = model.init(jax.random.key(0), source, decoder_input)['params']
+  full = model.apply({'params': params}, source, decoder_input)
+  memory = model.apply({'params': params}, source, method=tx.EncoderDecoder.encode)
+  cached = _decode_stepwise(model, params, (source, decoder_input),
+                            lambda s, n: (decoder_input[:, s:s + n], memory, source),
+                            method=tx.EncoderDecoder.decode_logits, chunks=(1,) * 6)
+  np.testing.assert_allclose(cached, full, atol=1e-5)
+
+
+def test_decode_init_longer_than_learned_table_is_an_error():
+  lm = tx.DecoderLM(vocab_size=20, posemb='learn', decode=True, **SMALL)
+  with pytest.raises(ValueError, match='exceeds the learned posemb table'):
+    lm.init(jax.random.key(0), jnp.zeros((1, 13), jnp.int32))
+
+
 def test_encoder_decoder_ignores_source_padding():
   model = tx.EncoderDecoder(vocab_size=20, **SMALL)
   src_a = jnp.array([[3, 4, 5, 0, 0]])

@@ -35,6 +35,11 @@ def test_padding_masks_for_self_and_cross_attention():
     for i in range(3):
       for j in range(4):
         assert cross[b, 0, i, j] == (bool(tgt_valid[b, i]) and bool(src_valid[b, j]))
+  # The same masks straight from token ids or from lengths.
+  np.testing.assert_array_equal(tx.padding_mask(tgt, pad_id=0), tx.padding_mask(tgt_valid))
+  np.testing.assert_array_equal(
+      tx.padding_mask(np.array([2, 4]), np.array([2, 1]), kv_len=4, q_len=3),
+      tx.padding_mask(src_valid, tgt_valid))
   keys_only = np.asarray(tx.padding_mask(src_valid))
   assert keys_only.shape == (2, 1, 1, 4)
   np.testing.assert_array_equal(keys_only[:, 0, 0], src_valid)

@@ -52,3 +52,10 @@ def test_location_ignores_keys():
   np.testing.assert_allclose(module.apply({'params': p}, Q, K * 0 + 3), out)
   with pytest.raises(ValueError, match='max_len=8'):
     module.apply({'params': p}, Q, np.zeros((2, 9, 2, 4), np.float32))
+
+
+def test_cosine_gradient_is_finite_at_a_zero_vector():
+  q = np.zeros((1, 2, 1, 4), np.float32)
+  k = np.ones((1, 3, 1, 4), np.float32)
+  g = jax.grad(lambda q: tx.cosine_score(q, k).sum())(q)
+  assert np.all(np.isfinite(g))

@@ -73,3 +73,12 @@ def test_new_resolution_with_resampled_posemb():
     model.apply({'params': params}, bigger)
   params['pos_embedding'] = tx.resample_posemb(params['pos_embedding'], (6, 6), num_prefix_tokens=1)
   assert model.apply({'params': params}, bigger).shape == (1, 10)
+
+
+def test_several_batch_dims():
+  model = tx.ViT(**SMALL)
+  images = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 1))
+  params = model.init(jax.random.key(1), images[0])
+  out = model.apply(params, images)
+  assert out.shape == (2, 3, 10)
+  np.testing.assert_allclose(out[1], model.apply(params, images[1]), atol=1e-6)

@@ -25,10 +25,10 @@ IMPLEMENTATIONS = (None, 'xla', 'fused')
 
 
 def _beta_for_logits(beta, num_heads: int):
-  """A 1-D β is per head: [H] becomes [H, 1, 1] so it broadcasts over [..., H, Tq, Tk]."""
+  """A 1-D β is per head: [H] (or [1]) becomes [H, 1, 1] so it broadcasts over [..., H, Tq, Tk]."""
   beta = jnp.asarray(beta, jnp.float32)
   if beta.ndim == 1:
-    if beta.shape[0] != num_heads:
+    if beta.shape[0] not in (1, num_heads):
       raise ValueError(f'beta has shape {beta.shape}; a 1-D beta is per head and needs '
                        f'shape ({num_heads},)')
     return beta[:, None, None]
@@ -107,6 +107,9 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
   logits = jnp.asarray(scores, jnp.float32) * _beta_for_logits(beta, scores.shape[-3])
   if bias is not None:
     logits = logits + jnp.asarray(bias, jnp.float32)
+  # A huge β (or a -inf bias) must not overflow to ±inf, whose difference is NaN.
+  big = jnp.finfo(jnp.float32).max
+  logits = jnp.clip(logits, -big, big)
   weights = softargmax_beta(logits, 1.0, mask)
   used = weights
   if dropout_rng is not None and dropout_rate > 0.0:
@@ -177,13 +180,13 @@ def _fused(q, k, v, mask, bias, beta, logits_shape):
   beta_value = concrete(beta)
   if beta_value is not None and beta_value.ndim == 0:
     scale = float(beta_value)
-  elif jnp.ndim(beta) <= 1:  # traced or per-head β: fold it into the queries (q·k is linear in q).
+  else:  # traced or per-head β: fold it into the queries (q·k is linear in q).
+    b = _beta_for_logits(beta, q.shape[-2])  # [] or [H, 1, 1]
+    if b.ndim not in (0, 3) or b.shape[1:] not in ((), (1, 1)):
+      raise ValueError(f'implementation="fused" takes a scalar or per-head beta ([H] or '
+                       f'[H, 1, 1]); got shape {jnp.shape(beta)}')
     scale = 1.0
-    per_head = _beta_for_logits(beta, q.shape[-2])[..., 0]  # [H, 1] or []
-    q = (q.astype(jnp.float32) * per_head).astype(q.dtype)
-  else:
-    raise ValueError(f'implementation="fused" takes a scalar or per-head [H] beta; got shape '
-                     f'{jnp.shape(beta)}')
+    q = (q.astype(jnp.float32) * (b[..., 0] if b.ndim else b)).astype(q.dtype)
   args = (flat(q), flat(k), flat(v), as4d(bias), as4d(mask))
   out = None
   if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):

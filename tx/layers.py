@@ -40,7 +40,9 @@ class MultiHeadAttention(nn.Module):
 
   decode=True (self-attention only) keeps keys and values in a 'cache'
   collection, sized by the input given to `init`; each call appends its T
-  tokens and attends causally to everything cached so far.
+  tokens and attends causally to everything cached so far. Writing past the
+  cache length cannot be checked under jit (the index is traced): the decoding
+  loop must stop at the length the cache was initialised with.
   """
   num_heads: int
   qkv_features: int | None = None  # default: input feature size.
@@ -107,7 +109,8 @@ class MultiHeadAttention(nn.Module):
     check_choice('implementation', self.implementation, IMPLEMENTATIONS)
     features = self.qkv_features or inputs_q.shape[-1]
     if features % self.num_heads:
-      raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
+      raise ValueError(f'd_model={features} (qkv_features or the input width) is not divisible '
+                       f'by num_heads={self.num_heads}')
     if self.implementation == 'fused' and self.score != 'dot':
       raise ValueError(f'implementation="fused" supports score="dot" only; got score={self.score!r}')
     head_dim = features // self.num_heads

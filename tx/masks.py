@@ -43,16 +43,28 @@ def valid_from_tokens(tokens, pad_id: int = 0):
   return jnp.asarray(tokens) != pad_id
 
 
-def padding_mask(kv_valid, q_valid=None):
-  """M_ij = kv_valid[j] (and q_valid[i]), shape [batch..., 1, Tq or 1, Tk].
+def padding_mask(kv, q=None, *, pad_id: int | None = None, kv_len: int | None = None,
+                 q_len: int | None = None):
+  """M_ij = valid_kv[j] (∧ valid_q[i]), shape [batch..., 1, Tq or 1, Tk].
 
-  Works for self-attention (q_valid = kv_valid) and cross-attention (decoder
-  queries × encoder keys). Masking padded keys is what matters; masking padded
-  queries as well makes their rows all-zero outputs.
+  `kv` (and `q`) describe which positions hold real tokens, as
+    token ids [batch..., T] with pad_id=...:        valid = tokens != pad_id;
+    lengths [batch...] with kv_len=Tk (q_len=Tq):   valid[t] = t < length;
+    boolean validity [batch..., T] otherwise.
+  Works for self-attention and cross-attention (decoder queries × encoder
+  keys). Masking padded keys is what matters; masking padded queries as well
+  makes their rows all-zero outputs.
   """
-  m = jnp.asarray(kv_valid, bool)[..., None, None, :]
-  if q_valid is not None:
-    m = m & jnp.asarray(q_valid, bool)[..., None, :, None]
+  def valid(x, length):
+    if pad_id is not None:
+      return valid_from_tokens(x, pad_id)
+    if length is not None:
+      return valid_from_lengths(x, length)
+    return jnp.asarray(x, bool)
+
+  m = valid(kv, kv_len)[..., None, None, :]
+  if q is not None:
+    m = m & valid(q, q_len if q_len is not None else kv_len)[..., None, :, None]
   return m
 
 

@@ -124,8 +124,9 @@ class EncoderDecoder(ModelHParams, kw_only=True):
   """The Transformer of Vaswani et al.: encode(source), then decode_logits(targets | memory).
 
   Source and target share one vocabulary and embedding (tied with the output
-  layer unless tie_embeddings=False). Tokens equal to `pad_id` are masked out
-  as keys in every attention. Train with `shift_right(targets, bos_id)` as the
+  layer unless tie_embeddings=False). Source tokens equal to `pad_id` are masked
+  out as keys in the encoder and in the cross-attention; the decoder's
+  self-attention is causal only (outputs at target pads are ignored by the loss). Train with `shift_right(targets, bos_id)` as the
   decoder input (teacher forcing).
   """
   vocab_size: int
@@ -141,7 +142,7 @@ class EncoderDecoder(ModelHParams, kw_only=True):
 
   def encode(self, source, *, deterministic: bool = True):
     """source [batch..., S] -> memory [batch..., S, d_model]."""
-    mask = padding_mask(valid_from_tokens(source, self.pad_id))
+    mask = padding_mask(source, pad_id=self.pad_id)
     return self.encoder(self.embed(source), mask, deterministic=deterministic)
 
   def decode_logits(self, decoder_input, memory, source, *, deterministic: bool = True):
@@ -149,10 +150,10 @@ class EncoderDecoder(ModelHParams, kw_only=True):
 
     `source` gives the encoder padding for the cross-attention mask.
     """
-    cross_mask = padding_mask(valid_from_tokens(source, self.pad_id))
-    self_mask = None if self.decode else padding_mask(
-        valid_from_tokens(decoder_input, self.pad_id))
-    x = self.decoder(self.embed(decoder_input), memory, mask=self_mask, cross_mask=cross_mask,
+    # The decoder's self-attention needs only the causal mask: trailing target pads are
+    # later positions, and a padding mask would also hide <bos> when bos_id == pad_id.
+    cross_mask = padding_mask(source, pad_id=self.pad_id)
+    x = self.decoder(self.embed(decoder_input), memory, cross_mask=cross_mask,
                      deterministic=deterministic)
     return self.embed.logits(x)
 

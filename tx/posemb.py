@@ -107,7 +107,8 @@ class AddPositionEmbs(nn.Module):
     'sinusoidal' (`sinusoidal_1d`, any length), or 'rope'/'none' (identity here;
     rope is applied to q and k inside attention).
   decode: positions continue from a counter in the 'cache' collection, one
-    call per generated chunk.
+    call per generated chunk. Positions past max_len are not checked at run
+    time (the index is traced): the decoding loop must stop at max_len.
   """
   posemb: str = 'sinusoidal'
   max_len: int = 512
@@ -130,7 +131,7 @@ class AddPositionEmbs(nn.Module):
         index.value = offset + t
     if self.posemb == 'sinusoidal':
       return x + sinusoidal_1d(t, d, self.base, offset).astype(x.dtype)
-    if not self.decode and t > self.max_len:
+    if t > self.max_len:
       raise ValueError(f'sequence length {t} exceeds the learned posemb table (max_len='
                        f'{self.max_len}); use a larger max_len or posemb="sinusoidal"/"rope"')
     table = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -35,7 +36,8 @@ def scaled_dot_score(q, k):
 
 def cosine_score(q, k, eps: float = 1e-6):
   """s_ij = q_i · k_j / (|q_i| |k_j|) ∈ [-1, 1]; β then acts as the key strength."""
-  normalize = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  # rsqrt(max(|x|², eps²)) rather than x / max(|x|, eps): finite gradients at x = 0.
+  normalize = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps**2))
   return dot_score(normalize(q.astype(jnp.float32)), normalize(k.astype(jnp.float32)))
 
 

@@ -21,6 +21,6 @@ def concrete(x):
 def check_beta(beta, name: str = 'beta'):
   """Raises ValueError when a concrete β is negative (traced values are trusted)."""
   value = concrete(beta)
-  if value is not None and np.any(value < 0):
-    raise ValueError(f'{name}={beta!r} is negative; β must be >= 0 (0 = uniform average, '
-                     'large = hard argmax attention)')
+  if value is not None and np.any(~(value >= 0)):  # negative or NaN.
+    raise ValueError(f'{name}={beta!r} is negative or NaN; β must be >= 0 (0 = uniform '
+                     'average, large = hard argmax attention)')

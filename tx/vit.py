@@ -66,14 +66,14 @@ class ViT(ModelHParams, kw_only=True):
       x = x + sinusoidal_1d(gh * gw, self.d_model).astype(x.dtype)
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.d_model), self.param_dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.d_model)),
-                           x], axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), x.shape[:-2] + (1, self.d_model)),
+                           x], axis=-2)
     if self.posemb == 'learn':
-      x = x + self._learned_posemb(x.shape[1]).astype(x.dtype)
+      x = x + self._learned_posemb(x.shape[-2])[0].astype(x.dtype)
     encoder_args = dict(hparams(self, ModelHParams), posemb='rope' if self.posemb == 'rope'
-                        else 'none', max_len=x.shape[1])
+                        else 'none', max_len=x.shape[-2])
     x = Encoder(**encoder_args, name='encoder')(x, deterministic=deterministic)
-    pooled = x[:, 0] if self.pool == 'cls' else x.mean(axis=1)
+    pooled = x[..., 0, :] if self.pool == 'cls' else x.mean(axis=-2)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                     param_dtype=self.param_dtype, name='head')(pooled).astype(jnp.float32)
 
