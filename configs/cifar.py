@@ -1,0 +1,35 @@
+"""ViT on CIFAR-10 or CIFAR-100 from a local directory in the standard python-pickle format.
+
+  python -m experiments.run --config=configs/cifar.py --config.data.dir=/data/cifar-10-batches-py
+
+Nothing is downloaded: point data.dir at an extracted `cifar-10-batches-py`
+(data_batch_1..5, test_batch) or `cifar-100-python` (train, test) folder. The
+number of classes is read from the data. ViT-Ti-like width, patch size 4
+(64 patches + CLS), ±2-pixel shifts.
+
+Expected: not measured here (no CIFAR copy on the CPU machines, and a useful
+run needs an accelerator); the tests run it on a generated fixture.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, posemb='learn', beta_scale=1.0, learn_beta=False, score='dot',
+                         pool='cls', quick=False)
+  c = common.training(batch_size=256, num_epochs=30, log_every=50, eval_every=1000,
+                      checkpoint_every=1000, label_smoothing=0.1)
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 500
+  c.optimizer.weight_decay = 0.05
+  c.data = ml_collections.ConfigDict(dict(name='cifar', dir='', augment=2))
+  c.model = ml_collections.ConfigDict(dict(
+      name='ViT', patch_size=4, num_layers=6, d_model=192, num_heads=3, d_ff=768,
+      posemb=arg.posemb, pool=arg.pool, beta_scale=arg.beta_scale, learn_beta=arg.learn_beta,
+      score=arg.score, implementation='xla', dropout=0.0, attention_dropout=0.0,
+      dtype='float32'))
+  if arg.quick:
+    c.num_epochs, c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 0, 20, 20, 20, 10
+  return c

@@ -1,0 +1,53 @@
+"""Shared pieces of the configs: `:key=value` argument parsing and the default training fields."""
+
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """'posemb=sincos2d,beta_scale=0.5' -> ConfigDict over `defaults`, typed like each default.
+
+  A bare key means True (`:quick`). Unknown keys raise a ValueError naming the allowed ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'config argument {key!r}; allowed: {", ".join(sorted(defaults))}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() not in ('0', 'false', 'no') if value else True
+    elif value == '' and not isinstance(default, str):
+      raise ValueError(f'config argument {key!r} needs a value, e.g. {key}={default}')
+    else:
+      value = type(default)(value) if default is not None else value
+    out[key] = value
+  return out
+
+
+def training(**overrides) -> ml_collections.ConfigDict:
+  """The fields every run has; `experiments.trainer` reads exactly these."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128  # global, over all devices and hosts.
+  c.eval_batch_size = 0  # 0: same as batch_size.
+  c.total_steps = 0  # 0: num_epochs × (train examples // batch_size).
+  c.num_epochs = 0
+  c.parallel = 'jit'  # 'jit' (Mesh + NamedSharding) or 'pmap'.
+  c.num_devices = 0  # 0: all devices.
+  c.distributed = False  # jax.distributed.initialize() for multi-host runs.
+  c.grad_accum_steps = 1
+  c.label_smoothing = 0.0
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2  # the last N, plus the best by best_metric.
+  c.best_metric = 'accuracy'
+  c.best_mode = 'max'
+  c.early_stopping_patience = 0  # evals without improvement; 0 = off.
+  c.tensorboard = False
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule='cosine', warmup_steps=100, b1=0.9, b2=0.999, weight_decay=1e-4,
+      grad_clip=1.0))
+  for key, value in overrides.items():
+    c[key] = value
+  return c

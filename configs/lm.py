@@ -1,0 +1,40 @@
+"""DecoderLM (GPT-style, pre-LN, tied embeddings), character level, on a local text file.
+
+  python -m experiments.run --config=configs/lm.py
+  python -m experiments.run --config=configs/lm.py --config.data.path=/path/to/text.txt
+
+Data: by default the English text of Python's documentation topics
+(`pydoc_data.topics`, ~465k characters), which ships with every CPython. The
+last 10% of the text is the test set. Reports loss (nats/char), bits per
+character and next-character accuracy.
+
+Expected (2-core CPU, measured 2026-11-22, JAX 0.10.2): 146 s wall; test
+loss 1.226 nats/char = 1.77 bits per character, next-character accuracy 0.667
+(a unigram model of this text has 4.69 bits/char).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, seq_len=128, posemb='rope', beta_scale=1.0, learn_beta=False,
+                         score='dot', quick=False)
+  c = common.training(batch_size=16, total_steps=1500, log_every=100, eval_every=500,
+                      checkpoint_every=500, best_metric='loss', best_mode='min',
+                      eval_batch_size=256)
+  c.optimizer.lr = 2e-3
+  c.optimizer.warmup_steps = 200
+  c.optimizer.weight_decay = 0.1
+  c.data = ml_collections.ConfigDict(dict(name='char_lm', path='', seq_len=arg.seq_len,
+                                          test_fraction=0.1))
+  c.model = ml_collections.ConfigDict(dict(
+      name='DecoderLM', num_layers=2, d_model=128, num_heads=4, d_ff=512, max_len=arg.seq_len,
+      posemb=arg.posemb, norm='pre', activation='gelu', beta_scale=arg.beta_scale,
+      learn_beta=arg.learn_beta, score=arg.score, implementation='xla', dropout=0.0,
+      attention_dropout=0.0, tie_embeddings=True, dtype='float32'))
+  if arg.quick:
+    c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 50, 50, 50, 25
+  return c

@@ -1,0 +1,219 @@
+"""Datasets as in-memory NumPy arrays, and a stateless, seeded batch sampler.
+
+Nothing is downloaded. Every dataset is a `Dataset` of train/test arrays keyed
+by name ('inputs', 'targets', ...). Batches are a pure function of
+(seed, step): the data-iterator position that a checkpoint needs is the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+
+import numpy as np
+
+# Token ids shared by the algorithmic seq2seq tasks.
+PAD, BOS, EOS = 0, 1, 2
+FIRST_SYMBOL = 3
+
+
+@dataclasses.dataclass
+class Dataset:
+  train: dict  # name -> np.ndarray with a leading example axis.
+  test: dict
+  info: dict  # num_classes / vocab_size / ... as the model needs them.
+
+
+def digits(test_size: int = 360, split_seed: int = 0) -> Dataset:
+  """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes).
+
+  Pixels are scaled to [0, 1], shape [N, 8, 8, 1]. The test split is fixed: the
+  last `test_size` examples of permutation(default_rng(split_seed)), i.e. 1,437
+  train / 360 test by default.
+  """
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = (d.images / 16.0).astype(np.float32)[..., None]
+  y = d.target.astype(np.int32)
+  order = np.random.default_rng(split_seed).permutation(len(y))
+  tr, te = order[:-test_size], order[-test_size:]
+  return Dataset({'inputs': x[tr], 'targets': y[tr]}, {'inputs': x[te], 'targets': y[te]},
+                 {'num_classes': 10})
+
+
+def mnist1d(patch_size: int = 1, shuffle: bool = False) -> Dataset:
+  """MNIST-1D (Greydanus, 2020) from `mnist1d.data.make_dataset` with its default arguments
+  (4,000 train / 1,000 test sequences of length 40, 10 classes); never its download.
+
+  patch_size p > 1 groups the 40 samples into 40/p tokens of p features.
+  shuffle=True is the package's shuffled-sequence variant: one fixed permutation
+  of the 40 positions for every example, which destroys spatial structure.
+  """
+  from mnist1d.data import get_dataset_args, make_dataset
+  if 40 % patch_size:
+    raise ValueError(f'data.patch_size={patch_size}; MNIST-1D has length 40, so it must divide 40')
+  args = get_dataset_args()
+  args.shuffle_seq = shuffle
+  d = make_dataset(args)
+  shape = lambda x: x.astype(np.float32).reshape(len(x), 40 // patch_size, patch_size)
+  return Dataset({'inputs': shape(d['x']), 'targets': d['y'].astype(np.int32)},
+                 {'inputs': shape(d['x_test']), 'targets': d['y_test'].astype(np.int32)},
+                 {'num_classes': 10})
+
+
+SEQ2SEQ_TASKS = ('copy', 'reverse', 'sort', 'addition')
+
+
+def _seq2seq_example(task, rng, length, num_symbols):
+  if task == 'addition':  # "a+b" -> digits of the sum; length = digits of each operand.
+    low, high = (0 if length == 1 else 10 ** (length - 1)), 10 ** length
+    a, b = (int(rng.integers(low, high)) for _ in range(2))
+    plus = FIRST_SYMBOL + 10
+    src = [FIRST_SYMBOL + int(c) for c in str(a)] + [plus] + [FIRST_SYMBOL + int(c) for c in str(b)]
+    return src, [FIRST_SYMBOL + int(c) for c in str(a + b)]
+  x = rng.integers(FIRST_SYMBOL, FIRST_SYMBOL + num_symbols, length)
+  out = {'copy': x, 'reverse': x[::-1], 'sort': np.sort(x)}[task]
+  return list(x), list(out)
+
+
+def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 1000,
+            min_len: int = 1, max_len: int = 10, test_max_len: int | None = None,
+            num_symbols: int = 10, seed: int = 0) -> Dataset:
+  """Algorithmic sequence-to-sequence tasks: copy, reverse, sort, addition.
+
+  Sources are symbols (ids from FIRST_SYMBOL) followed by <eos>; targets end in
+  <eos>; both are padded with <pad>. Train lengths are uniform in
+  [min_len, max_len]; test lengths go up to `test_max_len` (default max_len),
+  so a longer test range measures length extrapolation. For 'addition' the
+  length is the number of digits of each operand.
+  """
+  if task not in SEQ2SEQ_TASKS:
+    raise ValueError(f'data.task={task!r}; allowed: {", ".join(map(repr, SEQ2SEQ_TASKS))}')
+  test_max_len = test_max_len or max_len
+  rng = np.random.default_rng(seed)
+
+  def split(n, hi):
+    lengths = rng.integers(min_len, hi + 1, n)
+    pairs = [_seq2seq_example(task, rng, int(t), num_symbols) for t in lengths]
+    s_len = max(len(s) for s, _ in pairs) + 1
+    t_len = max(len(t) for _, t in pairs) + 1
+    src = np.full((n, s_len), PAD, np.int32)
+    tgt = np.full((n, t_len), PAD, np.int32)
+    for i, (s, t) in enumerate(pairs):
+      src[i, :len(s) + 1] = s + [EOS]
+      tgt[i, :len(t) + 1] = t + [EOS]
+    # 'long' marks lengths beyond the training range (length extrapolation).
+    return {'inputs': src, 'targets': tgt, 'long': (lengths > max_len).astype(np.float32)}
+
+  train, test = split(train_size, max_len), split(test_size, test_max_len)
+  # One width for both splits so a single compiled eval step serves every length.
+  width = max(train['inputs'].shape[1], test['inputs'].shape[1],
+              train['targets'].shape[1], test['targets'].shape[1])
+  for part in (train, test):
+    for key in ('inputs', 'targets'):
+      part[key] = np.pad(part[key], ((0, 0), (0, width - part[key].shape[1])),
+                         constant_values=PAD)
+  vocab = FIRST_SYMBOL + (11 if task == 'addition' else num_symbols)
+  return Dataset(train, test, {'vocab_size': vocab, 'pad_id': PAD, 'bos_id': BOS,
+                               'eos_id': EOS, 'max_len': width})
+
+
+def default_corpus() -> str:
+  """The English text of Python's own documentation topics (`pydoc_data`, ~465k characters),
+  which ships with every CPython."""
+  from pydoc_data.topics import topics
+  return '\n\n'.join(topics[k] for k in sorted(topics))
+
+
+def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 0.1) -> Dataset:
+  """Character-level language modelling on a local text file (default: `default_corpus`).
+
+  The text is split by position: the last `test_fraction` is the test set.
+  Examples are windows of seq_len + 1 characters (inputs = first seq_len,
+  targets = shifted by one); train windows start anywhere, test windows tile.
+  """
+  if path:
+    if not os.path.isfile(path):
+      raise ValueError(f'data.path={path!r} is not a readable file')
+    with open(path, encoding='utf-8', errors='replace') as f:
+      text = f.read()
+  else:
+    text = default_corpus()
+  chars = sorted(set(text))
+  ids = np.searchsorted(np.array(chars), np.array(list(text))).astype(np.int32)
+  cut = int(len(ids) * (1 - test_fraction))
+  if cut < seq_len + 1 or len(ids) - cut < seq_len + 1:
+    raise ValueError(f'data.path has {len(ids)} characters: too short for seq_len={seq_len}')
+
+  def windows(arr, starts):
+    w = np.stack([arr[s:s + seq_len + 1] for s in starts])
+    return {'inputs': w[:, :-1], 'targets': w[:, 1:]}
+
+  train_ids, test_ids = ids[:cut], ids[cut:]
+  train_starts = np.arange(0, len(train_ids) - seq_len - 1, seq_len // 2)
+  test_starts = np.arange(0, len(test_ids) - seq_len - 1, seq_len)
+  return Dataset(windows(train_ids, train_starts), windows(test_ids, test_starts),
+                 {'vocab_size': len(chars), 'chars': ''.join(chars)})
+
+
+def cifar(dir: str) -> Dataset:  # noqa: A002 (the config key is data.dir)
+  """CIFAR-10 or CIFAR-100 from a local dir in the standard python-pickle format.
+
+  CIFAR-10: data_batch_1..5 and test_batch; CIFAR-100: train and test (fine
+  labels). Images become float32 [N, 32, 32, 3] in [0, 1].
+  """
+  if not dir or not os.path.isdir(dir):
+    raise ValueError(f'data.dir={dir!r} is not a directory; point it at an extracted '
+                     'cifar-10-batches-py or cifar-100-python folder')
+
+  def load(names, label_key):
+    xs, ys = [], []
+    for name in names:
+      with open(os.path.join(dir, name), 'rb') as f:
+        d = pickle.load(f, encoding='bytes')
+      xs.append(np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+      ys.append(np.asarray(d[label_key], np.int32))
+    return {'inputs': np.concatenate(xs).astype(np.float32) / 255.0, 'targets': np.concatenate(ys)}
+
+  files = set(os.listdir(dir))
+  if 'test_batch' in files:
+    train_names = sorted(f for f in files if f.startswith('data_batch_'))
+    train, test, classes = load(train_names, b'labels'), load(['test_batch'], b'labels'), 10
+  elif {'train', 'test'} <= files:
+    train, test, classes = load(['train'], b'fine_labels'), load(['test'], b'fine_labels'), 100
+  else:
+    raise ValueError(f'data.dir={dir!r} holds neither CIFAR-10 (data_batch_*, test_batch) '
+                     'nor CIFAR-100 (train, test) pickles')
+  return Dataset(train, test, {'num_classes': classes})
+
+
+def shift_offsets(rng: np.random.Generator, n: int, max_shift: int):
+  """n random (dy, dx) crops offsets in [0, 2·max_shift] for `shift_images`."""
+  return rng.integers(0, 2 * max_shift + 1, (n, 2))
+
+
+def shift_images(images, offsets, max_shift: int):
+  """Translates image i [N, H, W, C] by offsets[i] - max_shift pixels (zero fill): a cheap
+  augmentation. Draw the offsets for the global batch, so they do not depend on the host."""
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+  return np.stack([padded[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int,
+                  process_index: int = 0, process_count: int = 1):
+  """Indices of this process's share of the global batch for `step`.
+
+  Epoch e = step // (N // B) uses permutation(seed, e); process p of P takes
+  rows [p·B/P, (p+1)·B/P) of the global batch. Stateless, so resuming at
+  `step` continues the same sequence of batches.
+  """
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size={batch_size} is larger than the {num_examples} training examples')
+  epoch, i = divmod(step, steps_per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  per = batch_size // process_count
+  start = i * batch_size + process_index * per
+  return order[start:start + per]

@@ -1,0 +1,123 @@
+"""What a run writes and shows: JSON-lines metrics, a progress line, a learning-curve PNG.
+
+Only process 0 writes files; every process may print.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def _jsonable(v):
+  if hasattr(v, 'item'):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class MetricsWriter:
+  """Appends {'step': s, 'split': 'train'|'eval', name: value, ...} records to metrics.jsonl.
+
+  With tensorboard=True, also writes TensorBoard event files through tensorboardX
+  (no TensorFlow).
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = False):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if tensorboard and is_writer():
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        raise ValueError('config.tensorboard=True needs tensorboardX: pip install tensorboardX') from None
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not is_writer():
+      return
+    record = {'step': int(step), 'split': split, **{k: _jsonable(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self.tb is not None:
+      for k, v in metrics.items():
+        if isinstance(_jsonable(v), (int, float)):
+          self.tb.add_scalar(f'{split}/{k}', _jsonable(v), int(step))
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A one-line progress report: step, loss, lr, steps/s, examples/s and ETA."""
+
+  def __init__(self, total_steps: int, batch_size: int, first_step: int = 0):
+    self.total, self.batch_size = total_steps, batch_size
+    self.t0, self.s0 = time.time(), first_step
+
+  def line(self, step: int, metrics: dict) -> str:
+    elapsed = max(time.time() - self.t0, 1e-9)
+    rate = (step - self.s0) / elapsed
+    eta = (self.total - step) / rate if rate > 0 else float('inf')
+    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '--:--:--'
+    return (f'step {step:>{len(str(self.total))}}/{self.total} '
+            f'[{100 * step / self.total:5.1f}%]  loss {metrics["loss"]:.4f}  '
+            f'lr {metrics["learning_rate"]:.2e}  {rate:.2f} steps/s  '
+            f'{rate * self.batch_size:.0f} ex/s  ETA {eta_text}')
+
+  def show(self, step: int, metrics: dict):
+    print(self.line(step, metrics), flush=True, file=sys.stdout)
+
+
+def plot_learning_curves(workdir: str, records: list[dict] | None = None) -> str | None:
+  """learning_curves.png: train loss and eval loss against step, and eval metrics beside them."""
+  if not is_writer():
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  records = read_metrics(workdir) if records is None else records
+  train = [r for r in records if r['split'] == 'train']
+  evals = [r for r in records if r['split'] == 'eval']
+  if not train:
+    return None
+  others = sorted({k for r in evals for k in r if k not in ('step', 'split', 'loss')
+                   and isinstance(r[k], (int, float))})
+  fig, axes = plt.subplots(1, 1 + bool(others), figsize=(11 if others else 6, 4))
+  axes = list(axes) if others else [axes]
+  axes[0].plot([r['step'] for r in train], [r['loss'] for r in train], label='train')
+  if evals:
+    axes[0].plot([r['step'] for r in evals], [r['loss'] for r in evals], 'o-', label='eval')
+  axes[0].set(xlabel='step', ylabel='loss', yscale='log', title='loss')
+  axes[0].legend()
+  for k in others:
+    axes[1].plot([r['step'] for r in evals], [r.get(k) for r in evals], 'o-', label=k)
+  if others:
+    axes[1].set(xlabel='step', title='eval')
+    axes[1].legend()
+  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.tight_layout()
+  path = os.path.join(workdir, 'learning_curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,98 @@
+"""Train and evaluate a tx model from an ml_collections config.
+
+  python -m experiments.run --config=configs/vit.py [--workdir=DIR] [--config.KEY=VALUE ...]
+
+The workdir (default: a new runs/<config>-<time>/) receives config.json,
+metrics.jsonl, checkpoints/, summary.json and learning_curves.png. Rerunning
+with a workdir that holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default: a new one under runs/.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
+  return os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+
+
+def init_distributed(config):
+  """jax.distributed.initialize() for multi-host runs: with config.distributed, or when
+  JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_PROCESS_ID where no
+  cluster auto-detection applies). CPU processes talk through gloo."""
+  env = os.environ
+  if not (config.distributed or env.get('JAX_COORDINATOR_ADDRESS')):
+    return
+  import jax
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {name: int(env[var]) for name, var in (('num_processes', 'JAX_NUM_PROCESSES'),
+                                                  ('process_id', 'JAX_PROCESS_ID')) if var in env}
+  jax.distributed.initialize(**kwargs)
+
+
+def fail(message: str):
+  """One line on stderr, exit code 2."""
+  print('error: ' + ' '.join(line.strip() for line in message.splitlines() if line.strip()),
+        file=sys.stderr)
+  sys.exit(2)
+
+
+def describe(e: BaseException) -> str:
+  """The actionable part of an error, for one line."""
+  text = str(e).replace('\\n', '\n').replace("\\'", "'")
+  if len(text) > 1 and text[0] == text[-1] == "'":  # a quoted KeyError/AttributeError message.
+    text = text[1:-1]
+  if 'Traceback' in text:  # config_flags wraps get_config's error: keep its last line.
+    return [line for line in text.splitlines() if line.strip()][-1]
+  if isinstance(e, (ValueError, flags.Error)):  # ours and absl's name the field already.
+    return text
+  return f'{type(e).__name__}: {text}'
+
+
+def _fail_unless_verbose(e: BaseException, verbose: bool):
+  if verbose:
+    traceback.print_exc()
+  fail(describe(e))
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}; use --config=... and --config.KEY=VALUE')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  if _CONFIG.value is None:
+    fail('--config is required, e.g. --config=configs/vit.py')
+  try:
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
+    print(f'workdir: {workdir}', flush=True)
+    init_distributed(config)
+    from experiments import trainer
+    summary, _ = trainer.train_and_evaluate(config, workdir)
+  except Exception as e:  # one line unless --verbose; KeyboardInterrupt still propagates.
+    _fail_unless_verbose(e, _VERBOSE.value)
+  print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                                for k, v in summary.items()), flush=True)
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors and exit code 2 (a bad flag or config override)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
+    _fail_unless_verbose(e, '--verbose' in argv)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,107 @@
+"""From a config to a tx model, and the loss and metrics of each kind of task.
+
+Losses and metrics are returned as sums with their counts ('*_sum', '*_count'),
+so that micro-batches, devices and eval batches combine exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import tx
+from experiments import data as data_lib
+
+MODELS = {'ViT': tx.ViT, 'EncoderClassifier': tx.EncoderClassifier,
+          'EncoderDecoder': tx.EncoderDecoder, 'DecoderLM': tx.DecoderLM}
+TASK_OF_MODEL = {'ViT': 'classify', 'EncoderClassifier': 'classify',
+                 'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def load_dataset(config) -> data_lib.Dataset:
+  d = config.data.to_dict()
+  name = d.pop('name')
+  loaders = {'digits': data_lib.digits, 'mnist1d': data_lib.mnist1d, 'seq2seq': data_lib.seq2seq,
+             'char_lm': data_lib.char_lm, 'cifar': data_lib.cifar}
+  if name not in loaders:
+    raise ValueError(f'config.data.name={name!r}; allowed: {", ".join(map(repr, loaders))}')
+  d.pop('augment', None)  # applied by the batch loader, not the dataset.
+  try:
+    return loaders[name](**d)
+  except TypeError as e:
+    raise ValueError(f'config.data for {name!r}: {e}') from None
+
+
+def build_model(config, info: dict):
+  """config.model = {name: 'ViT' | 'EncoderClassifier' | 'EncoderDecoder' | 'DecoderLM', **kwargs}."""
+  kwargs = config.model.to_dict()
+  name = kwargs.pop('name')
+  if name not in MODELS:
+    raise ValueError(f'config.model.name={name!r}; allowed: {", ".join(map(repr, MODELS))}')
+  for field in ('dtype', 'param_dtype'):
+    if field in kwargs:
+      if kwargs[field] not in DTYPES:
+        raise ValueError(f'config.model.{field}={kwargs[field]!r}; allowed: '
+                         f'{", ".join(map(repr, DTYPES))}')
+      kwargs[field] = DTYPES[kwargs[field]]
+  if name in ('ViT', 'EncoderClassifier'):
+    kwargs.setdefault('num_classes', info['num_classes'])
+  else:
+    kwargs.setdefault('vocab_size', info['vocab_size'])
+  if name == 'EncoderDecoder':
+    kwargs.setdefault('pad_id', info['pad_id'])
+    kwargs.setdefault('max_len', info['max_len'])
+  try:
+    return MODELS[name](**kwargs)
+  except TypeError as e:
+    raise ValueError(f'config.model for {name}: {e}') from None
+
+
+def _cross_entropy(logits, labels, weights, label_smoothing: float):
+  """Σ weights · CE(logits, smoothed one-hot labels), plus accuracy sums."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  correct = (logits.argmax(-1) == labels).astype(jnp.float32)
+  return (ce * weights).sum(), (correct * weights).sum(), weights.sum(), correct
+
+
+def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool = False,
+                     label_smoothing: float = 0.0, bos_id: int = data_lib.BOS,
+                     pad_id: int = data_lib.PAD):
+  """Returns (loss_sum, metrics) for one batch; `batch['weight']` masks padded examples."""
+  rngs = {'dropout': rng} if train and rng is not None else None
+  apply = lambda *args: model.apply({'params': params}, *args, deterministic=not train, rngs=rngs)
+  example_w = batch['weight']
+  if task == 'classify':
+    logits = apply(batch['inputs'])
+    loss, correct, count, _ = _cross_entropy(logits, batch['targets'], example_w, label_smoothing)
+    return loss, {'loss_sum': loss, 'loss_count': count, 'accuracy_sum': correct,
+                  'accuracy_count': count}
+  targets = batch['targets']
+  if task == 'seq2seq':
+    logits = apply(batch['inputs'], tx.shift_right(targets, bos_id))
+    token_w = (targets != pad_id) * example_w[:, None]
+  else:  # lm
+    logits = apply(batch['inputs'])
+    token_w = jnp.ones(targets.shape, jnp.float32) * example_w[:, None]
+  loss, correct, count, hit = _cross_entropy(logits, targets, token_w, label_smoothing)
+  metrics = {'loss_sum': loss, 'loss_count': count, 'token_accuracy_sum': correct,
+             'token_accuracy_count': count}
+  if task == 'seq2seq':  # teacher-forced exact match: every target token right.
+    exact = jnp.all((hit > 0) | (token_w == 0), axis=-1).astype(jnp.float32)
+    long = batch['long']  # 1 where the length is beyond the training range.
+    for name, w in (('exact_match', example_w), ('exact_match_short', example_w * (1 - long)),
+                    ('exact_match_long', example_w * long)):
+      metrics.update({f'{name}_sum': (exact * w).sum(), f'{name}_count': w.sum()})
+  return loss, metrics
+
+
+def summarize(sums: dict) -> dict:
+  """{'x_sum': s, 'x_count': n} -> {'x': s / n}, on device or host arrays."""
+  return {key[:-4]: value / jnp.maximum(sums[key[:-4] + '_count'], 1e-9)
+          for key, value in sums.items() if key.endswith('_sum')}

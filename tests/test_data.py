@@ -1,0 +1,110 @@
+"""Datasets and the batch sampler: determinism, per-host slices, task correctness, CIFAR format."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from experiments import data
+from experiments import trainer
+from test_runner import tiny_config
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  a = data.batch_indices(100, 10, step=13, seed=0)
+  np.testing.assert_array_equal(a, data.batch_indices(100, 10, step=13, seed=0))
+  assert not np.array_equal(a, data.batch_indices(100, 10, step=13, seed=1))
+  epoch = np.concatenate([data.batch_indices(100, 10, s, seed=0) for s in range(10)])
+  np.testing.assert_array_equal(np.sort(epoch), np.arange(100))  # each example once per epoch.
+
+
+def test_hosts_load_disjoint_slices_of_the_global_batch():
+  full = data.batch_indices(100, 16, step=3, seed=0)
+  parts = [data.batch_indices(100, 16, step=3, seed=0, process_index=p, process_count=4)
+           for p in range(4)]
+  np.testing.assert_array_equal(np.concatenate(parts), full)
+
+
+@pytest.mark.parametrize('task', data.SEQ2SEQ_TASKS)
+def test_seq2seq_tasks(task):
+  d = data.seq2seq(task, train_size=50, test_size=20, max_len=5, test_max_len=9, seed=3)
+  for split, hi in ((d.train, 5), (d.test, 9)):
+    for src, tgt, long in zip(split['inputs'], split['targets'], split['long']):
+      s = list(src[:list(src).index(data.EOS)])
+      t = list(tgt[:list(tgt).index(data.EOS)])
+      assert data.PAD not in s + t and data.BOS not in s + t
+      assert all(x == data.PAD for x in src[len(s) + 1:])
+      digits = lambda xs: int(''.join(str(x - data.FIRST_SYMBOL) for x in xs))
+      if task == 'addition':
+        plus = s.index(data.FIRST_SYMBOL + 10)
+        assert digits(t) == digits(s[:plus]) + digits(s[plus + 1:])
+        length = max(plus, len(s) - plus - 1)
+      else:
+        expect = {'copy': s, 'reverse': s[::-1], 'sort': sorted(s)}[task]
+        assert t == expect
+        length = len(s)
+      assert length <= hi and long == (length > 5)
+
+
+def test_mnist1d_patches_and_shuffle():
+  plain = data.mnist1d(patch_size=4)
+  assert plain.train['inputs'].shape == (4000, 10, 4) and plain.test['inputs'].shape == (1000, 10, 4)
+  flat = plain.train['inputs'].reshape(4000, 40)
+  shuffled = data.mnist1d(shuffle=True).train['inputs'].reshape(4000, 40)
+  # One fixed permutation of the 40 positions, the same for every example.
+  perm = [int(np.flatnonzero(np.all(np.isclose(flat, shuffled[:, [j]]), axis=0))[0])
+          for j in range(40)]
+  assert sorted(perm) == list(range(40)) and perm != list(range(40))
+  np.testing.assert_allclose(shuffled, flat[:, perm], atol=1e-6)
+
+
+def test_digits_split_is_fixed():
+  a, b = data.digits(), data.digits()
+  assert a.train['inputs'].shape == (1437, 8, 8, 1) and a.test['inputs'].shape == (360, 8, 8, 1)
+  np.testing.assert_array_equal(a.test['targets'], b.test['targets'])
+  assert a.train['inputs'].max() <= 1.0
+
+
+def test_random_shift_moves_pixels():
+  img = np.zeros((1, 5, 5, 1), np.float32)
+  img[0, 2, 2] = 1
+  offsets = data.shift_offsets(np.random.default_rng(0), 50, 1)
+  out = data.shift_images(np.repeat(img, 50, 0), offsets, 1)
+  ys, xs = np.nonzero(out[..., 0].sum(0))
+  assert set(ys) == {1, 2, 3} and set(xs) == {1, 2, 3} and out.sum() == 50
+
+
+def _write_cifar(directory, files, label_key, num_classes, n=24):
+  rng = np.random.default_rng(0)
+  for name in files:
+    batch = {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             label_key: list(rng.integers(0, num_classes, n))}
+    with open(directory / name, 'wb') as f:
+      pickle.dump(batch, f)
+
+
+def test_cifar10_and_cifar100_fixtures(tmp_path):
+  c10 = tmp_path / 'cifar-10-batches-py'
+  c10.mkdir()
+  _write_cifar(c10, ['data_batch_1', 'data_batch_2', 'test_batch'], b'labels', 10)
+  d = data.cifar(str(c10))
+  assert d.train['inputs'].shape == (48, 32, 32, 3) and d.info['num_classes'] == 10
+  with open(c10 / 'test_batch', 'rb') as f:
+    raw = pickle.load(f)
+  # Channel-major rows [R(1024) G(1024) B(1024)] become HWC pixels.
+  np.testing.assert_allclose(d.test['inputs'][0, 0, 1], raw[b'data'][0, [1, 1025, 2049]] / 255.0)
+  c100 = tmp_path / 'cifar-100-python'
+  c100.mkdir()
+  _write_cifar(c100, ['train', 'test'], b'fine_labels', 100)
+  assert data.cifar(str(c100)).info['num_classes'] == 100
+  config = tiny_config('cifar', steps=2, eval_every=2, checkpoint_every=2)
+  config.data.dir = str(c10)
+  summary, _ = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 2
+
+
+def test_missing_cifar_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match=r"data.dir='.*nowhere' is not a directory"):
+    data.cifar(str(tmp_path / 'nowhere'))
+  with pytest.raises(ValueError, match='holds neither CIFAR-10'):
+    data.cifar(str(tmp_path))

@@ -1,0 +1,171 @@
+"""experiments.run: configs, smoke runs, pmap/jit agreement, resume, CLI errors."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import trainer
+from experiments.checkpoints import Checkpoints
+from experiments.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = dict(num_layers=1, d_model=16, num_heads=2, d_ff=32)
+
+
+def tiny_config(name, arg='quick', steps=4, **overrides):
+  c = importlib.import_module(f'configs.{name}').get_config(arg)
+  c.model.update(TINY_MODEL)
+  c.update(dict(total_steps=steps, num_epochs=0, eval_every=steps, log_every=2,
+                checkpoint_every=steps, batch_size=16, eval_batch_size=64))
+  c.update(overrides)
+  return c
+
+
+def parse(*argv):
+  values = flags.FlagValues()  # the overrides are found in sys_argv when the flag is defined.
+  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True,
+                                  sys_argv=['run', *argv])
+  values(['run', *argv])
+  return values.config
+
+
+def test_config_variants_and_overrides():
+  c = parse('--config=configs/vit.py:posemb=sincos2d,beta_scale=0.5,learn_beta',
+            '--config.total_steps=7', '--config.model.dropout=0.2', '--config.parallel=pmap')
+  assert (c.model.posemb, c.model.beta_scale, c.model.learn_beta) == ('sincos2d', 0.5, True)
+  assert (c.total_steps, c.model.dropout, c.parallel) == (7, 0.2, 'pmap')
+  for key in ('seed', 'batch_size', 'total_steps', 'parallel'):
+    assert key in c
+  assert {'posemb', 'beta_scale', 'learn_beta'} <= set(c.model)
+  with pytest.raises(AttributeError, match='Did you mean "total_steps"'):  # locked config.
+    parse('--config=configs/vit.py', '--config.total_step=7')
+  with pytest.raises(flags.Error, match="config argument 'posmb'; allowed:"):
+    parse('--config=configs/vit.py:posmb=learn')
+
+
+@pytest.mark.parametrize('name', ['vit', 'mnist1d', 'seq2seq', 'lm'])
+def test_smoke_run_writes_the_workdir(name, tmp_path):
+  summary, state = trainer.train_and_evaluate(tiny_config(name), str(tmp_path))
+  assert int(state.step) == 4 and summary['steps'] == 4
+  for f in ('config.json', 'metrics.jsonl', 'summary.json', 'learning_curves.png'):
+    assert (tmp_path / f).exists(), f
+  with open(tmp_path / 'summary.json') as f:
+    written = json.load(f)
+  assert np.isfinite(written['eval/loss']) and 'wall_time_s' in written
+  splits = [r['split'] for r in read_metrics(str(tmp_path))]
+  assert splits.count('train') == 2 and splits.count('eval') == 1
+  assert Checkpoints(str(tmp_path)).latest_step() == 4
+
+
+def _loss_trajectory(tmp_path, tag, **overrides):
+  config = tiny_config('vit', steps=20, log_every=1, batch_size=64, **overrides)
+  workdir = str(tmp_path / tag)
+  trainer.train_and_evaluate(config, workdir)
+  return np.array([r['loss'] for r in read_metrics(workdir) if r['split'] == 'train'])
+
+
+def test_single_device_pmap_and_jit_agree(tmp_path):
+  assert jax.device_count() == 8  # tests/conftest.py simulates 8 CPU devices.
+  single = _loss_trajectory(tmp_path, 'one', parallel='jit', num_devices=1)
+  pmap8 = _loss_trajectory(tmp_path, 'pmap', parallel='pmap')
+  jit8 = _loss_trajectory(tmp_path, 'jit', parallel='jit')
+  accumulated = _loss_trajectory(tmp_path, 'accum', parallel='pmap', grad_accum_steps=4)
+  assert len(single) == 20 and single[-1] < single[0]
+  for other in (pmap8, jit8, accumulated):
+    np.testing.assert_allclose(other, single, rtol=1e-4)
+
+
+@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+def test_resume_ends_with_the_same_parameters(tmp_path, parallel):
+  config = tiny_config('vit', steps=20, checkpoint_every=10, eval_every=20, parallel=parallel)
+  _, straight = trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
+  interrupted = str(tmp_path / 'interrupted')
+  _, partial = trainer.train_and_evaluate(config, interrupted, stop_after=15)  # "preempted".
+  assert int(partial.step) == 15 and Checkpoints(interrupted).latest_step() == 10
+  _, resumed = trainer.train_and_evaluate(config, interrupted)  # same command again.
+  assert int(resumed.step) == 20
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
+
+
+def test_early_stopping(tmp_path):
+  config = tiny_config('vit', steps=40, eval_every=5, early_stopping_patience=2)
+  config.optimizer.lr = 0.0  # nothing improves after the first eval.
+  summary, state = trainer.train_and_evaluate(config, str(tmp_path))
+  assert summary['early_stopped'] and int(state.step) == 15
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  with pytest.raises(ValueError, match='config.batch_size=12 is not divisible by the 8 devices'):
+    trainer.train_and_evaluate(tiny_config('vit', batch_size=12), str(tmp_path))
+
+
+def run_cli(*args, env=None):
+  return subprocess.run([sys.executable, '-m', 'experiments.run', *args], cwd=ROOT,
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+  bad = [
+      ('--config=configs/vit.py:quick', '--config.parallel=pjit'),
+      ('--config=configs/vit.py:quick', '--config.total_step=3'),
+      ('--config=configs/vit.py:quick', '--config.model.posemb=learned'),
+      ('--config=configs/vit.py:posmb=learn',),
+  ]
+  expected = ["config.parallel='pjit'", 'Did you mean "total_steps"', "posemb='learned'",
+              "'posmb'"]
+  for args, needle in zip(bad, expected):
+    out = run_cli(*args, f'--workdir={tmp_path / "w"}')
+    lines = [l for l in out.stderr.strip().splitlines() if l.startswith('error:')]
+    assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
+    assert 'Traceback' not in out.stderr
+  out = run_cli('--config=configs/vit.py:quick', '--config.parallel=pjit', '--verbose',
+                f'--workdir={tmp_path / "w"}')
+  assert out.returncode == 2 and 'Traceback' in out.stderr
+
+
+def test_tensorboard_event_files(tmp_path):
+  trainer.train_and_evaluate(tiny_config('vit', tensorboard=True), str(tmp_path))
+  events = os.listdir(tmp_path / 'tensorboard')
+  assert any(f.startswith('events.out.tfevents') for f in events)
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  """jax.distributed with 2 CPU processes × 4 devices reproduces 1 process × 8 devices."""
+  flags_ = ['--config=configs/vit.py:quick', '--config.total_steps=6', '--config.log_every=1',
+            '--config.eval_every=6', '--config.checkpoint_every=6', '--config.batch_size=64',
+            '--config.optimizer.warmup_steps=2']
+  flags_ += [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()]
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu')
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'experiments.run', *flags_, f'--workdir={tmp_path / "multi"}'],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  single = run_cli(*flags_, f'--workdir={tmp_path / "single"}')
+  assert single.returncode == 0, single.stderr[-3000:]
+  losses = lambda d: [r['loss'] for r in read_metrics(str(tmp_path / d)) if r['split'] == 'train']
+  assert len(losses('multi')) == 6  # written once, by process 0.
+  assert losses('single')[-1] < losses('single')[0] - 1e-3  # training moved.
+  # Same math; only the order of the cross-process (gloo) reductions differs.
+  np.testing.assert_allclose(losses('multi'), losses('single'), rtol=1e-5)
