@@ -15,11 +15,16 @@ def parse_arg(arg, **defaults):
       raise ValueError(f'config argument {key!r}; allowed: {", ".join(sorted(defaults))}')
     default = defaults[key]
     if isinstance(default, bool):
-      value = value.lower() not in ('0', 'false', 'no') if value else True
-    elif value == '' and not isinstance(default, str):
-      raise ValueError(f'config argument {key!r} needs a value, e.g. {key}={default}')
+      booleans = {'': True, 'true': True, '1': True, 'false': False, '0': False}
+      if value.lower() not in booleans:
+        raise ValueError(f'config argument {key}={value!r}; allowed: true, false (or bare {key})')
+      value = booleans[value.lower()]
     else:
-      value = type(default)(value) if default is not None else value
+      try:
+        value = type(default)(value)
+      except ValueError:
+        raise ValueError(f'config argument {key}={value!r}; it must be a '
+                         f'{type(default).__name__}, e.g. {key}={default}') from None
     out[key] = value
   return out
 

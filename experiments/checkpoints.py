@@ -24,9 +24,12 @@ class Checkpoints:
       sign = 1.0 if best_mode == 'max' else -1.0
       preserve.append(policies.BestN(get_metric_fn=lambda m: sign * m[best_metric], n=1,
                                      reverse=False, keep_checkpoints_without_metrics=False))
+    # best_fn/best_mode also make orbax write each step's metrics to disk, so that the best
+    # checkpoint is still known (and kept) after a restart.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(preserve), create=True,
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True,
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
     self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
                                          options=options, item_names=('state', 'meta'))
 

@@ -33,8 +33,13 @@ class MetricsWriter:
   (no TensorFlow).
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = False):
+  def __init__(self, workdir: str, tensorboard: bool = False, drop_after: int | None = None):
+    """drop_after: on resume, forget records after this step (they will be written again)."""
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    if drop_after is not None and is_writer() and os.path.exists(self.path):
+      kept = [r for r in read_metrics(workdir) if r['step'] <= drop_after]
+      with open(self.path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
     self.tb = None
     if tensorboard and is_writer():
       try:

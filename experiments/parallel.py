@@ -35,9 +35,9 @@ def select_devices(num_devices: int):
   return devices
 
 
-def check_batch(batch_size: int, num_devices: int, grad_accum_steps: int):
+def check_batch(field: str, batch_size: int, num_devices: int, grad_accum_steps: int):
   if batch_size % num_devices:
-    raise ValueError(f'config.batch_size={batch_size} is not divisible by the {num_devices} '
+    raise ValueError(f'config.{field}={batch_size} is not divisible by the {num_devices} '
                      'devices; use a multiple of the device count')
   if (batch_size // num_devices) % grad_accum_steps:
     raise ValueError(f'config.grad_accum_steps={grad_accum_steps} does not divide the per-device '

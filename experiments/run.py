@@ -24,8 +24,18 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.'
 
 
 def default_workdir(config_path: str) -> str:
+  """A new runs/<config>-<time>[-N] directory, created atomically so runs never share one."""
   name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
-  return os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+  base = os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+  os.makedirs('runs', exist_ok=True)
+  for n in range(1, 1000):
+    path = base if n == 1 else f'{base}-{n}'
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      continue
+  raise ValueError(f'could not create a new workdir next to {base}; pass --workdir')
 
 
 def init_distributed(config):
@@ -75,9 +85,12 @@ def main(argv):
     fail('--config is required, e.g. --config=configs/vit.py')
   try:
     config = _CONFIG.value
+    init_distributed(config)
+    import jax
+    if jax.process_count() > 1 and not _WORKDIR.value:
+      raise ValueError('--workdir is required with several processes (they must share one)')
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
     print(f'workdir: {workdir}', flush=True)
-    init_distributed(config)
     from experiments import trainer
     summary, _ = trainer.train_and_evaluate(config, workdir)
   except Exception as e:  # one line unless --verbose; KeyboardInterrupt still propagates.

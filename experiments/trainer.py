@@ -82,7 +82,9 @@ def train_step(state, batch, *, loss_fn, optimizer, schedule, accum_steps, axis_
     count = jax.lax.psum(count, axis_name)
     devices = jax.lax.psum(1, axis_name)
   scale = devices / jnp.maximum(count, 1.0)
-  micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+  # Micro-batch i takes rows i, i + accum, ...: every device's shard contributes to each
+  # micro-batch, so a batch sharded over devices needs no all-gather under jit.
+  micro = jax.tree.map(lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
 
   def accumulate(carry, inputs):
     i, mb = inputs
@@ -135,6 +137,10 @@ def setup(config) -> Run:
   for field in ('batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum_steps'):
     if not isinstance(config[field], int) or config[field] <= 0:
       raise ValueError(f'config.{field}={config[field]!r}; it must be a positive integer')
+  if config.best_mode not in ('max', 'min'):
+    raise ValueError(f"config.best_mode={config.best_mode!r}; allowed: 'max', 'min'")
+  if config.num_devices < 0:
+    raise ValueError(f'config.num_devices={config.num_devices}; use 0 (all) or a positive count')
   dataset = tasks.load_dataset(config)
   task = tasks.TASK_OF_MODEL.get(config.model.name, 'classify')
   model = tasks.build_model(config, dataset.info)
@@ -157,8 +163,9 @@ def _loss_fns(run: Run):
     return tasks.loss_and_metrics(run.task, run.model, params, batch,
                                   rng=jax.random.wrap_key_data(rng), train=True, **common)
 
-  def eval_fn(params, batch):
-    return tasks.loss_and_metrics(run.task, run.model, params, batch, **common)[1]
+  def eval_fn(params, batch):  # the true cross-entropy: no label smoothing at eval.
+    return tasks.loss_and_metrics(run.task, run.model, params, batch,
+                                  **dict(common, label_smoothing=0.0))[1]
 
   return loss_fn, eval_fn
 
@@ -235,7 +242,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   start_time = time.time()
   run = setup(config)
   devices = parallel_lib.select_devices(config.num_devices)
-  parallel_lib.check_batch(config.batch_size, len(devices), config.grad_accum_steps)
+  parallel_lib.check_batch('batch_size', config.batch_size, len(devices), config.grad_accum_steps)
+  eval_batch = config.eval_batch_size or config.batch_size
+  parallel_lib.check_batch('eval_batch_size', eval_batch, len(devices), 1)
   loss_fn, eval_fn = _loss_fns(run)
   step_fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=run.optimizer,
                               schedule=run.schedule, accum_steps=config.grad_accum_steps)
@@ -245,29 +254,29 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   if metrics_lib.is_writer():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
-  best_metric, best_mode = config.best_metric, config.best_mode
-  ckpt = Checkpoints(workdir, config.keep_checkpoints, best_metric, best_mode)
+  ckpt = Checkpoints(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
   state = init_state(run)
-  history = {'best': None, 'evals_since_best': 0}
+  history = {'best': None, 'evals_since_best': 0, 'stopped_early': False}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     history = meta['history']
     print(f'Resumed from step {int(state.step)} in {workdir}', flush=True)
   first_step = int(state.step)
-  writer = metrics_lib.MetricsWriter(workdir, config.tensorboard)
+  last_step = first_step if history['stopped_early'] else run.total_steps
+  writer = metrics_lib.MetricsWriter(workdir, config.tensorboard, drop_after=first_step)
   progress = metrics_lib.Progress(run.total_steps, config.batch_size, first_step)
-  eval_batch = config.eval_batch_size or config.batch_size
-  parallel_lib.check_batch(eval_batch, len(devices), 1)
 
-  def save(step, host_state, eval_metrics):
+  def save(step, metrics, eval_metrics):
+    _check_finite(runner.fetch(metrics), step)  # never checkpoint a diverged state.
     meta = {'config': config.to_dict(), 'data': {'seed': config.seed, 'position': step},
             'history': history, 'metrics': eval_metrics}
-    ckpt.save(step, host_state, json.loads(json.dumps(meta, default=str)), eval_metrics)
+    ckpt.save(step, runner.fetch(dstate), json.loads(json.dumps(meta, default=str)),
+              eval_metrics)
 
   dstate = runner.put_state(state)
-  pending, eval_metrics, stopped_early = None, {}, False
+  pending, eval_metrics = None, {}
   try:
-    for step in range(first_step, run.total_steps):
+    for step in range(first_step, last_step):
       dstate, metrics = runner.train_step(dstate, train_batch(run, step))
       if pending is not None:  # fetched one step late, so the host never stalls the device.
         _log_train(writer, progress, *pending, runner)
@@ -284,19 +293,19 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
         writer.write(done, 'eval', eval_metrics)
         print(f'eval @ {done}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()),
               flush=True)
-        stopped_early = _update_history(history, eval_metrics, config)
-        save(done, runner.fetch(dstate), eval_metrics)
+        _update_history(history, eval_metrics, config)
+        save(done, metrics, eval_metrics)
       elif done % config.checkpoint_every == 0:
-        save(done, runner.fetch(dstate), None)
-      if stopped_early:
-        print(f'Early stopping at step {done}: no {best_metric} improvement in '
+        save(done, metrics, None)
+      if history['stopped_early']:
+        print(f'Early stopping at step {done}: no {config.best_metric} improvement in '
               f'{config.early_stopping_patience} evals', flush=True)
         break
       if stop_after is not None and done - first_step >= stop_after:
         break
     if pending is not None:
       _log_train(writer, progress, *pending, runner)
-    if first_step >= run.total_steps:  # the run had already finished: report it again.
+    if first_step == last_step:  # the run had already finished: report it again.
       eval_metrics = evaluate(run, runner, dstate, eval_batch)
   finally:  # saves in flight are finished even when the run stops on an error.
     ckpt.wait()
@@ -305,8 +314,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   final = runner.fetch(dstate)
   summary = {f'eval/{k}': v for k, v in eval_metrics.items()}
   summary.update(steps=int(final.step), total_steps=run.total_steps,
-                 wall_time_s=round(time.time() - start_time, 1), early_stopped=stopped_early,
-                 best={best_metric: history['best']})
+                 wall_time_s=round(time.time() - start_time, 1),
+                 early_stopped=history['stopped_early'],
+                 best={config.best_metric: history['best']})
   if metrics_lib.is_writer() and stop_after is None:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
@@ -314,21 +324,27 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   return summary, final
 
 
+def _check_finite(host_metrics: dict, step: int):
+  for name in ('loss', 'grad_norm', 'param_norm'):
+    if not math.isfinite(float(host_metrics[name])):
+      raise FloatingPointError(f'{name}={float(host_metrics[name])} at step {step}: the run '
+                               'diverged; lower config.optimizer.lr or enable '
+                               'config.optimizer.grad_clip')
+
+
 def _log_train(writer, progress, step, metrics, runner):
   host = {k: float(v) for k, v in runner.fetch(metrics).items()}
-  for name in ('loss', 'grad_norm', 'param_norm'):
-    if not math.isfinite(host[name]):
-      raise FloatingPointError(f'{name}={host[name]} at step {step}: the run diverged; '
-                               'lower config.optimizer.lr or enable config.optimizer.grad_clip')
+  _check_finite(host, step)
   writer.write(step, 'train', host)
   progress.show(step, host)
 
 
-def _update_history(history: dict, eval_metrics: dict, config) -> bool:
-  """Tracks the best eval metric; returns True when early stopping should stop the run."""
-  value = eval_metrics.get(config.best_metric)
-  if value is None:
-    return False
+def _update_history(history: dict, eval_metrics: dict, config):
+  """Tracks the best eval metric and sets history['stopped_early'] when patience runs out."""
+  if config.best_metric not in eval_metrics:
+    raise ValueError(f'config.best_metric={config.best_metric!r} is not an eval metric; '
+                     f'allowed: {", ".join(map(repr, eval_metrics))}')
+  value = eval_metrics[config.best_metric]
   better = (history['best'] is None or
             (value > history['best'] if config.best_mode == 'max' else value < history['best']))
   if better:
@@ -336,4 +352,4 @@ def _update_history(history: dict, eval_metrics: dict, config) -> bool:
   else:
     history['evals_since_best'] += 1
   patience = config.early_stopping_patience
-  return bool(patience) and history['evals_since_best'] >= patience
+  history['stopped_early'] = bool(patience) and history['evals_since_best'] >= patience

@@ -1,0 +1,56 @@
+"""Pieces of the trainer against their definitions: schedules, smoothed loss, checkpoint retention."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import tasks, trainer
+from experiments.checkpoints import Checkpoints
+
+
+def _optimizer_config(schedule, lr=1.0, warmup=100):
+  c = ml_collections.ConfigDict()
+  c.optimizer = ml_collections.ConfigDict(dict(lr=lr, schedule=schedule, warmup_steps=warmup))
+  return c
+
+
+def test_rsqrt_schedule_is_vaswani():
+  """lrate = d^-0.5 · min(s^-0.5, s · warmup^-1.5), with d^-0.5 · warmup^-0.5 folded into lr."""
+  d, warmup = 512, 4000
+  lr = d ** -0.5 * warmup ** -0.5
+  schedule = trainer.make_schedule(_optimizer_config('rsqrt', lr, warmup), 100000)
+  for s in (1, 100, 3999, 4000, 4001, 20000, 99999):
+    paper = d ** -0.5 * min(s ** -0.5, s * warmup ** -1.5)
+    np.testing.assert_allclose(float(schedule(s)), paper, rtol=1e-5)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+  schedule = trainer.make_schedule(_optimizer_config('cosine', 2.0, 10), 110)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 1.0, 2.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_label_smoothed_cross_entropy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 4)).astype(np.float32)
+  labels = np.array([0, 3, 1, 1, 2])
+  weights = np.array([1, 1, 0, 1, 1], np.float32)
+  eps = 0.1
+  loss, correct, count, _ = tasks._cross_entropy(jnp.asarray(logits), labels, weights, eps)
+  logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+  target = np.full((5, 4), eps / 4) + (1 - eps) * np.eye(4)[labels]
+  np.testing.assert_allclose(float(loss), (-(target * logp).sum(-1) * weights).sum(), rtol=1e-5)
+  assert float(count) == 4 and float(correct) == ((logits.argmax(-1) == labels) * weights).sum()
+
+
+def test_checkpoints_keep_the_last_n_and_the_best(tmp_path):
+  ckpt = Checkpoints(str(tmp_path), keep=2, best_metric='accuracy', best_mode='max')
+  state = {'w': np.zeros(3, np.float32)}
+  for step, acc in zip(range(1, 6), [0.1, 0.9, 0.2, 0.3, 0.4]):
+    ckpt.save(step, {'w': np.full(3, step, np.float32)}, {'step': step}, {'accuracy': acc})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2, 4, 5]  # best (0.9 at 2), then the last two.
+  restored, meta = ckpt.restore(state, step=2)
+  np.testing.assert_array_equal(restored['w'], [2, 2, 2])
+  assert meta == {'step': 2}
+  ckpt.close()
