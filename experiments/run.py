@@ -10,12 +10,12 @@ with a workdir that holds a checkpoint resumes from it.
 from __future__ import annotations
 
 import os
-import sys
 import time
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments.cli import fail, fail_unless_verbose
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.',
                                           lock_config=True)
@@ -52,31 +52,6 @@ def init_distributed(config):
   jax.distributed.initialize(**kwargs)
 
 
-def fail(message: str):
-  """One line on stderr, exit code 2."""
-  print('error: ' + ' '.join(line.strip() for line in message.splitlines() if line.strip()),
-        file=sys.stderr)
-  sys.exit(2)
-
-
-def describe(e: BaseException) -> str:
-  """The actionable part of an error, for one line."""
-  text = str(e).replace('\\n', '\n').replace("\\'", "'")
-  if len(text) > 1 and text[0] == text[-1] == "'":  # a quoted KeyError/AttributeError message.
-    text = text[1:-1]
-  if 'Traceback' in text:  # config_flags wraps get_config's error: keep its last line.
-    return [line for line in text.splitlines() if line.strip()][-1]
-  if isinstance(e, (ValueError, flags.Error)):  # ours and absl's name the field already.
-    return text
-  return f'{type(e).__name__}: {text}'
-
-
-def _fail_unless_verbose(e: BaseException, verbose: bool):
-  if verbose:
-    traceback.print_exc()
-  fail(describe(e))
-
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; use --config=... and --config.KEY=VALUE')
@@ -94,7 +69,7 @@ def main(argv):
     from experiments import trainer
     summary, _ = trainer.train_and_evaluate(config, workdir)
   except Exception as e:  # one line unless --verbose; KeyboardInterrupt still propagates.
-    _fail_unless_verbose(e, _VERBOSE.value)
+    fail_unless_verbose(e, _VERBOSE.value)
   print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in summary.items()), flush=True)
 
@@ -104,7 +79,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
-    _fail_unless_verbose(e, '--verbose' in argv)
+    fail_unless_verbose(e, '--verbose' in argv)
 
 
 if __name__ == '__main__':

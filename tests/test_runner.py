@@ -68,7 +68,7 @@ def test_smoke_run_writes_the_workdir(name, tmp_path):
 def _train_trajectory(tmp_path, tag, **overrides):
   """Per-step loss and gradient norm over 20 steps of a tiny ViT (short warmup, so it moves)."""
   config = tiny_config('vit', steps=20, log_every=1, batch_size=64, **overrides)
-  config.optimizer.warmup_steps = 2
+  config.optimizer.update(dict(lr=3e-3, warmup_steps=2))  # independent of the config's defaults.
   workdir = str(tmp_path / tag)
   trainer.train_and_evaluate(config, workdir)
   records = [r for r in read_metrics(workdir) if r['split'] == 'train']

@@ -1,0 +1,34 @@
+"""Command-line error reporting shared by the entry points: one line, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from absl import flags
+
+
+def fail(message: str):
+  """One line on stderr, exit code 2."""
+  print('error: ' + ' '.join(line.strip() for line in message.splitlines() if line.strip()),
+        file=sys.stderr)
+  sys.exit(2)
+
+
+def describe(e: BaseException) -> str:
+  """The actionable part of an error, for one line."""
+  text = str(e).replace('\\n', '\n').replace("\\'", "'")
+  if len(text) > 1 and text[0] == text[-1] == "'":  # a quoted KeyError/AttributeError message.
+    text = text[1:-1]
+  if 'Traceback' in text:  # config_flags wraps get_config's error: keep its last line.
+    return [line for line in text.splitlines() if line.strip()][-1]
+  if isinstance(e, (ValueError, flags.Error)):  # ours and absl's name the field already.
+    return text
+  return f'{type(e).__name__}: {text}'
+
+
+def fail_unless_verbose(e: BaseException, verbose: bool):
+  """The traceback with --verbose, then the one-line error and exit code 2."""
+  if verbose:
+    traceback.print_exc()
+  fail(describe(e))
