@@ -67,10 +67,9 @@ def configure(base, point: dict):
   return config
 
 
-def run_all(module, arg, sweepdir: str) -> list[dict]:
+def run_all(module, arg, points: list[dict], sweepdir: str) -> list[dict]:
   """Trains every point that has no summary.json yet; returns one row per point."""
   from experiments import trainer  # imports jax: after absl has parsed the flags.
-  points = expand(module, arg)
   base = module.get_config(arg)
   os.makedirs(sweepdir, exist_ok=True)
   rows, start, trained = [], time.time(), 0
@@ -171,8 +170,9 @@ def main(argv):
     name = os.path.splitext(os.path.basename(_CONFIG.value.split(':')[0]))[0]
     sweepdir = _SWEEPDIR.value or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
     print(f'sweepdir: {sweepdir}', flush=True)
-    rows = run_all(module, arg, sweepdir)
-    summarize(rows, expand(module, arg), sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
+    points = expand(module, arg)
+    rows = run_all(module, arg, points, sweepdir)
+    summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
     print(f'wrote {sweepdir}/results.csv, results.md, learning_curves.png', flush=True)
   except Exception as e:  # one line unless --verbose.
     fail_unless_verbose(e, _VERBOSE.value)

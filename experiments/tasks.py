@@ -70,30 +70,39 @@ def _cross_entropy(logits, labels, weights, label_smoothing: float):
   return (ce * weights).sum(), (correct * weights).sum(), weights.sum(), correct
 
 
+def loss_weights(task: str, batch, pad_id: int = data_lib.PAD):
+  """What the loss averages over: examples (classify), non-pad target tokens (seq2seq) or every
+  target token (lm), times batch['weight'] (0 for padded examples)."""
+  w = batch['weight']
+  if task == 'classify':
+    return w
+  if task == 'seq2seq':
+    return (batch['targets'] != pad_id) * w[:, None]
+  return jnp.ones(batch['targets'].shape, jnp.float32) * w[:, None]
+
+
 def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool = False,
                      label_smoothing: float = 0.0, bos_id: int = data_lib.BOS,
                      pad_id: int = data_lib.PAD):
   """Returns (loss_sum, metrics) for one batch; `batch['weight']` masks padded examples."""
   rngs = {'dropout': rng} if train and rng is not None else None
   apply = lambda *args: model.apply({'params': params}, *args, deterministic=not train, rngs=rngs)
-  example_w = batch['weight']
+  example_w, weights = batch['weight'], loss_weights(task, batch, pad_id)
   if task == 'classify':
     logits = apply(batch['inputs'])
-    loss, correct, count, _ = _cross_entropy(logits, batch['targets'], example_w, label_smoothing)
+    loss, correct, count, _ = _cross_entropy(logits, batch['targets'], weights, label_smoothing)
     return loss, {'loss_sum': loss, 'loss_count': count, 'accuracy_sum': correct,
                   'accuracy_count': count}
   targets = batch['targets']
   if task == 'seq2seq':
     logits = apply(batch['inputs'], tx.shift_right(targets, bos_id))
-    token_w = (targets != pad_id) * example_w[:, None]
   else:  # lm
     logits = apply(batch['inputs'])
-    token_w = jnp.ones(targets.shape, jnp.float32) * example_w[:, None]
-  loss, correct, count, hit = _cross_entropy(logits, targets, token_w, label_smoothing)
+  loss, correct, count, hit = _cross_entropy(logits, targets, weights, label_smoothing)
   metrics = {'loss_sum': loss, 'loss_count': count, 'token_accuracy_sum': correct,
              'token_accuracy_count': count}
   if task == 'seq2seq':  # teacher-forced exact match: every target token right.
-    exact = jnp.all((hit > 0) | (token_w == 0), axis=-1).astype(jnp.float32)
+    exact = jnp.all((hit > 0) | (weights == 0), axis=-1).astype(jnp.float32)
     long = batch['long']  # 1 where the length is beyond the training range.
     for name, w in (('exact_match', example_w), ('exact_match_short', example_w * (1 - long)),
                     ('exact_match_long', example_w * long)):

@@ -67,7 +67,8 @@ def make_optimizer(config, schedule):
   return optax.chain(*chain)
 
 
-def train_step(state, batch, *, loss_fn, optimizer, schedule, accum_steps, axis_name=None):
+def train_step(state, batch, *, loss_fn, count_fn, optimizer, schedule, accum_steps,
+               axis_name=None):
   """One optimizer step on a (per-device) batch, split into `accum_steps` micro-batches.
 
   The loss is Σ token losses / (global token count), so micro-batches and devices
@@ -75,7 +76,7 @@ def train_step(state, batch, *, loss_fn, optimizer, schedule, accum_steps, axis_
   devices / global count and gradients are `pmean`ed over `axis_name`.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  count = batch['weight'].sum() if 'token_count' not in batch else batch['token_count'].sum()
+  count = count_fn(batch)  # this device's examples or target tokens.
   devices = 1
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -167,7 +168,10 @@ def _loss_fns(run: Run):
     return tasks.loss_and_metrics(run.task, run.model, params, batch,
                                   **dict(common, label_smoothing=0.0))[1]
 
-  return loss_fn, eval_fn
+  def count_fn(batch):
+    return tasks.loss_weights(run.task, batch, common['pad_id']).sum()
+
+  return loss_fn, eval_fn, count_fn
 
 
 def init_state(run: Run) -> TrainState:
@@ -194,16 +198,6 @@ def train_batch(run: Run, step: int) -> dict:
     start = jax.process_index() * len(idx)
     batch['inputs'] = data_lib.shift_images(batch['inputs'], offsets[start:start + len(idx)], shift)
   batch['weight'] = np.ones(len(idx), np.float32)
-  return _with_token_count(run, batch)
-
-
-def _with_token_count(run, batch):
-  if run.task == 'seq2seq':
-    batch['token_count'] = (batch['targets'] != run.dataset.info['pad_id']).sum(-1).astype(
-        np.float32) * batch['weight']
-  elif run.task == 'lm':
-    batch['token_count'] = np.full(len(batch['weight']), batch['targets'].shape[-1],
-                                   np.float32) * batch['weight']
   return batch
 
 
@@ -219,15 +213,15 @@ def eval_batches(run: Run, batch_size: int):
     rows = np.where(valid, rows, 0)
     batch = {k: v[rows] for k, v in test.items()}
     batch['weight'] = valid.astype(np.float32)
-    yield _with_token_count(run, batch)
+    yield batch
 
 
 def evaluate(run: Run, runner, state, batch_size: int) -> dict:
-  total = None
+  total = None  # summed on device, fetched once.
   for batch in eval_batches(run, batch_size):
-    sums = runner.fetch(runner.eval_step(state, batch))
-    total = sums if total is None else jax.tree.map(np.add, total, sums)
-  out = {k: float(v) for k, v in tasks.summarize(total).items()}
+    sums = runner.eval_step(state, batch)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  out = {k: float(v) for k, v in tasks.summarize(runner.fetch(total)).items()}
   if run.task == 'lm':
     out['bits_per_char'] = out['loss'] / math.log(2)
   return out
@@ -245,9 +239,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   parallel_lib.check_batch('batch_size', config.batch_size, len(devices), config.grad_accum_steps)
   eval_batch = config.eval_batch_size or config.batch_size
   parallel_lib.check_batch('eval_batch_size', eval_batch, len(devices), 1)
-  loss_fn, eval_fn = _loss_fns(run)
-  step_fn = functools.partial(train_step, loss_fn=loss_fn, optimizer=run.optimizer,
-                              schedule=run.schedule, accum_steps=config.grad_accum_steps)
+  loss_fn, eval_fn, count_fn = _loss_fns(run)
+  step_fn = functools.partial(train_step, loss_fn=loss_fn, count_fn=count_fn,
+                              optimizer=run.optimizer, schedule=run.schedule,
+                              accum_steps=config.grad_accum_steps)
   runner = parallel_lib.make_runner(config.parallel, devices, step_fn,
                                     functools.partial(eval_step, eval_fn=eval_fn))
   os.makedirs(workdir, exist_ok=True)
