@@ -56,3 +56,32 @@ def training(**overrides) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
     c[key] = value
   return c
+
+
+def make_quick(c, steps: int = 60):
+  """Shrinks a config in place to a smoke run: a 1-layer, 16-wide model and `steps` steps."""
+  c.model.update(num_layers=1, d_model=16, num_heads=2, d_ff=32)
+  c.update(dict(total_steps=steps, eval_every=steps, checkpoint_every=steps, log_every=20))
+
+
+def ablation_arg(arg):
+  """The arguments every ablation config takes: quick, seeds, steps (parsed once)."""
+  if isinstance(arg, ml_collections.ConfigDict):
+    return arg
+  return parse_arg(arg, quick=False, seeds=3, steps=1000)
+
+
+def ablation_config(base, arg):
+  """An ablation's base run: `base` (a config module) shortened to `steps`, or made quick."""
+  arg = ablation_arg(arg)
+  c = base.get_config()
+  c.update(dict(total_steps=arg.steps, eval_every=500, checkpoint_every=500))
+  if arg.quick:
+    make_quick(c)
+  return c
+
+
+def ablation_seeds(arg):
+  """Seeds 0..seeds-1; 2 with `quick` (enough for a mean ± std)."""
+  arg = ablation_arg(arg)
+  return range(2 if arg.quick else arg.seeds)

@@ -23,6 +23,7 @@ class Dataset:
   train: dict  # name -> np.ndarray with a leading example axis.
   test: dict
   info: dict  # num_classes / vocab_size / ... as the model needs them.
+  extrapolate: dict | None = None  # longer test sequences (seq2seq), evaluated by length.
 
 
 def digits(test_size: int = 360, split_seed: int = 0) -> Dataset:
@@ -83,40 +84,44 @@ def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 100
   """Algorithmic sequence-to-sequence tasks: copy, reverse, sort, addition.
 
   Sources are symbols (ids from FIRST_SYMBOL) followed by <eos>; targets end in
-  <eos>; both are padded with <pad>. Train lengths are uniform in
-  [min_len, max_len]; test lengths go up to `test_max_len` (default max_len),
-  so a longer test range measures length extrapolation. For 'addition' the
-  length is the number of digits of each operand.
+  <eos>; both are padded with <pad>. 'length' is the number of symbols (for
+  'addition', the digits of each operand). Train and test lengths are uniform
+  in [min_len, max_len], padded to one width (info['max_len']). With
+  test_max_len > max_len, `extrapolate` holds test_size more examples with
+  lengths in (max_len, test_max_len], padded to their own, larger width: they
+  measure length extrapolation, which a learned posemb table sized for
+  training cannot even be run on.
   """
   if task not in SEQ2SEQ_TASKS:
     raise ValueError(f'data.task={task!r}; allowed: {", ".join(map(repr, SEQ2SEQ_TASKS))}')
   test_max_len = test_max_len or max_len
   rng = np.random.default_rng(seed)
 
-  def split(n, hi):
-    lengths = rng.integers(min_len, hi + 1, n)
-    pairs = [_seq2seq_example(task, rng, int(t), num_symbols) for t in lengths]
-    s_len = max(len(s) for s, _ in pairs) + 1
-    t_len = max(len(t) for _, t in pairs) + 1
-    src = np.full((n, s_len), PAD, np.int32)
-    tgt = np.full((n, t_len), PAD, np.int32)
+  def examples(n, lo, hi):
+    lengths = rng.integers(lo, hi + 1, n)
+    return [_seq2seq_example(task, rng, int(t), num_symbols) for t in lengths], lengths
+
+  def pad(pairs, lengths, width):
+    src = np.full((len(pairs), width), PAD, np.int32)
+    tgt = np.full((len(pairs), width), PAD, np.int32)
     for i, (s, t) in enumerate(pairs):
       src[i, :len(s) + 1] = s + [EOS]
       tgt[i, :len(t) + 1] = t + [EOS]
-    # 'long' marks lengths beyond the training range (length extrapolation).
-    return {'inputs': src, 'targets': tgt, 'long': (lengths > max_len).astype(np.float32)}
+    return {'inputs': src, 'targets': tgt, 'length': lengths.astype(np.int32)}
 
-  train, test = split(train_size, max_len), split(test_size, test_max_len)
-  # One width for both splits so a single compiled eval step serves every length.
-  width = max(train['inputs'].shape[1], test['inputs'].shape[1],
-              train['targets'].shape[1], test['targets'].shape[1])
-  for part in (train, test):
-    for key in ('inputs', 'targets'):
-      part[key] = np.pad(part[key], ((0, 0), (0, width - part[key].shape[1])),
-                         constant_values=PAD)
+  def width(*parts):  # symbols + <eos>, over sources and targets.
+    return max(len(x) for pairs in parts for pair in pairs for x in pair) + 1
+
+  train, test = examples(train_size, min_len, max_len), examples(test_size, min_len, max_len)
+  w = width(train[0], test[0])
+  extrapolate = None
+  if test_max_len > max_len:
+    long = examples(test_size, max_len + 1, test_max_len)
+    extrapolate = pad(*long, width(long[0]))
   vocab = FIRST_SYMBOL + (11 if task == 'addition' else num_symbols)
-  return Dataset(train, test, {'vocab_size': vocab, 'pad_id': PAD, 'bos_id': BOS,
-                               'eos_id': EOS, 'max_len': width})
+  return Dataset(pad(*train, w), pad(*test, w),
+                 {'vocab_size': vocab, 'pad_id': PAD, 'bos_id': BOS, 'eos_id': EOS, 'max_len': w},
+                 extrapolate)
 
 
 def default_corpus() -> str:

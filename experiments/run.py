@@ -71,7 +71,8 @@ def main(argv):
   except Exception as e:  # one line unless --verbose; KeyboardInterrupt still propagates.
     fail_unless_verbose(e, _VERBOSE.value)
   print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-                                for k, v in summary.items()), flush=True)
+                                for k, v in summary.items() if not isinstance(v, dict)) +
+        f' (all of it in {workdir}/summary.json)', flush=True)
 
 
 def parse_flags(argv):

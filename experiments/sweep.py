@@ -21,11 +21,13 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import metrics as metrics_lib
+from experiments import sweep_plots
 from experiments.cli import fail_unless_verbose
 
 _CONFIG = flags.DEFINE_string('config', None, 'An ablation config file[:arg].')
 _SWEEPDIR = flags.DEFINE_string('sweepdir', None, 'Sweep directory; default runs/sweep-<name>[-arg].')
+_VECTORIZE = flags.DEFINE_bool('vectorize', False, 'Train runs that differ only in seed and '
+                                'model.beta_scale together, as one vmapped program.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
 
 
@@ -67,36 +69,66 @@ def configure(base, point: dict):
   return config
 
 
-def run_all(module, arg, points: list[dict], sweepdir: str) -> list[dict]:
-  """Trains every point that has no summary.json yet; returns one row per point."""
-  from experiments import trainer  # imports jax: after absl has parsed the flags.
+def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = False) -> list[dict]:
+  """Trains every point that has no summary.json yet; returns one row per point.
+
+  vectorize: points that differ only in seed and model.beta_scale train together
+  as one vmapped program (`experiments.vectorized`).
+  """
+  import jax  # imported here: after absl has parsed the flags.
+  from experiments import trainer, vectorized
+  if not jax.config.jax_compilation_cache_dir:
+    # The runs of a sweep compile the same programs (shapes agree; β is traced when
+    # vectorized): a persistent cache in the sweep directory compiles each once.
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweepdir, '.jax_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   base = module.get_config(arg)
   os.makedirs(sweepdir, exist_ok=True)
-  rows, start, trained = [], time.time(), 0
-  for i, point in enumerate(points, 1):
-    workdir = os.path.join(sweepdir, run_name(point))
-    summary_path = os.path.join(workdir, 'summary.json')
-    if os.path.exists(summary_path):
-      print(f'[{i}/{len(points)}] {run_name(point)}: done before, skipped', flush=True)
+  workdir = lambda point: os.path.join(sweepdir, run_name(point))
+  finished = lambda point: os.path.exists(os.path.join(workdir(point), 'summary.json'))
+  groups: dict[str, list[dict]] = {}
+  for point in points:
+    shared = {k: v for k, v in point.items() if not (vectorize and k in vectorized.MAY_DIFFER)}
+    groups.setdefault(run_name(shared) or 'all', []).append(point)
+  start, trained, done = time.time(), 0, 0
+  for name, group in groups.items():
+    todo = [p for p in group if not finished(p)]
+    done += len(group) - len(todo)
+    if not todo:
+      print(f'[{done}/{len(points)}] {name}: done before, skipped', flush=True)
+      continue
+    eta = ''
+    if trained:
+      left = (time.time() - start) / trained * (len(points) - done)
+      eta = f'  (sweep ETA {time.strftime("%H:%M:%S", time.gmtime(left))})'
+    configs = [configure(base, p) for p in todo]
+    if len(todo) == 1:
+      print(f'[{done + 1}/{len(points)}] {run_name(todo[0])}{eta}', flush=True)
+      trainer.train_and_evaluate(configs[0], workdir(todo[0]))
     else:
-      eta = ''
-      if trained:
-        left = (time.time() - start) / trained * (len(points) - i + 1)
-        eta = f'  (sweep ETA {time.strftime("%H:%M:%S", time.gmtime(left))})'
-      print(f'[{i}/{len(points)}] {run_name(point)}{eta}', flush=True)
-      trainer.train_and_evaluate(configure(base, point), workdir)
-      trained += 1
-    with open(summary_path) as f:
-      rows.append({**point, **json.load(f), 'workdir': workdir})
+      print(f'[{done + 1}-{done + len(todo)}/{len(points)}] {len(todo)} runs as one program: '
+            f'{name}{eta}', flush=True)
+      vectorized.train_group(configs, [workdir(p) for p in todo],
+                             os.path.join(sweepdir, 'vectorized', name))
+    trained += len(todo)
+    done += len(todo)
+  rows = []
+  for point in points:
+    with open(os.path.join(workdir(point), 'summary.json')) as f:
+      rows.append({**point, **json.load(f), 'workdir': workdir(point)})
   return rows
 
 
 def write_csv(rows: list[dict], path: str):
-  columns = list(dict.fromkeys(k for row in rows for k in row if not isinstance(row[k], dict)))
+  """One row per run; nested results become columns 'name/key' (e.g. attention_entropy/<layer>)."""
+  flat = [{f'{k}/{sub}' if isinstance(v, dict) else k: x
+           for k, v in row.items() for sub, x in (v.items() if isinstance(v, dict) else [(k, v)])}
+          for row in rows]
+  columns = list(dict.fromkeys(k for row in flat for k in row))
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+    writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
 
 
 def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
@@ -130,34 +162,12 @@ def write_markdown(groups: list[dict], path: str, title: str):
     f.write('\n'.join(lines) + '\n')
 
 
-def plot_learning_curves(rows: list[dict], keys: list[str], path: str):
-  """Train loss against step, one line per non-seed group (mean over seeds)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  group_keys = [k for k in keys if k != 'seed']
-  curves: dict[str, list] = {}
-  for row in rows:
-    train = [r for r in metrics_lib.read_metrics(row['workdir']) if r['split'] == 'train']
-    label = ', '.join(f'{k.split(".")[-1]}={row[k]}' for k in group_keys) or 'all'
-    curves.setdefault(label, []).append(([r['step'] for r in train], [r['loss'] for r in train]))
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, runs in curves.items():
-    n = min(len(steps) for steps, _ in runs)
-    ax.plot(runs[0][0][:n], np.mean([loss[:n] for _, loss in runs], axis=0), label=label)
-  ax.set(xlabel='step', ylabel='train loss (mean over seeds)', yscale='log',
-         title='learning curves')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def summarize(rows: list[dict], points: list[dict], sweepdir: str, title: str):
+def summarize(rows: list[dict], points: list[dict], sweepdir: str, title: str) -> list[str]:
+  """results.csv, results.md and the plots; returns the names of the files written."""
   keys = list(dict.fromkeys(k for p in points for k in p))
   write_csv(rows, os.path.join(sweepdir, 'results.csv'))
   write_markdown(aggregate(rows, keys), os.path.join(sweepdir, 'results.md'), title)
-  plot_learning_curves(rows, keys, os.path.join(sweepdir, 'learning_curves.png'))
+  return ['results.csv', 'results.md'] + sweep_plots.plot_sweep(rows, keys, sweepdir)
 
 
 def main(argv):
@@ -171,9 +181,9 @@ def main(argv):
     sweepdir = _SWEEPDIR.value or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
     print(f'sweepdir: {sweepdir}', flush=True)
     points = expand(module, arg)
-    rows = run_all(module, arg, points, sweepdir)
-    summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
-    print(f'wrote {sweepdir}/results.csv, results.md, learning_curves.png', flush=True)
+    rows = run_all(module, arg, points, sweepdir, _VECTORIZE.value)
+    written = summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
+    print(f'wrote {", ".join(written)} in {sweepdir}', flush=True)
   except Exception as e:  # one line unless --verbose.
     fail_unless_verbose(e, _VERBOSE.value)
 

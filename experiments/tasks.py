@@ -81,6 +81,11 @@ def loss_weights(task: str, batch, pad_id: int = data_lib.PAD):
   return jnp.ones(batch['targets'].shape, jnp.float32) * w[:, None]
 
 
+def exact_match(hit, weights):
+  """Teacher-forced exact match per sequence: 1 where every weighted target token is the argmax."""
+  return jnp.all((hit > 0) | (weights == 0), axis=-1).astype(jnp.float32)
+
+
 def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool = False,
                      label_smoothing: float = 0.0, bos_id: int = data_lib.BOS,
                      pad_id: int = data_lib.PAD):
@@ -101,12 +106,9 @@ def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool =
   loss, correct, count, hit = _cross_entropy(logits, targets, weights, label_smoothing)
   metrics = {'loss_sum': loss, 'loss_count': count, 'token_accuracy_sum': correct,
              'token_accuracy_count': count}
-  if task == 'seq2seq':  # teacher-forced exact match: every target token right.
-    exact = jnp.all((hit > 0) | (weights == 0), axis=-1).astype(jnp.float32)
-    long = batch['long']  # 1 where the length is beyond the training range.
-    for name, w in (('exact_match', example_w), ('exact_match_short', example_w * (1 - long)),
-                    ('exact_match_long', example_w * long)):
-      metrics.update({f'{name}_sum': (exact * w).sum(), f'{name}_count': w.sum()})
+  if task == 'seq2seq':
+    exact = exact_match(hit, weights)
+    metrics.update(exact_match_sum=(exact * example_w).sum(), exact_match_count=example_w.sum())
   return loss, metrics
 
 

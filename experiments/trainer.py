@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import analysis
 from experiments import data as data_lib
 from experiments import metrics as metrics_lib
 from experiments import parallel as parallel_lib
@@ -155,17 +156,18 @@ def setup(config) -> Run:
   return Run(config, dataset, task, model, total_steps, schedule, make_optimizer(config, schedule))
 
 
-def _loss_fns(run: Run):
-  info, c = run.dataset.info, run.config
+def loss_fns(run: Run, model=None):
+  """(loss_fn, eval_fn, count_fn) of `model` (default run.model) on the run's task."""
+  info, c, model = run.dataset.info, run.config, model or run.model
   common = dict(label_smoothing=c.label_smoothing, bos_id=info.get('bos_id', data_lib.BOS),
                 pad_id=info.get('pad_id', data_lib.PAD))
 
   def loss_fn(params, batch, rng):
-    return tasks.loss_and_metrics(run.task, run.model, params, batch,
+    return tasks.loss_and_metrics(run.task, model, params, batch,
                                   rng=jax.random.wrap_key_data(rng), train=True, **common)
 
   def eval_fn(params, batch):  # the true cross-entropy: no label smoothing at eval.
-    return tasks.loss_and_metrics(run.task, run.model, params, batch,
+    return tasks.loss_and_metrics(run.task, model, params, batch,
                                   **dict(common, label_smoothing=0.0))[1]
 
   def count_fn(batch):
@@ -174,14 +176,16 @@ def _loss_fns(run: Run):
   return loss_fn, eval_fn, count_fn
 
 
-def init_state(run: Run) -> TrainState:
-  rng = jax.random.key(run.config.seed)
+def init_state(run: Run, seed=None, model=None) -> TrainState:
+  """Fresh state from `seed` (default config.seed; may be traced) for `model` (default run.model)."""
+  model = model or run.model
+  rng = jax.random.key(run.config.seed if seed is None else seed)
   init_rng, train_rng = jax.random.split(rng)
   sample = {k: v[:1] for k, v in run.dataset.train.items()}
   args = (sample['inputs'],)
   if run.task == 'seq2seq':
     args += (sample['targets'],)
-  params = jax.jit(run.model.init)(init_rng, *args)['params']
+  params = jax.jit(model.init)(init_rng, *args)['params']
   return TrainState(jnp.zeros((), jnp.int32), params, run.optimizer.init(params),
                     jax.random.key_data(train_rng))
 
@@ -239,7 +243,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   parallel_lib.check_batch('batch_size', config.batch_size, len(devices), config.grad_accum_steps)
   eval_batch = config.eval_batch_size or config.batch_size
   parallel_lib.check_batch('eval_batch_size', eval_batch, len(devices), 1)
-  loss_fn, eval_fn, count_fn = _loss_fns(run)
+  loss_fn, eval_fn, count_fn = loss_fns(run)
   step_fn = functools.partial(train_step, loss_fn=loss_fn, count_fn=count_fn,
                               optimizer=run.optimizer, schedule=run.schedule,
                               accum_steps=config.grad_accum_steps)
@@ -262,7 +266,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   progress = metrics_lib.Progress(run.total_steps, config.batch_size, first_step)
 
   def save(step, metrics, eval_metrics):
-    _check_finite(runner.fetch(metrics), step)  # never checkpoint a diverged state.
+    check_finite(runner.fetch(metrics), step)  # never checkpoint a diverged state.
     meta = {'config': config.to_dict(), 'data': {'seed': config.seed, 'position': step},
             'history': history, 'metrics': eval_metrics}
     ckpt.save(step, runner.fetch(dstate), json.loads(json.dumps(meta, default=str)),
@@ -309,27 +313,40 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
   final = runner.fetch(dstate)
   summary = {f'eval/{k}': v for k, v in eval_metrics.items()}
   summary.update(steps=int(final.step), total_steps=run.total_steps,
-                 wall_time_s=round(time.time() - start_time, 1),
                  early_stopped=history['stopped_early'],
                  best={config.best_metric: history['best']})
-  if metrics_lib.is_writer() and stop_after is None:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
-    metrics_lib.plot_learning_curves(workdir)
+  if stop_after is None:
+    summary.update(analysis.final_analysis(run, final.params))
+    summary['wall_time_s'] = round(time.time() - start_time, 1)
+    write_summary(workdir, summary)
   return summary, final
 
 
-def _check_finite(host_metrics: dict, step: int):
+def write_summary(workdir: str, summary: dict):
+  """summary.json (the sweep reads it; its presence marks the run finished) and the curves PNG."""
+  if not metrics_lib.is_writer():
+    return
+  for key in ('eval/exact_match_long', 'eval/attention_entropy'):
+    if key in summary:
+      print(f'{key[5:]}: {summary[key]:.4f}', flush=True)
+  if 'extrapolation_note' in summary:
+    print(summary['extrapolation_note'], flush=True)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  metrics_lib.plot_learning_curves(workdir)
+
+
+def check_finite(host_metrics: dict, step: int, where: str = ''):
   for name in ('loss', 'grad_norm', 'param_norm'):
     if not math.isfinite(float(host_metrics[name])):
-      raise FloatingPointError(f'{name}={float(host_metrics[name])} at step {step}: the run '
+      raise FloatingPointError(f'{where}{name}={float(host_metrics[name])} at step {step}: the run '
                                'diverged; lower config.optimizer.lr or enable '
                                'config.optimizer.grad_clip')
 
 
 def _log_train(writer, progress, step, metrics, runner):
   host = {k: float(v) for k, v in runner.fetch(metrics).items()}
-  _check_finite(host, step)
+  check_finite(host, step)
   writer.write(step, 'train', host)
   progress.show(step, host)
 

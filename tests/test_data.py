@@ -31,8 +31,10 @@ def test_hosts_load_disjoint_slices_of_the_global_batch():
 @pytest.mark.parametrize('task', data.SEQ2SEQ_TASKS)
 def test_seq2seq_tasks(task):
   d = data.seq2seq(task, train_size=50, test_size=20, max_len=5, test_max_len=9, seed=3)
-  for split, hi in ((d.train, 5), (d.test, 9)):
-    for src, tgt, long in zip(split['inputs'], split['targets'], split['long']):
+  assert d.train['inputs'].shape[1] == d.test['inputs'].shape[1] == d.info['max_len']
+  assert d.extrapolate['inputs'].shape[1] > d.info['max_len']
+  for split, lo, hi in ((d.train, 1, 5), (d.test, 1, 5), (d.extrapolate, 6, 9)):
+    for src, tgt, n in zip(split['inputs'], split['targets'], split['length']):
       s = list(src[:list(src).index(data.EOS)])
       t = list(tgt[:list(tgt).index(data.EOS)])
       assert data.PAD not in s + t and data.BOS not in s + t
@@ -46,7 +48,7 @@ def test_seq2seq_tasks(task):
         expect = {'copy': s, 'reverse': s[::-1], 'sort': sorted(s)}[task]
         assert t == expect
         length = len(s)
-      assert length <= hi and long == (length > 5)
+      assert lo <= length <= hi and length == n
 
 
 def test_mnist1d_patches_and_shuffle():

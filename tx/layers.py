@@ -19,7 +19,7 @@ from tx import scores as scores_lib
 from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention
 from tx.masks import combine_masks
 from tx.posemb import rope as apply_rope
-from tx.validate import check_beta, check_choice
+from tx.validate import check_beta, check_choice, concrete
 
 Dtype = Any
 SCORES = ('dot', 'general', 'additive', 'cosine', 'location')
@@ -64,10 +64,11 @@ class MultiHeadAttention(nn.Module):
     base = 1.0 / np.sqrt(head_dim)
     if not self.learn_beta:
       return self.beta_scale * base
-    if self.beta_scale == 0:
+    scale = concrete(self.beta_scale)  # None when traced (a vmapped sweep over β).
+    if scale is not None and scale == 0:
       raise ValueError('beta_scale=0 with learn_beta=True; a learned β starts from '
                        'beta_scale/sqrt(d_head) and must be > 0')
-    log_beta = self.param('log_beta', nn.initializers.constant(np.log(self.beta_scale * base)),
+    log_beta = self.param('log_beta', nn.initializers.constant(jnp.log(self.beta_scale * base)),
                           (self.num_heads,), jnp.float32)
     return jnp.exp(log_beta)
 

@@ -5,27 +5,23 @@
 
 The base is configs/vit.py (the default ViT on digits, ~80 s a run), so the
 default grid is 15 runs, about 20 minutes on a 2-core CPU. `:quick` shrinks the
-model and the schedule (60 steps) to check the machinery end to end in about a
-minute; its numbers are not results.
+model and the schedule (60 steps) and uses 2 seeds to check the machinery end
+to end; its numbers are not results. `:seeds=N` changes the number of seeds.
 """
 
-from configs import vit
+from configs import common, vit
 
 POSEMBS = ('none', 'learn', 'sinusoidal', 'sincos2d', 'rope')
-SEEDS = (0, 1, 2)
 
 
 def get_config(arg=None):
-  c = vit.get_config()
-  if arg == 'quick':
-    c.model.update(num_layers=1, d_model=16, num_heads=2, d_ff=32)
-    c.update(dict(total_steps=60, eval_every=60, checkpoint_every=60, log_every=20))
-  elif arg:
-    raise ValueError(f"config argument {arg!r}; allowed: 'quick' or none")
+  c = vit.get_config()  # the full default schedule (4,500 steps), not ablation_config's.
+  if common.ablation_arg(arg).quick:
+    common.make_quick(c)
   return c
 
 
 def sweep(add, arg=None):
   for posemb in POSEMBS:
-    for seed in SEEDS:
+    for seed in common.ablation_seeds(arg):
       add(**{'model.posemb': posemb, 'seed': seed})
