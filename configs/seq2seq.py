@@ -12,9 +12,10 @@ extrapolation: summary.json reports exact match by length and
 target token must be the argmax.
 
 Expected (2-core CPU, measured 2026-11-22, JAX 0.10.2), task=reverse with
-sinusoidal posemb: 129 s wall; exact match 1.000 at lengths ≤ 10 (0.940 at step
-500) and 0.006 at lengths 11-20: the model does not extrapolate past the
-trained lengths.
+sinusoidal posemb: 66 s wall; exact match 1.000 at lengths 1-10 (0.940 at step
+500), and exact_match_long 0.010 over lengths 11-20 (0.09 at length 11, 0 from
+12): the model does not extrapolate past the trained lengths
+(docs/results.md §3 compares the encodings).
 """
 
 import ml_collections

@@ -142,8 +142,8 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
   for values, members in groups.items():
     entry = dict(zip(group_keys, values), n=len(members))
     for m in metrics:
-      xs = np.array([r[m] for r in members if m in r], float)
-      entry[m] = (xs.mean(), xs.std(ddof=1) if len(xs) > 1 else 0.0)
+      xs = np.array([r[m] for r in members if r.get(m) is not None], float)
+      entry[m] = (xs.mean(), xs.std(ddof=1) if len(xs) > 1 else 0.0) if len(xs) else None
     out.append(entry)
   return out
 
@@ -153,10 +153,12 @@ def write_markdown(groups: list[dict], path: str, title: str):
     return
   metrics = [k for k in groups[0] if k.startswith('eval/')]
   keys = [k for k in groups[0] if k not in metrics]
-  lines = [f'# {title}', '', 'Mean ± std over seeds (n runs per row).', '',
+  lines = [f'# {title}', '', 'Mean ± std over seeds (n runs per row); n/a: not evaluated '
+           '(see extrapolation_note in results.csv).', '',
            '| ' + ' | '.join(keys + metrics) + ' |', '|' + ' --- |' * (len(keys) + len(metrics))]
   for g in groups:
-    cells = [str(g[k]) for k in keys] + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' for m in metrics]
+    cells = [str(g[k]) for k in keys] + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' if g[m] else 'n/a'
+                                         for m in metrics]
     lines.append('| ' + ' | '.join(cells) + ' |')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')

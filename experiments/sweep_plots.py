@@ -111,26 +111,31 @@ def entropy_by_layer_against_beta(rows: list[dict], keys: list[str], path: str):
 
 
 def against_length(rows: list[dict], keys: list[str], path: str):
-  """Exact match against sequence length, one line per group; a shaded band marks
-  lengths beyond training, and gaps mark lengths a model could not be run on."""
+  """Exact match against sequence length: one panel per group of the swept keys other than
+  posemb and seed (e.g. per task), one line per posemb. A shaded band marks lengths beyond
+  training; gaps mark lengths a model could not be run on."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  trained = 0
-  for label, members in _groups(rows, [k for k in keys if k != 'seed']).items():
-    lengths = sorted(int(n) for n in members[0]['exact_match_by_length'])
-    values = [[r['exact_match_by_length'].get(str(n), r['exact_match_by_length'].get(n))
-               for r in members] for n in lengths]
-    mean = [np.mean(v) if all(x is not None for x in v) else np.nan for v in values]
-    if any(np.isnan(mean)):
-      label += ' (gap: beyond its learned table)'
-    ax.plot(lengths, mean, marker='o', label=label)
-    trained = max(trained, max(members[0].get('train_max_len', 0), 0))
-  if trained:
-    ax.axvspan(trained + 0.5, ax.get_xlim()[1], color='grey', alpha=0.15,
-               label='longer than any training sequence')
-  ax.set(xlabel='sequence length', ylabel='exact match (teacher-forced)', ylim=(-0.02, 1.02),
-         title='length extrapolation')
-  ax.legend(fontsize=8)
+  panel_keys = [k for k in keys if k not in ('seed', 'model.posemb')]
+  panels = _groups(rows, panel_keys)
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
+                           sharey=True)
+  for ax, (title, members) in zip(axes[0], panels.items()):
+    for label, runs in _groups(members, [k for k in keys if k == 'model.posemb']).items():
+      lengths = sorted(int(n) for n in runs[0]['exact_match_by_length'])
+      values = [[r['exact_match_by_length'].get(str(n), r['exact_match_by_length'].get(n))
+                 for r in runs] for n in lengths]
+      mean = [np.mean(v) if all(x is not None for x in v) else np.nan for v in values]
+      if any(np.isnan(mean)):
+        label += ' (gap: beyond its learned table)'
+      ax.plot(lengths, mean, marker='o', label=label)
+    trained = max(r.get('train_max_len', 0) for r in members)
+    if trained:
+      ax.axvspan(trained + 0.5, max(lengths) + 0.5, color='grey', alpha=0.15,
+                 label='longer than any training sequence')
+    ax.set(xlabel='sequence length', ylabel='exact match (teacher-forced)', ylim=(-0.02, 1.02),
+           title=title)
+    ax.legend(fontsize=8)
+  fig.suptitle('length extrapolation')
   _save(fig, path)
 
 

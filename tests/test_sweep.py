@@ -15,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUICK = {  # config: (runs, grid keys, plots beyond learning_curves.png)
     'posemb_vit': (10, {'model.posemb'}, []),
-    'posemb_mnist1d': (16, {'data.shuffle', 'model.posemb'}, []),
-    'posemb_seq2seq': (16, {'data.task', 'model.posemb'}, ['exact_match_vs_length.png']),
-    'temperature_vit': (16, {'model.posemb', 'model.learn_beta', 'model.beta_scale'},
+    'posemb_mnist1d': (8, {'data.shuffle', 'model.posemb'}, []),
+    'posemb_seq2seq': (8, {'data.task', 'model.posemb'}, ['exact_match_vs_length.png']),
+    'temperature_vit': (12, {'model.posemb', 'model.learn_beta', 'model.beta_scale'},
                         ['accuracy_vs_beta.png', 'entropy_vs_beta.png',
                          'entropy_by_layer_vs_beta.png']),
 }

@@ -15,6 +15,7 @@ sincos2d is for 2-D grids (ViT) and is not swept here.
 from configs import common, mnist1d
 
 POSEMBS = ('none', 'learn', 'sinusoidal', 'rope')
+QUICK_POSEMBS = ('none', 'rope')  # `:quick` checks the machinery, not every encoding.
 
 
 def get_config(arg=None):
@@ -24,6 +25,6 @@ def get_config(arg=None):
 def sweep(add, arg=None):
   arg = common.ablation_arg(arg)
   for shuffle in (False, True):
-    for posemb in POSEMBS:
+    for posemb in QUICK_POSEMBS if arg.quick else POSEMBS:
       for seed in common.ablation_seeds(arg):
         add(**{'data.shuffle': shuffle, 'model.posemb': posemb, 'seed': seed})
