@@ -13,6 +13,7 @@ results.md (mean ± std over seeds) and PNG plots.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -108,8 +109,10 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
     else:
       print(f'[{done + 1}-{done + len(todo)}/{len(points)}] {len(todo)} runs as one program: '
             f'{name}{eta}', flush=True)
+      # The group's checkpoint is named by its members: a different set starts afresh.
+      members = hashlib.sha1('|'.join(map(run_name, todo)).encode()).hexdigest()[:8]
       vectorized.train_group(configs, [workdir(p) for p in todo],
-                             os.path.join(sweepdir, 'vectorized', name))
+                             os.path.join(sweepdir, 'vectorized', f'{name}-{members}'))
     trained += len(todo)
     done += len(todo)
   rows = []
@@ -172,20 +175,26 @@ def summarize(rows: list[dict], points: list[dict], sweepdir: str, title: str) -
   return ['results.csv', 'results.md'] + sweep_plots.plot_sweep(rows, keys, sweepdir)
 
 
+def run_sweep(config_spec: str, sweepdir: str | None = None, vectorize: bool = False) -> str:
+  """Expands, trains (skipping finished runs) and summarises a sweep; returns its directory."""
+  module, arg = load(config_spec)
+  name = os.path.splitext(os.path.basename(config_spec.split(':')[0]))[0]
+  sweepdir = sweepdir or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
+  print(f'sweepdir: {sweepdir}', flush=True)
+  points = expand(module, arg)
+  rows = run_all(module, arg, points, sweepdir, vectorize)
+  written = summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
+  print(f'wrote {", ".join(written)} in {sweepdir}', flush=True)
+  return sweepdir
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
     if not _CONFIG.value:
       raise ValueError('--config is required, e.g. --config=configs/ablations/posemb_vit.py:quick')
-    module, arg = load(_CONFIG.value)
-    name = os.path.splitext(os.path.basename(_CONFIG.value.split(':')[0]))[0]
-    sweepdir = _SWEEPDIR.value or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
-    print(f'sweepdir: {sweepdir}', flush=True)
-    points = expand(module, arg)
-    rows = run_all(module, arg, points, sweepdir, _VECTORIZE.value)
-    written = summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
-    print(f'wrote {", ".join(written)} in {sweepdir}', flush=True)
+    run_sweep(_CONFIG.value, _SWEEPDIR.value, _VECTORIZE.value)
   except Exception as e:  # one line unless --verbose.
     fail_unless_verbose(e, _VERBOSE.value)
 

@@ -225,7 +225,12 @@ def evaluate(run: Run, runner, state, batch_size: int) -> dict:
   for batch in eval_batches(run, batch_size):
     sums = runner.eval_step(state, batch)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  out = {k: float(v) for k, v in tasks.summarize(runner.fetch(total)).items()}
+  return eval_metrics_of(run, tasks.summarize(runner.fetch(total)))
+
+
+def eval_metrics_of(run: Run, means: dict) -> dict:
+  """Host floats from summarized eval sums, with bits per character for language models."""
+  out = {k: float(v) for k, v in means.items()}
   if run.task == 'lm':
     out['bits_per_char'] = out['loss'] / math.log(2)
   return out
@@ -292,7 +297,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
         writer.write(done, 'eval', eval_metrics)
         print(f'eval @ {done}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()),
               flush=True)
-        _update_history(history, eval_metrics, config)
+        update_history(history, eval_metrics, config)
         save(done, metrics, eval_metrics)
       elif done % config.checkpoint_every == 0:
         save(done, metrics, None)
@@ -351,7 +356,7 @@ def _log_train(writer, progress, step, metrics, runner):
   progress.show(step, host)
 
 
-def _update_history(history: dict, eval_metrics: dict, config):
+def update_history(history: dict, eval_metrics: dict, config):
   """Tracks the best eval metric and sets history['stopped_early'] when patience runs out."""
   if config.best_metric not in eval_metrics:
     raise ValueError(f'config.best_metric={config.best_metric!r} is not an eval metric; '

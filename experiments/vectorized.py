@@ -92,10 +92,10 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
   state = jax.jit(jax.vmap(lambda s, b: trainer.init_state(run, s, with_beta(b))))(seeds, betas)
 
   ckpt = Checkpoints(groupdir, keep=1, best_metric='')
-  best = [None] * k
+  histories = [{'best': None, 'evals_since_best': 0, 'stopped_early': False} for _ in range(k)]
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
-    best = meta['best']
+    histories = meta['histories']
     print(f'Resumed {k} runs from step {int(state.step[0])} in {groupdir}', flush=True)
   first_step = int(state.step[0])
   for m, workdir in zip(members, workdirs):
@@ -116,7 +116,8 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
       sums = eval_fn(state.params, batch, betas)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     means = jax.device_get(tasks.summarize(total))
-    return [{name: float(v[i]) for name, v in means.items()} for i in range(k)]
+    return [trainer.eval_metrics_of(run, {name: v[i] for name, v in means.items()})
+            for i in range(k)]
 
   eval_metrics = [{}] * k
   try:
@@ -134,11 +135,9 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
                              'learning_rate': float(host['learning_rate'][0])})
       if done % c.eval_every == 0 or last:
         eval_metrics = evaluate(state)
-        for i, (writer, em) in enumerate(zip(writers, eval_metrics)):
+        for writer, em, history in zip(writers, eval_metrics, histories):
           writer.write(done, 'eval', em)
-          better = best[i] is None or (em[c.best_metric] > best[i] if c.best_mode == 'max'
-                                       else em[c.best_metric] < best[i])
-          best[i] = em[c.best_metric] if better else best[i]
+          trainer.update_history(history, em, c)
         values = np.array([em[c.best_metric] for em in eval_metrics])
         print(f'eval @ {done}: {c.best_metric} mean {values.mean():.4f}, min {values.min():.4f}, '
               f'max {values.max():.4f} over {k} runs', flush=True)
@@ -146,7 +145,7 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
         host = jax.device_get(metrics)  # never checkpoint a diverged member.
         for i in range(k):
           trainer.check_finite({n: v[i] for n, v in host.items()}, done, f'{workdirs[i]}: ')
-        ckpt.save(done, jax.device_get(state), {'best': best})
+        ckpt.save(done, jax.device_get(state), {'histories': histories})
       if stop_after is not None and done - first_step >= stop_after:
         return None
     if first_step == run.total_steps:
@@ -156,10 +155,10 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
     ckpt.close()
     for writer in writers:
       writer.close()
-  return _finish(members, workdirs, jax.device_get(state), eval_metrics, best, start_time)
+  return _finish(members, workdirs, jax.device_get(state), eval_metrics, histories, start_time)
 
 
-def _finish(members, workdirs, state, eval_metrics, best, start_time) -> list[dict]:
+def _finish(members, workdirs, state, eval_metrics, histories, start_time) -> list[dict]:
   """Per member: a final checkpoint and summary.json, as a sequential run leaves them."""
   summaries = []
   analyses = analysis.final_analysis(members[0], state.params,
@@ -170,7 +169,7 @@ def _finish(members, workdirs, state, eval_metrics, best, start_time) -> list[di
     member = jax.tree.map(lambda x: x[i], state)
     ckpt = Checkpoints(workdir, c.keep_checkpoints, c.best_metric, c.best_mode)
     meta = {'config': c.to_dict(), 'data': {'seed': c.seed, 'position': int(member.step)},
-            'history': {'best': best[i], 'evals_since_best': 0, 'stopped_early': False},
+            'history': histories[i],
             'metrics': eval_metrics[i]}
     ckpt.save(int(member.step), member, json.loads(json.dumps(meta, default=str)),
               eval_metrics[i])
@@ -178,7 +177,7 @@ def _finish(members, workdirs, state, eval_metrics, best, start_time) -> list[di
     ckpt.close()
     summary = {f'eval/{name}': v for name, v in eval_metrics[i].items()}
     summary.update(steps=int(member.step), total_steps=m.total_steps, early_stopped=False,
-                   best={c.best_metric: best[i]})
+                   best={c.best_metric: histories[i]['best']})
     summary.update(analyses[i])
     summary.update(wall_time_s=wall, vectorized_with=len(members))
     trainer.write_summary(workdir, summary)
