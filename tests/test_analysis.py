@@ -54,3 +54,35 @@ def test_beta_zero_attention_is_uniform():
   for w in tx.attention_weights(model, variables, images).values():
     np.testing.assert_allclose(w, 1.0 / 5, rtol=1e-6)  # 4 patches + CLS.
     np.testing.assert_allclose(tx.attention_entropy(w), np.log(5), rtol=1e-6)
+
+
+def test_rollout_of_identity_attention_is_identity():
+  eye = np.broadcast_to(np.eye(6), (2, 3, 6, 6))
+  np.testing.assert_allclose(tx.attention_rollout([eye, eye, eye]), np.broadcast_to(
+      np.eye(6), (2, 6, 6)), atol=1e-7)
+
+
+def test_rollout_matches_numpy():
+  rng = np.random.default_rng(1)
+  layers = [rng.dirichlet(np.ones(5), size=(2, 4, 5)) for _ in range(3)]  # [batch, H, T, T]
+  expected = None
+  for w in layers:  # float64, written out independently.
+    a = 0.5 * np.eye(5) + 0.5 * w.mean(axis=1)
+    a /= a.sum(-1, keepdims=True)
+    expected = a if expected is None else np.einsum('bij,bjk->bik', a, expected)
+  out = np.asarray(tx.attention_rollout(layers))
+  np.testing.assert_allclose(out, expected, rtol=1e-5)
+  np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)  # rows stay distributions.
+
+
+def test_mean_attention_distance():
+  positions = np.array([[y, x] for y in range(3) for x in range(3)], np.float32) * 4.0
+  self_only = np.broadcast_to(np.eye(9), (2, 9, 9))
+  np.testing.assert_allclose(tx.mean_attention_distance(self_only, positions), 0.0, atol=1e-7)
+  rng = np.random.default_rng(2)
+  w = rng.dirichlet(np.ones(9), size=(2, 9))  # [H, Tq, Tk]
+  d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+  np.testing.assert_allclose(tx.mean_attention_distance(w, positions),
+                             (w * d).sum(-1).mean(-1), rtol=1e-5)
+  line = np.full((1, 4, 4), 0.25)  # uniform over 4 tokens at 0, 1, 2, 3 (1-D positions).
+  np.testing.assert_allclose(tx.mean_attention_distance(line, np.arange(4)), [1.25], rtol=1e-6)

@@ -7,7 +7,8 @@ classifier and ViT. Importing tx has no side effects and imports only jax,
 flax and numpy.
 """
 
-from tx.analysis import attention_entropy, attention_weights
+from tx.analysis import (attention_entropy, attention_rollout, attention_weights,
+                         mean_attention_distance)
 from tx.attention import attend, dot_product_attention, softargmax_beta
 from tx.layers import (DecoderBlock, EncoderBlock, FeedForward, MultiHeadAttention)
 from tx.masks import (causal_mask, combine_masks, local_window_mask, padding_mask,

@@ -1,4 +1,5 @@
-"""Reading attention out of a model: the weights of every layer, and their entropy."""
+"""Reading attention out of a model: the weights of every layer, their entropy, rollout
+and mean distance."""
 
 from __future__ import annotations
 
@@ -38,3 +39,41 @@ def attention_entropy(weights, query_mask=None):
     return per_query.mean(axis=-1)
   m = jnp.asarray(query_mask, jnp.float32)[..., None, :]  # [batch..., 1, Tq]
   return (per_query * m).sum(-1) / jnp.maximum(m.sum(-1), 1e-9)
+
+
+def attention_rollout(weights, residual: float = 0.5):
+  """Attention rollout (Abnar & Zuidema, 2020): how much each input token flows into each
+  output token through all layers, with the residual path counted as identity attention.
+
+  With Ā_l the head-mean of layer l's weights [batch..., H, T, T]:
+    Â_l = residual · I + (1 - residual) · Ā_l,   rows renormalised to sum to 1,
+    rollout = Â_L · ... · Â_2 · Â_1                [batch..., T, T].
+  `weights` is a sequence of per-layer weights, first layer first (e.g. the values of
+  `attention_weights` of a ViT). Row q of the result is the share of each input token in
+  output token q (for ViT, row 0 is the [CLS] token's map over the patches).
+  """
+  rollout = None
+  for w in weights:
+    a = jnp.asarray(w, jnp.float32).mean(axis=-3)
+    a = residual * jnp.eye(a.shape[-1], dtype=a.dtype) + (1.0 - residual) * a
+    a = a / a.sum(axis=-1, keepdims=True)
+    rollout = a if rollout is None else a @ rollout
+  if rollout is None:
+    raise ValueError('attention_rollout needs the weights of at least one layer')
+  return rollout
+
+
+def mean_attention_distance(weights, positions):
+  """Mean attention distance per head (Dosovitskiy et al., 2021, Fig. 7), averaged over queries:
+
+    D_h = mean_q Σ_k w_hqk · ‖p_q − p_k‖₂
+
+  for weights [batch..., H, Tq, Tk] and token positions [T] (1-D) or [T, dims] (e.g. patch
+  centres (y, x) in pixels; Tq = Tk = T). Returns [batch..., H]: 0 when every token attends
+  to itself, large for global heads.
+  """
+  p = jnp.asarray(positions, jnp.float32)
+  if p.ndim == 1:
+    p = p[:, None]
+  distance = jnp.sqrt(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1))  # [T, T]
+  return (jnp.asarray(weights, jnp.float32) * distance).sum(-1).mean(-1)
