@@ -18,6 +18,7 @@ import json
 import os
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,24 +32,19 @@ from experiments.checkpoints import Checkpoints
 MAY_DIFFER = ('seed', 'model.beta_scale')
 
 
-def _without_vectorized_fields(config) -> dict:
-  d = config.to_dict()
-  d.pop('seed')
-  d['model'].pop('beta_scale', None)
-  return d
+def _fields(config) -> dict:
+  """{'dotted.path': value} of every config field except those in MAY_DIFFER."""
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v for k, v in flat.items() if k not in MAY_DIFFER}
 
 
 def check_group(configs):
   """Raises ValueError unless the configs differ only in MAY_DIFFER and can run as one program."""
-  first = _without_vectorized_fields(configs[0])
+  a = _fields(configs[0])
   for c in configs[1:]:
-    other = _without_vectorized_fields(c)
-    if other != first:
-      flat = lambda d, p='': {k2: v2 for k, v in d.items() for k2, v2 in
-                              (flat(v, f'{p}{k}.').items() if isinstance(v, dict)
-                               else [(f'{p}{k}', v)])}
-      a, b = flat(first), flat(other)
-      diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    b = _fields(c)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
       raise ValueError(f'--vectorize: runs differ in {", ".join(diff)}; only '
                        f'{", ".join(MAY_DIFFER)} may differ within one program')
   c = configs[0]
