@@ -16,7 +16,8 @@ from experiments import data as data_lib
 from experiments import tasks
 
 
-def _model_args(task: str, batch: dict, bos_id: int) -> tuple:
+def model_args(task: str, batch: dict, bos_id: int) -> tuple:
+  """The model's positional inputs for `batch`: (inputs,), or (source, <bos>-shifted targets)."""
   if task == 'seq2seq':
     return batch['inputs'], tx.shift_right(batch['targets'], bos_id)
   return (batch['inputs'],)
@@ -35,7 +36,7 @@ def attention_entropy_by_layer(run, params, betas, num_examples: int = 256) -> l
 
   def entropies(params, beta):
     weights = tx.attention_weights(run.model.clone(beta_scale=beta), {'params': params},
-                                   *_model_args(run.task, batch, bos))
+                                   *model_args(run.task, batch, bos))
     out = {}
     for path, w in weights.items():
       queries = None
@@ -64,7 +65,7 @@ def exact_match_by_length(run, params, betas, batch_size: int = 250) -> list[dic
 
   def exact(params, beta, batch):
     logits = run.model.clone(beta_scale=beta).apply({'params': params},
-                                                    *_model_args('seq2seq', batch, bos))
+                                                    *model_args('seq2seq', batch, bos))
     return tasks.exact_match(logits.argmax(-1) == batch['targets'], batch['targets'] != pad)
 
   exact = jax.jit(jax.vmap(exact, in_axes=(0, 0, None)))
@@ -78,7 +79,7 @@ def exact_match_by_length(run, params, betas, batch_size: int = 250) -> list[dic
     first = {key: v[:1] for key, v in split.items()}
     one = jax.tree.map(lambda x: x[0], params)
     try:
-      jax.eval_shape(run.model.apply, {'params': one}, *_model_args('seq2seq', first, bos))
+      jax.eval_shape(run.model.apply, {'params': one}, *model_args('seq2seq', first, bos))
     except ValueError as e:  # tx rejects the shape, e.g. beyond a learned posemb table.
       for o in out:
         o['note'] = f'lengths {lengths.min()}-{lengths.max()} not evaluated: {e}'

@@ -36,6 +36,10 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    """The saved steps, oldest first."""
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state, meta: dict, metrics: dict | None = None):
     metrics = metrics if metrics and self.best_metric in metrics else None
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

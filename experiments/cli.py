@@ -32,3 +32,11 @@ def fail_unless_verbose(e: BaseException, verbose: bool):
   if verbose:
     traceback.print_exc()
   fail(describe(e))
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors and exit code 2 (a bad flag or config override)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
+    fail_unless_verbose(e, '--verbose' in argv)

@@ -94,13 +94,26 @@ class Progress:
     print(self.line(step, metrics), flush=True, file=sys.stdout)
 
 
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend (PNG files, no display)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_figure(fig, path: str):
+  """Lays out, writes (PNG, 100 dpi) and closes `fig`."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  pyplot().close(fig)
+
+
 def plot_learning_curves(workdir: str, records: list[dict] | None = None) -> str | None:
   """learning_curves.png: train loss and eval loss against step, and eval metrics beside them."""
   if not is_writer():
     return None
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   records = read_metrics(workdir) if records is None else records
   train = [r for r in records if r['split'] == 'train']
   evals = [r for r in records if r['split'] == 'eval']
@@ -121,8 +134,6 @@ def plot_learning_curves(workdir: str, records: list[dict] | None = None) -> str
     axes[1].set(xlabel='step', title='eval')
     axes[1].legend()
   fig.suptitle(os.path.basename(os.path.normpath(workdir)))
-  fig.tight_layout()
   path = os.path.join(workdir, 'learning_curves.png')
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path)
   return path

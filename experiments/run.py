@@ -15,7 +15,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.cli import fail, fail_unless_verbose
+from experiments.cli import fail, fail_unless_verbose, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.',
                                           lock_config=True)
@@ -73,14 +73,6 @@ def main(argv):
   print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in summary.items() if not isinstance(v, dict)) +
         f' (all of it in {workdir}/summary.json)', flush=True)
-
-
-def parse_flags(argv):
-  """absl flag parsing with one-line errors and exit code 2 (a bad flag or config override)."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
-    fail_unless_verbose(e, '--verbose' in argv)
 
 
 if __name__ == '__main__':

@@ -15,13 +15,6 @@ from experiments import metrics as metrics_lib
 BETA, LEARN = 'model.beta_scale', 'model.learn_beta'
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def _label(row: dict, keys: list[str]) -> str:
   return ', '.join(f'{k.split(".")[-1]}={row[k]}' for k in keys) or 'all'
 
@@ -33,15 +26,9 @@ def _groups(rows: list[dict], keys: list[str]) -> dict[str, list[dict]]:
   return out
 
 
-def _save(fig, path: str):
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  _pyplot().close(fig)
-
-
 def learning_curves(rows: list[dict], keys: list[str], path: str):
   """Train loss against step, one line per group."""
-  plt = _pyplot()
+  plt = metrics_lib.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, members in _groups(rows, [k for k in keys if k != 'seed']).items():
     runs = []
@@ -53,7 +40,7 @@ def learning_curves(rows: list[dict], keys: list[str], path: str):
   ax.set(xlabel='step', ylabel='train loss (mean over seeds)', yscale='log',
          title='learning curves')
   ax.legend(fontsize=8)
-  _save(fig, path)
+  metrics_lib.save_figure(fig, path)
 
 
 def against_beta(rows: list[dict], keys: list[str], value, ylabel: str, path: str):
@@ -62,7 +49,7 @@ def against_beta(rows: list[dict], keys: list[str], value, ylabel: str, path: st
   β = 0 cannot sit on a log axis: it is drawn as a dotted horizontal line, and a
   learned β (learn_beta=True) as a dashed one, each with its ±std band.
   """
-  plt = _pyplot()
+  plt = metrics_lib.pyplot()
   other = [k for k in keys if k not in ('seed', BETA, LEARN)]
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, (label, members) in enumerate(_groups(rows, other).items()):
@@ -83,13 +70,13 @@ def against_beta(rows: list[dict], keys: list[str], value, ylabel: str, path: st
   ax.set_xscale('log', base=2)
   ax.set(xlabel='s, where β = s / √d_head', ylabel=ylabel, title=f'{ylabel} against β')
   ax.legend(fontsize=8)
-  _save(fig, path)
+  metrics_lib.save_figure(fig, path)
 
 
 def entropy_by_layer_against_beta(rows: list[dict], keys: list[str], path: str):
   """Attention entropy of each layer against s (fixed-β runs; mean over seeds), one panel
   per group of the other swept keys (e.g. per posemb)."""
-  plt = _pyplot()
+  plt = metrics_lib.pyplot()
   other = [k for k in keys if k not in ('seed', BETA, LEARN)]
   fixed = [r for r in rows if not r.get(LEARN) and r.get('attention_entropy')]
   groups = _groups(fixed, other)
@@ -107,14 +94,14 @@ def entropy_by_layer_against_beta(rows: list[dict], keys: list[str], path: str):
     ax.set(xlabel='s, where β = s / √d_head', ylabel='attention entropy (nats)', title=label)
     ax.legend(fontsize=7)
   fig.suptitle('attention entropy per layer against β')
-  _save(fig, path)
+  metrics_lib.save_figure(fig, path)
 
 
 def against_length(rows: list[dict], keys: list[str], path: str):
   """Exact match against sequence length: one panel per group of the swept keys other than
   posemb and seed (e.g. per task), one line per posemb. A shaded band marks lengths beyond
   training; gaps mark lengths a model could not be run on."""
-  plt = _pyplot()
+  plt = metrics_lib.pyplot()
   panel_keys = [k for k in keys if k not in ('seed', 'model.posemb')]
   panels = _groups(rows, panel_keys)
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
@@ -136,7 +123,7 @@ def against_length(rows: list[dict], keys: list[str], path: str):
            title=title)
     ax.legend(fontsize=8)
   fig.suptitle('length extrapolation')
-  _save(fig, path)
+  metrics_lib.save_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict], keys: list[str], sweepdir: str) -> list[str]:

@@ -84,5 +84,64 @@ def test_mean_attention_distance():
   d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
   np.testing.assert_allclose(tx.mean_attention_distance(w, positions),
                              (w * d).sum(-1).mean(-1), rtol=1e-5)
+  first_two = np.array([1, 1] + [0] * 7)  # a query mask: the mean over queries 0 and 1 only.
+  np.testing.assert_allclose(tx.mean_attention_distance(w, positions, first_two),
+                             (w * d).sum(-1)[:, :2].mean(-1), rtol=1e-5)
   line = np.full((1, 4, 4), 0.25)  # uniform over 4 tokens at 0, 1, 2, 3 (1-D positions).
   np.testing.assert_allclose(tx.mean_attention_distance(line, np.arange(4)), [1.25], rtol=1e-6)
+
+
+def _shares_reference(w, offsets, valid):
+  """The nested ANOVA written out cell by cell, in float64."""
+  n, h, tq, tk = w.shape
+  out = {k: np.zeros(h) for k in ('relative', 'absolute', 'content')}
+  for head in range(h):
+    cells = [(i, q, k) for i in range(n) for q in range(tq) for k in range(tk) if valid[i, q, k]]
+    grand = np.mean([w[i, head, q, k] for i, q, k in cells])
+    by_cell, by_offset = {}, {}
+    for i, q, k in cells:
+      by_cell.setdefault((q, k), []).append(w[i, head, q, k])
+      by_offset.setdefault(offsets[q, k], []).append(w[i, head, q, k])
+    cell_mean = {c: np.mean(v) for c, v in by_cell.items()}
+    offset_mean = {o: np.mean(v) for o, v in by_offset.items()}
+    ss = dict(relative=0.0, absolute=0.0, content=0.0)
+    for i, q, k in cells:
+      ss['relative'] += (offset_mean[offsets[q, k]] - grand) ** 2
+      ss['absolute'] += (cell_mean[q, k] - offset_mean[offsets[q, k]]) ** 2
+      ss['content'] += (w[i, head, q, k] - cell_mean[q, k]) ** 2
+    total = sum(ss.values())
+    for key in out:
+      out[key][head] = ss[key] / total
+  return out
+
+
+def test_position_content_shares_match_the_written_out_anova():
+  rng = np.random.default_rng(3)
+  n, h, t = 5, 2, 6
+  w = rng.dirichlet(np.ones(t), size=(n, h, t))
+  offsets = np.arange(t)[None, :] - np.arange(t)[:, None]
+  lengths = rng.integers(2, t + 1, n)  # padded examples and a causal mask: unequal cells.
+  valid = ((np.arange(t)[None, :, None] < lengths[:, None, None]) &
+           (np.arange(t)[None, None, :] <= np.arange(t)[None, :, None]))
+  got = tx.position_content_shares(w, offsets, valid)
+  want = _shares_reference(w, offsets, valid)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-9)
+  np.testing.assert_allclose(got['relative'] + got['absolute'] + got['content'], 1.0, rtol=1e-12)
+
+
+def test_position_content_shares_of_pure_position_and_pure_content_heads():
+  rng = np.random.default_rng(4)
+  n, t = 8, 7
+  offsets = (np.arange(t)[None, :] - np.arange(t)[:, None]) % t  # circulant offsets.
+  profile = rng.normal(size=t)
+  circulant = jax.nn.softmax(profile[offsets], axis=-1)  # depends on (k - q) mod t only.
+  fixed = rng.dirichlet(np.ones(t), size=t)  # the same map for every example.
+  w = np.stack([np.broadcast_to(circulant, (n, t, t)), np.broadcast_to(fixed, (n, t, t)),
+                rng.dirichlet(np.ones(t), size=(n, t))], axis=1)  # [N, 3 heads, T, T]
+  got = tx.position_content_shares(w, offsets)
+  np.testing.assert_allclose(got['relative'][0], 1.0, rtol=1e-9)  # pure relative position
+  np.testing.assert_allclose(got['content'][:2], 0.0, atol=1e-12)  # no example dependence
+  assert got['absolute'][1] > 0.5 and got['content'][2] > 0.5
+  np.testing.assert_allclose([got['profile'][o][0] for o in range(t)],
+                             np.asarray(circulant)[0], rtol=1e-6)

@@ -8,7 +8,7 @@ flax and numpy.
 """
 
 from tx.analysis import (attention_entropy, attention_rollout, attention_weights,
-                         mean_attention_distance)
+                         mean_attention_distance, position_content_shares)
 from tx.attention import attend, dot_product_attention, softargmax_beta
 from tx.layers import (DecoderBlock, EncoderBlock, FeedForward, MultiHeadAttention)
 from tx.masks import (causal_mask, combine_masks, local_window_mask, padding_mask,

@@ -1,10 +1,11 @@
-"""Reading attention out of a model: the weights of every layer, their entropy, rollout
-and mean distance."""
+"""Reading attention out of a model: the weights of every layer, their entropy, rollout,
+mean distance, and how much of them position alone explains."""
 
 from __future__ import annotations
 
 import flax
 import jax.numpy as jnp
+import numpy as np
 
 
 def attention_weights(model, variables, *args, method=None, **kwargs) -> dict:
@@ -63,17 +64,71 @@ def attention_rollout(weights, residual: float = 0.5):
   return rollout
 
 
-def mean_attention_distance(weights, positions):
+def mean_attention_distance(weights, positions, query_mask=None):
   """Mean attention distance per head (Dosovitskiy et al., 2021, Fig. 7), averaged over queries:
 
-    D_h = mean_q Σ_k w_hqk · ‖p_q − p_k‖₂
+    D_h = Σ_q m_q Σ_k w_hqk · ‖p_q − p_k‖₂ / Σ_q m_q
 
-  for weights [batch..., H, Tq, Tk] and token positions [T] (1-D) or [T, dims] (e.g. patch
-  centres (y, x) in pixels; Tq = Tk = T). Returns [batch..., H]: 0 when every token attends
-  to itself, large for global heads.
+  for weights [batch..., H, Tq, Tk], token positions [T] (1-D) or [T, dims] (e.g. patch
+  centres (y, x) in pixels; Tq = Tk = T) and an optional query mask m [batch..., Tq]
+  (default all). Returns [batch..., H]: 0 when every token attends to itself, large for
+  global heads.
   """
   p = jnp.asarray(positions, jnp.float32)
   if p.ndim == 1:
     p = p[:, None]
   distance = jnp.sqrt(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1))  # [T, T]
-  return (jnp.asarray(weights, jnp.float32) * distance).sum(-1).mean(-1)
+  per_query = (jnp.asarray(weights, jnp.float32) * distance).sum(-1)
+  if query_mask is None:
+    return per_query.mean(-1)
+  m = jnp.asarray(query_mask, jnp.float32)[..., None, :]
+  return (per_query * m).sum(-1) / jnp.maximum(m.sum(-1), 1e-9)
+
+
+def position_content_shares(weights, offsets, valid=None) -> dict:
+  """How much of each head's attention position explains, and how much depends on content.
+
+  An exact nested analysis of variance of the weights w_nhqk over examples n, queries q
+  and keys k, per head h:
+
+    w_nhqk − ḡ = [m(δ) − ḡ] + [m(q, k) − m(δ)] + [w_nhqk − m(q, k)]
+                  relative      absolute          content
+                  position      position
+
+  where δ = offsets[q, k] groups the cells by relative position (e.g. k − q, or a 2-D
+  patch offset), m(δ) is the mean of the cells with that offset, m(q, k) the mean over
+  examples of one cell (the attention map position alone predicts), and ḡ the mean of
+  all cells; every mean and sum runs over the valid cells (padding and causally masked
+  keys are left out). The three sums of squares add up to Σ (w − ḡ)², so the shares
+
+    relative = SS_offset / SS_total,  absolute = SS_cell / SS_total,
+    content  = SS_examples / SS_total
+
+  sum to 1: `relative` is what the head's average profile over offsets explains,
+  `absolute` what the exact positions add, `content` the variance across examples.
+
+  weights [N, H, Tq, Tk]; offsets [Tq, Tk] integer group ids (not traced); valid
+  [N, Tq, Tk] bool, default all. Returns {'relative', 'absolute', 'content'}: [H] each,
+  and 'profile' {offset id: [H] mean weight m(δ)}.
+  """
+  w = np.asarray(weights, np.float64)
+  n, _, tq, tk = w.shape
+  valid = np.ones((n, tq, tk), bool) if valid is None else np.broadcast_to(valid, (n, tq, tk))
+  ids, group = np.unique(np.asarray(offsets).reshape(-1), return_inverse=True)
+  v = valid.reshape(n, 1, tq * tk).astype(np.float64)  # [N, 1, C]
+  x = w.reshape(n, -1, tq * tk) * v  # [N, H, C], zero where invalid
+  cell_count = v.sum(0)  # [1, C]
+  cell_sum = x.sum(0)  # [H, C]
+  onehot = np.eye(len(ids))[group]  # [C, G]
+  group_count = cell_count @ onehot  # [1, G]
+  group_mean = (cell_sum @ onehot) / np.maximum(group_count, 1)  # [H, G]
+  grand = cell_sum.sum(-1) / max(cell_count.sum(), 1)  # [H]
+  cell_mean = cell_sum / np.maximum(cell_count, 1)  # [H, C]
+  ss_offset = (group_count * (group_mean - grand[:, None]) ** 2).sum(-1)
+  ss_cell = (cell_count * (cell_mean - (group_mean @ onehot.T)) ** 2).sum(-1)
+  ss_examples = (v * (w.reshape(n, -1, tq * tk) - cell_mean) ** 2).sum((0, 2))
+  total = np.maximum(ss_offset + ss_cell + ss_examples, 1e-30)
+  used = group_count[0] > 0
+  return {'relative': ss_offset / total, 'absolute': ss_cell / total,
+          'content': ss_examples / total,
+          'profile': {int(i): group_mean[:, g] for g, i in enumerate(ids) if used[g]}}

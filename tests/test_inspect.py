@@ -1,0 +1,86 @@
+"""experiments.inspect end to end: a tiny run, then inspect, then real PNGs of the expected size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from experiments import inspect, trainer
+from tests.test_runner import ROOT, tiny_config
+
+DPI = 100
+
+
+def _check_png(path, width_in, height_in):
+  """The PNG exists, has the figure's size in pixels, and is not blank (many colours, contrast)."""
+  pixels = mpimg.imread(path)
+  assert pixels.shape[:2] == (round(height_in * DPI), round(width_in * DPI)), path
+  rgb = pixels[..., :3].reshape(-1, 3)
+  assert rgb.std() > 0.05, f'{path} is (nearly) blank'
+  assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 20, f'{path} has too few colours'
+
+
+@pytest.fixture(scope='module')
+def vit_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('vit'))
+  trainer.train_and_evaluate(tiny_config('vit', steps=6), workdir)
+  return workdir
+
+
+def test_inspect_a_vit_run(vit_run, tmp_path):
+  paths = inspect.inspect_run(vit_run, str(tmp_path), examples=2, stat_examples=32)
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == ['attention_example0.png', 'attention_example1.png', 'head_statistics.png',
+                   'inspection.json', 'offset_profiles.png', 'position_content.png',
+                   'rollout.png']
+  # tiny_config: 1 layer of 2 heads, 2.3-inch panels (+0.6 for the titles).
+  _check_png(tmp_path / 'attention_example0.png', 2 * 2.3 + 0.6, 2.3 + 0.6)
+  _check_png(tmp_path / 'rollout.png', 2.6 * 2, 5.4)
+  _check_png(tmp_path / 'head_statistics.png', 10.0, 4.2)
+  _check_png(tmp_path / 'position_content.png', 8.0, 4.2)
+  _check_png(tmp_path / 'offset_profiles.png', 2 * 2.2 + 0.6, 2.2 + 0.6)
+  with open(tmp_path / 'inspection.json') as f:
+    record = json.load(f)
+  assert record['step'] == 6 and record['stat_examples'] == 32
+  (layer,) = record['layers'].values()
+  assert len(layer['entropy']) == 2 and all(0 < e <= np.log(17) + 1e-5 for e in layer['entropy'])
+  shares = np.array([layer['relative'], layer['absolute'], layer['content']])
+  np.testing.assert_allclose(shares.sum(0), 1.0, rtol=1e-9)
+  assert all(d > 0 for d in layer['mean_distance'])
+
+
+def test_inspect_a_seq2seq_run_shows_cross_attention(tmp_path):
+  workdir = str(tmp_path / 'run')
+  trainer.train_and_evaluate(tiny_config('seq2seq', steps=4), workdir)
+  out = tmp_path / 'inspect'
+  inspect.inspect_run(workdir, str(out), examples=3, stat_examples=16)
+  # 1 encoder block, 1 decoder block: enc self, dec self, dec cross (in call order), 2 heads.
+  _check_png(out / 'attention_example0.png', 2 * 2.3 + 0.6, 3 * 2.3 + 0.6)
+  _check_png(out / 'cross_attention.png', 3.0 + 0.6, 3 * 3.0 + 0.6)
+  with open(out / 'inspection.json') as f:
+    record = json.load(f)
+  assert list(record['layers']) == ['encoder/block_0/self_attention',
+                                    'decoder/block_0/self_attention',
+                                    'decoder/block_0/cross_attention']
+  assert 'mean_distance' not in record['layers']['decoder/block_0/cross_attention']
+  (mass,) = record['alignment_mass'].values()  # reverse: the mass on the mirrored source token.
+  assert 0.0 < mass < 1.0
+
+
+def test_inspect_command_line(vit_run, tmp_path):
+  cmd = [sys.executable, '-m', 'experiments.inspect', f'--workdir={vit_run}',
+         f'--out={tmp_path}', '--examples=1', '--stat_examples=8']
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'wrote 6 files' in done.stdout and (tmp_path / 'attention_example0.png').exists()
+  for bad, message in (([f'--workdir={tmp_path}'], 'has no config.json'),
+                       ([f'--workdir={vit_run}', '--step=3'], 'are at steps [6]'),
+                       ([f'--workdir={vit_run}', '--examples=0'], '--examples=0')):
+    done = subprocess.run([sys.executable, '-m', 'experiments.inspect', *bad], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert 'Traceback' not in done.stderr and len(done.stderr.strip().splitlines()) == 1
