@@ -19,8 +19,9 @@ def _short(path: str) -> str:
   return ' '.join(x for x in (stack, block, kind) if x)
 
 
-def _ticks(ax, labels_x, labels_y):
-  size = max(3.0, min(8.0, 150.0 / max(len(labels_x), len(labels_y), 1)))
+def _ticks(ax, labels_x, labels_y, panel: float):
+  """Token labels on both axes, in the largest font (≤ 8 pt) that fits a `panel`-inch axis."""
+  size = max(3.0, min(8.0, 0.8 * 72 * panel / max(len(labels_x), len(labels_y), 1)))
   for labels, set_ticks, set_labels in ((labels_x, ax.set_xticks, ax.set_xticklabels),
                                         (labels_y, ax.set_yticks, ax.set_yticklabels)):
     every = -(-len(labels) // MAX_TICKS)
@@ -30,10 +31,10 @@ def _ticks(ax, labels_x, labels_y):
                rotation=90 if set_labels == ax.set_xticklabels else 0)
 
 
-def _heatmap(ax, weights, labels_x, labels_y, title):
+def _heatmap(ax, weights, labels_x, labels_y, title, panel: float):
   ax.imshow(weights, cmap='viridis', vmin=0.0, vmax=max(float(weights.max()), 1e-9),
             interpolation='nearest', aspect='auto')
-  _ticks(ax, labels_x, labels_y)
+  _ticks(ax, labels_x, labels_y, panel)
   ax.set_title(title, fontsize=8)
 
 
@@ -52,7 +53,8 @@ def attention_grid(path: str, layers, i: int, title: str, max_tokens: int) -> st
       if h >= layer.weights.shape[1]:
         ax.axis('off')
         continue
-      _heatmap(ax, layer.weights[i, h, :len(q), :len(k)], k, q, f'{_short(layer.path)} head {h}')
+      _heatmap(ax, layer.weights[i, h, :len(q), :len(k)], k, q, f'{_short(layer.path)} head {h}',
+               panel)
   full = max(len(layer.key.labels[i]) for layer in layers)
   cropped = f' (first {max_tokens} of {full} tokens)' if full > max_tokens else ''
   fig.suptitle(f'{title}{cropped}\nrows: queries, columns: keys', fontsize=10)
@@ -103,7 +105,7 @@ def cross_alignment(path: str, layers, outputs, max_tokens: int) -> str:
     for ax, layer in zip(axes[i], layers):
       q, k = outputs.labels[i][:max_tokens], layer.key.labels[i][:max_tokens]
       _heatmap(ax, layer.weights[i].mean(0)[:len(q), :len(k)], k, q,
-               f'example {i}, {_short(layer.path)} (head mean)')
+               f'example {i}, {_short(layer.path)} (head mean)', 3.0)
       ax.set_xlabel('source', fontsize=7)
       ax.set_ylabel('output', fontsize=7)
   save_figure(fig, path)
@@ -186,8 +188,12 @@ def offset_profiles(path: str, stats: dict) -> str:
         ax.tick_params(labelsize=6)
     fig.suptitle('mean attention by patch offset (dy down, dx right; centre = self)', fontsize=10)
   else:
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 0.6, 3.4), squeeze=False)
-    for ax, n in zip(axes[0], names):
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.6, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+      ax.axis('off')
+    for ax, n in zip(axes.flat, names):
       offsets = sorted(profile[n])
       values = np.array([profile[n][o] for o in offsets])  # [offsets, H]
       for h in range(values.shape[1]):
@@ -198,7 +204,8 @@ def offset_profiles(path: str, stats: dict) -> str:
       if max(xs) - min(xs) > 2 * MAX_OFFSET:
         ax.set_xlim(max(min(xs), -MAX_OFFSET), min(max(xs), MAX_OFFSET))
         ax.set_xlabel(f'offset k − q (|k − q| ≤ {MAX_OFFSET} shown)')
-    axes[0, 0].set_ylabel('mean attention weight')
+    for row in axes:
+      row[0].set_ylabel('mean attention weight')
     axes[0, 0].legend(fontsize=7)
   save_figure(fig, path)
   return path

@@ -1,4 +1,5 @@
-"""tx.attention_weights / tx.attention_entropy: the math against NumPy, and every layer found."""
+"""tx/analysis.py: entropy, rollout, mean distance and the position/content split against NumPy,
+and every layer found by attention_weights."""
 
 import jax
 import jax.numpy as jnp
