@@ -38,15 +38,6 @@ from experiments.checkpoints import Checkpoints
 from experiments.data import BOS, FIRST_SYMBOL, PAD
 from experiments.cli import fail, fail_unless_verbose, parse_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by experiments.run.')
-_EXAMPLES = flags.DEFINE_integer('examples', 4, 'Test examples to draw attention maps of.')
-_STAT_EXAMPLES = flags.DEFINE_integer('stat_examples', 256,
-                                      'Test examples the head statistics average over.')
-_OUT = flags.DEFINE_string('out', None, 'Output directory; default: WORKDIR/inspect.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
-_MAX_TOKENS = flags.DEFINE_integer('max_tokens', 32, 'Tokens shown per heatmap axis (the first '
-                                   'ones; exact for causal attention).')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
 
 
 @dataclasses.dataclass
@@ -303,20 +294,34 @@ def _describe(run, batch: dict, predictions, i: int) -> str:
   return f'test window {i}'
 
 
+def define_flags():
+  """The command's flags; defined only when run as a program, so that importing this module
+  next to the other entry points (in tests) defines no flag twice."""
+  flags.DEFINE_string('workdir', None, 'A run directory written by experiments.run.')
+  flags.DEFINE_integer('examples', 4, 'Test examples to draw attention maps of.')
+  flags.DEFINE_integer('stat_examples', 256, 'Test examples the head statistics average over.')
+  flags.DEFINE_string('out', None, 'Output directory; default: WORKDIR/inspect.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+  flags.DEFINE_integer('max_tokens', 32, 'Tokens shown per heatmap axis (the first ones; exact '
+                       'for causal attention).')
+  flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
+
+
 def main(argv):
+  f = flags.FLAGS
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; use --workdir=RUN [--examples=N] [--out=DIR]')
   logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value:
+  if not f.workdir:
     fail('--workdir is required: a run directory written by experiments.run')
   try:
-    paths = inspect_run(_WORKDIR.value, _OUT.value, _EXAMPLES.value, _STAT_EXAMPLES.value,
-                        _STEP.value, _MAX_TOKENS.value)
+    paths = inspect_run(f.workdir, f.out, f.examples, f.stat_examples, f.step, f.max_tokens)
   except Exception as e:
-    fail_unless_verbose(e, _VERBOSE.value)
+    fail_unless_verbose(e, f.verbose)
   print(f'wrote {len(paths)} files to {os.path.dirname(paths[-1])}: '
         + ', '.join(os.path.basename(p) for p in paths), flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)
