@@ -68,8 +68,10 @@ SEQ2SEQ_TASKS = ('copy', 'reverse', 'sort', 'addition')
 
 def _seq2seq_example(task, rng, length, num_symbols):
   if task == 'addition':  # "a+b" -> digits of the sum; length = digits of each operand.
-    low, high = (0 if length == 1 else 10 ** (length - 1)), 10 ** length
-    a, b = (int(rng.integers(low, high)) for _ in range(2))
+    # Uniform over the numbers of `length` digits, drawn digit by digit (any length: no int64).
+    number = lambda: int(''.join(str(d) for d in [rng.integers(1 if length > 1 else 0, 10),
+                                                   *rng.integers(0, 10, length - 1)]))
+    a, b = number(), number()
     plus = FIRST_SYMBOL + 10
     src = [FIRST_SYMBOL + int(c) for c in str(a)] + [plus] + [FIRST_SYMBOL + int(c) for c in str(b)]
     return src, [FIRST_SYMBOL + int(c) for c in str(a + b)]

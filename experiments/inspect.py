@@ -16,8 +16,10 @@ test examples and writes to DIR (default RUN/inspect/):
   offset_profiles.png       each head's mean attention as a function of the offset k − q
   inspection.json           the numbers behind the plots
 
-Statistics use the first --stat_examples test examples. [CLS] has no position, so it is
-left out of distances and of the position/content split (rows renormalised for distances).
+Statistics use the first --stat_examples test examples. [CLS] is not on the patch grid or
+the sequence (whatever embedding it gets), so it is left out of distances and of the
+position/content split (rows renormalised for distances). Heatmaps of causal layers show
+the first --max_tokens tokens, which never attend past themselves; other layers show all.
 """
 
 from __future__ import annotations
@@ -27,14 +29,13 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 import tx
-from experiments import analysis, trainer
+from experiments import analysis
 from experiments import inspect_plots as plots
-from experiments.checkpoints import Checkpoints
+from experiments.restore import load_run
 from experiments.data import BOS, FIRST_SYMBOL, PAD
 from experiments.cli import fail, fail_unless_verbose, parse_flags
 
@@ -46,9 +47,13 @@ class Stream:
   labels: list  # per example, the labels of its real (non-pad) tokens
   valid: np.ndarray  # [N, T] bool, real tokens
   grid: np.ndarray  # [T, d] integer position (d = 2 for image patches)
-  special: np.ndarray  # [T] bool, tokens without a position ([CLS])
+  special: np.ndarray  # [T] bool, tokens off the grid ([CLS])
   unit: float = 1.0  # grid step in input units (pixels per patch, samples per token)
   unit_name: str = 'tokens'  # what distances are measured in
+
+  def take(self, n: int) -> 'Stream':
+    """The first n examples."""
+    return dataclasses.replace(self, labels=self.labels[:n], valid=self.valid[:n])
 
 
 @dataclasses.dataclass
@@ -59,38 +64,17 @@ class Layer:
   query: Stream
   key: Stream
   causal: bool
+  is_self: bool
 
-  @property
-  def is_self(self) -> bool:
-    return self.query is self.key
+  def take(self, n: int) -> 'Layer':
+    """The first n examples."""
+    return dataclasses.replace(self, weights=self.weights[:n], query=self.query.take(n),
+                               key=self.key.take(n))
 
   def valid(self) -> np.ndarray:
     """[N, Tq, Tk]: cells that can carry attention (real query and key, causal order)."""
     cells = self.query.valid[:, :, None] & self.key.valid[:, None, :]
     return cells & np.tril(np.ones(cells.shape[1:], bool)) if self.causal else cells
-
-
-def load(workdir: str, step: int | None = None):
-  """(run, params, step) of a finished or interrupted run, from its config.json and checkpoint."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise ValueError(f'--workdir={workdir!r} has no config.json; point it at a run directory '
-                     'written by experiments.run')
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(f'--workdir={workdir!r} has no checkpoints/ yet; inspect needs a saved step')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  run = trainer.setup(config)
-  ckpt = Checkpoints(workdir, best_metric=config.best_metric, best_mode=config.best_mode)
-  try:
-    steps = ckpt.steps()
-    step = steps[-1] if step is None and steps else step
-    if step not in steps:
-      raise ValueError(f'--step={step}; the checkpoints of {workdir!r} are at steps {steps}')
-    state, _ = ckpt.restore(trainer.init_state(run), step)
-  finally:
-    ckpt.close()
-  return run, state.params, step
 
 
 def symbol_labels(run) -> dict:
@@ -110,7 +94,7 @@ def _sequence_stream(ids, valid, label_of) -> Stream:
 
 
 def _with_cls(stream: Stream, n: int) -> Stream:
-  """The stream with a [CLS] token in front (it has no position)."""
+  """The stream with a [CLS] token in front (off the grid)."""
   return Stream([['CLS'] + labels for labels in stream.labels],
                 np.concatenate([np.ones((n, 1), bool), stream.valid], 1),
                 np.concatenate([np.zeros((1, stream.grid.shape[1]), int), stream.grid]),
@@ -157,23 +141,23 @@ def model_args(run, batch: dict) -> tuple:
   return analysis.model_args(run.task, batch, run.dataset.info.get('bos_id', BOS))
 
 
-def attention_layers(run, params, batch: dict) -> list[Layer]:
-  """Every attention layer of the run's model on `batch`, with its token streams."""
+def attention_layers(run, params, batch: dict) -> tuple[list[Layer], dict[str, Stream]]:
+  """Every attention layer of the run's model on `batch`, in call order, with its token
+  streams; and the streams (see `streams`)."""
   weights = jax.jit(lambda p, *a: tx.attention_weights(run.model, {'params': p}, *a))(
       params, *model_args(run, batch))
   s = streams(run, batch)
   layers = []
   for path in sorted(weights, key=_call_order):  # jit returns dicts with sorted keys.
-    w = weights[path]
+    decoder_self = path.startswith('decoder') and path.endswith('self_attention')
     if run.task == 'seq2seq':
       q = s['source'] if path.startswith('encoder') else s['target']
-      k = s['target'] if path.endswith('self_attention') and path.startswith('decoder') else (
-          s['source'])
+      k = s['target'] if decoder_self else s['source']
     else:
       q = k = s['tokens']
-    causal = path.startswith('decoder') and path.endswith('self_attention')
-    layers.append(Layer(path, np.asarray(w, np.float64), q, k, causal))
-  return layers
+    layers.append(Layer(path, np.asarray(weights[path], np.float64), q, k, causal=decoder_self,
+                        is_self=not path.endswith('cross_attention')))
+  return layers, s
 
 
 def _call_order(path: str):
@@ -212,25 +196,32 @@ def head_statistics(layer: Layer) -> dict:
   return out
 
 
-def alignment_mass(run, layers: list[Layer], batch: dict) -> dict:
+def alignment_mass(data_task: str, layers: list[Layer], lengths) -> dict:
   """copy / reverse: the mean head-averaged cross-attention each output position puts on the
-  source token it copies (position j, or L − 1 − j in reverse; </s> on </s>), per layer."""
-  if run.task != 'seq2seq' or run.config.data.task not in ('copy', 'reverse'):
+  source token it copies (position j, or n − 1 − j in reverse; </s> on </s> at n), per
+  cross-attention layer; {} for other tasks."""
+  if data_task not in ('copy', 'reverse'):
     return {}
-  lengths = np.asarray(batch['length'])
-  reverse = run.config.data.task == 'reverse'
   out = {}
   for layer in layers:
     if not layer.path.endswith('cross_attention'):
       continue
     mean = layer.weights.mean(1)  # [N, Tq, Tk]
-    hits = []
-    for i, n in enumerate(lengths):
-      for j in range(n + 1):
-        source = (n - 1 - j if reverse else j) if j < n else n
-        hits.append(mean[i, j, source])
+    hits = [mean[i, j, (n - 1 - j if data_task == 'reverse' else j) if j < n else n]
+            for i, n in enumerate(np.asarray(lengths)) for j in range(n + 1)]
     out[layer.path] = float(np.mean(hits))
   return out
+
+
+def rollout_maps(layers: list[Layer]) -> np.ndarray:
+  """[N, rows, cols]: the attention rollout (tx.attention_rollout) over the patch grid of the
+  output token: [CLS]'s row, or the mean of the patch rows with mean pooling."""
+  stream = layers[0].query
+  maps = np.asarray(tx.attention_rollout([layer.weights for layer in layers]))  # [N, T, T]
+  patches = ~stream.special
+  rows = maps[:, 0] if stream.special[0] else maps[:, patches].mean(1)
+  gh, gw = stream.grid[patches].max(0) + 1
+  return rows[:, patches].reshape(-1, gh, gw)
 
 
 def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
@@ -241,36 +232,36 @@ def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
                       ('max_tokens', max_tokens)):
     if value <= 0:
       raise ValueError(f'--{name}={value}; it must be a positive integer')
-  run, params, step = load(workdir, step)
+  run, params, step = load_run(workdir, step)
   out = out or os.path.join(workdir, 'inspect')
   os.makedirs(out, exist_ok=True)
-  test = run.dataset.test
-  take = lambda k: {key: v[:k] for key, v in test.items()}
-  shown = take(examples)
-  layers = attention_layers(run, params, shown)
+  batch = {key: v[:max(examples, stat_examples)] for key, v in run.dataset.test.items()}
+  all_layers, all_streams = attention_layers(run, params, batch)
+  shown = {key: v[:examples] for key, v in batch.items()}
+  layers = [layer.take(examples) for layer in all_layers]
   predictions = np.asarray(run.model.apply({'params': params}, *model_args(run, shown))).argmax(-1)
+  titles = [_describe(run, shown, predictions, i) for i in range(len(shown['inputs']))]
   written = [plots.attention_grid(os.path.join(out, f'attention_example{i}.png'), layers, i,
-                                  _describe(run, shown, predictions, i), max_tokens)
-             for i in range(len(shown['inputs']))]
+                                  title, max_tokens) for i, title in enumerate(titles)]
   if isinstance(run.model, tx.ViT):
     written.append(plots.rollout(os.path.join(out, 'rollout.png'), np.asarray(shown['inputs']),
-                                 layers, [_describe(run, shown, predictions, i)
-                                          for i in range(len(shown['inputs']))]))
+                                 rollout_maps(layers), titles))
   if run.task == 'seq2seq':
-    outputs = streams(run, shown)['output']
     written.append(plots.cross_alignment(os.path.join(out, 'cross_attention.png'),
                                          [l for l in layers if l.path.endswith('cross_attention')],
-                                         outputs, max_tokens))
-  stats_batch = take(stat_examples)
-  stats_layers = attention_layers(run, params, stats_batch)
+                                         all_streams['output'].take(examples)))
+  stats_layers = [layer.take(stat_examples) for layer in all_layers]
   stats = {layer.path: head_statistics(layer) for layer in stats_layers}
   written.append(plots.head_statistics(os.path.join(out, 'head_statistics.png'), stats,
                                        stats_layers[0].query.unit_name))
   written.append(plots.position_content(os.path.join(out, 'position_content.png'), stats))
   written.append(plots.offset_profiles(os.path.join(out, 'offset_profiles.png'), stats))
+  lengths = batch.get('length')
   record = {'workdir': workdir, 'step': step, 'examples': len(shown['inputs']),
-            'stat_examples': len(stats_batch['inputs']),
-            'alignment_mass': alignment_mass(run, stats_layers, stats_batch),
+            'stat_examples': len(stats_layers[0].weights),
+            'alignment_mass': alignment_mass(run.config.data.get('task', ''), stats_layers,
+                                             lengths[:stat_examples]) if lengths is not None
+            else {},
             'layers': {path: {k: np.asarray(v).tolist() for k, v in s.items() if k != 'profile'}
                        | {'offset_profile': [[list(o), m.tolist()] for o, m in
                                              s['profile'].items()]}
@@ -302,8 +293,8 @@ def define_flags():
   flags.DEFINE_integer('stat_examples', 256, 'Test examples the head statistics average over.')
   flags.DEFINE_string('out', None, 'Output directory; default: WORKDIR/inspect.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
-  flags.DEFINE_integer('max_tokens', 32, 'Tokens shown per heatmap axis (the first ones; exact '
-                       'for causal attention).')
+  flags.DEFINE_integer('max_tokens', 32, 'Tokens shown per heatmap axis of causal layers (the '
+                       'first ones, which never attend past themselves); other layers show all.')
   flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
 
 

@@ -40,39 +40,35 @@ def _heatmap(ax, weights, labels_x, labels_y, title, panel: float):
 
 def attention_grid(path: str, layers, i: int, title: str, max_tokens: int) -> str:
   """Example i's attention in every layer (rows) and head (columns): query rows, key columns,
-  each on its own colour scale from 0 to its largest weight."""
+  each on its own colour scale from 0 to its largest weight. Causal layers show their first
+  max_tokens tokens (exact: a query never attends past itself)."""
   plt = pyplot()
   heads = max(layer.weights.shape[1] for layer in layers)
-  tokens = min(max(len(layer.key.labels[i]) for layer in layers), max_tokens)
-  panel = max(2.3, 0.11 * tokens)  # inches: room for a label per token.
+  shown = lambda layer, labels: labels[:max_tokens] if layer.causal else labels
+  tokens = max(len(shown(layer, layer.key.labels[i])) for layer in layers)
+  panel = max(2.3, 0.11 * min(tokens, 60))  # inches: room for a label per token.
   fig, axes = plt.subplots(len(layers), heads, figsize=(panel * heads + 0.6,
                                                         panel * len(layers) + 0.6), squeeze=False)
+  cropped = ''
   for row, layer in zip(axes, layers):
-    q, k = layer.query.labels[i][:max_tokens], layer.key.labels[i][:max_tokens]
+    q, k = shown(layer, layer.query.labels[i]), shown(layer, layer.key.labels[i])
+    if len(k) < len(layer.key.labels[i]):
+      cropped = f' (causal layers: first {len(k)} of {len(layer.key.labels[i])} tokens)'
     for h, ax in enumerate(row):
       if h >= layer.weights.shape[1]:
         ax.axis('off')
         continue
       _heatmap(ax, layer.weights[i, h, :len(q), :len(k)], k, q, f'{_short(layer.path)} head {h}',
                panel)
-  full = max(len(layer.key.labels[i]) for layer in layers)
-  cropped = f' (first {max_tokens} of {full} tokens)' if full > max_tokens else ''
   fig.suptitle(f'{title}{cropped}\nrows: queries, columns: keys', fontsize=10)
   save_figure(fig, path)
   return path
 
 
-def rollout(path: str, images, layers, titles) -> str:
-  """Each image beside it with the attention rollout (tx.attention_rollout) of its output token
-  over the patches overlaid: [CLS]'s row, or the mean of the patch rows with mean pooling."""
-  import tx
+def rollout(path: str, images, maps, titles) -> str:
+  """Each image above itself with its attention rollout map [rows, cols] over the patches
+  overlaid (see inspect.rollout_maps)."""
   plt = pyplot()
-  stream = layers[0].query
-  maps = np.asarray(tx.attention_rollout([layer.weights for layer in layers]))  # [N, T, T]
-  patches = ~stream.special
-  rows = maps[:, 0] if stream.special[0] else maps[:, patches].mean(1)
-  rows = rows[:, patches]
-  gh, gw = stream.grid[patches].max(0) + 1
   n = len(images)
   fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.4), squeeze=False)
   for j in range(n):
@@ -83,8 +79,8 @@ def rollout(path: str, images, layers, titles) -> str:
     axes[0, j].imshow(shown, cmap='gray' if gray else None, extent=extent)
     axes[0, j].set_title(titles[j].replace(': ', ':\n', 1), fontsize=7)
     axes[1, j].imshow(shown, cmap='gray' if gray else None, extent=extent)
-    overlay = axes[1, j].imshow(rows[j].reshape(gh, gw), cmap='inferno', alpha=0.6,
-                                extent=extent, interpolation='nearest')
+    overlay = axes[1, j].imshow(maps[j], cmap='inferno', alpha=0.6, extent=extent,
+                                interpolation='nearest')
     fig.colorbar(overlay, ax=axes[1, j], fraction=0.046)
     axes[1, j].set_title('rollout over patches', fontsize=7)
     for ax in axes[:, j]:
@@ -94,7 +90,7 @@ def rollout(path: str, images, layers, titles) -> str:
   return path
 
 
-def cross_alignment(path: str, layers, outputs, max_tokens: int) -> str:
+def cross_alignment(path: str, layers, outputs) -> str:
   """Head-mean cross-attention of each decoder layer (columns) on each example (rows): the
   output token being predicted against the source tokens. Reverse shows an anti-diagonal."""
   plt = pyplot()
@@ -103,7 +99,7 @@ def cross_alignment(path: str, layers, outputs, max_tokens: int) -> str:
                            squeeze=False)
   for i in range(n):
     for ax, layer in zip(axes[i], layers):
-      q, k = outputs.labels[i][:max_tokens], layer.key.labels[i][:max_tokens]
+      q, k = outputs.labels[i], layer.key.labels[i]
       _heatmap(ax, layer.weights[i].mean(0)[:len(q), :len(k)], k, q,
                f'example {i}, {_short(layer.path)} (head mean)', 3.0)
       ax.set_xlabel('source', fontsize=7)
@@ -141,15 +137,15 @@ def position_content(path: str, stats: dict) -> str:
   heads = [len(stats[n]['entropy']) for n in names]
   fig, ax = plt.subplots(figsize=(max(8.0, 0.35 * sum(heads) + 2), 4.2))
   x, ticks, tick_labels = 0, [], []
-  colours = {'relative': '#4c72b0', 'absolute': '#dd8452', 'content': '#55a868'}
+  parts = {'relative': ('#4c72b0', 'relative position'),
+           'absolute': ('#dd8452', 'absolute position'), 'content': ('#55a868', 'content')}
   for n, h in zip(names, heads):
     xs = x + np.arange(h)
     bottom = np.zeros(h)
-    for key, colour in colours.items():
+    for key, (colour, label) in parts.items():
       values = np.asarray(stats[n][key])
       ax.bar(xs, values, bottom=bottom, color=colour, width=0.8,
-             label=f'{key} position' if key != 'content' and n == names[0] else
-             ('content' if n == names[0] else None))
+             label=label if n == names[0] else None)
       bottom += values
     ticks.append(x + (h - 1) / 2)
     tick_labels.append(_short(n))

@@ -51,6 +51,16 @@ def test_seq2seq_tasks(task):
       assert lo <= length <= hi and length == n
 
 
+def test_addition_with_operands_longer_than_int64():
+  d = data.seq2seq('addition', train_size=5, test_size=5, max_len=10, test_max_len=20, seed=1)
+  digits = lambda xs: int(''.join(str(x - data.FIRST_SYMBOL) for x in xs))
+  for src, tgt, n in zip(d.extrapolate['inputs'], d.extrapolate['targets'], d.extrapolate['length']):
+    s, t = list(src[:list(src).index(data.EOS)]), list(tgt[:list(tgt).index(data.EOS)])
+    plus = s.index(data.FIRST_SYMBOL + 10)
+    assert plus == len(s) - plus - 1 == n > 10  # both operands have exactly n digits
+    assert digits(t) == digits(s[:plus]) + digits(s[plus + 1:])
+
+
 def test_mnist1d_patches_and_shuffle():
   plain = data.mnist1d(patch_size=4)
   assert plain.train['inputs'].shape == (4000, 10, 4) and plain.test['inputs'].shape == (1000, 10, 4)

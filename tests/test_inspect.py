@@ -71,6 +71,43 @@ def test_inspect_a_seq2seq_run_shows_cross_attention(tmp_path):
   assert 0.0 < mass < 1.0
 
 
+def test_inspect_a_language_model_run_crops_causal_heatmaps(tmp_path):
+  workdir = str(tmp_path / 'run')
+  trainer.train_and_evaluate(tiny_config('lm', steps=4), workdir)
+  out = tmp_path / 'inspect'
+  inspect.inspect_run(workdir, str(out), examples=1, stat_examples=8, max_tokens=32)
+  panel = 0.11 * 32  # 128 tokens cropped to 32: causal, so the crop is exact.
+  _check_png(out / 'attention_example0.png', 2 * panel + 0.6, panel + 0.6)
+  with open(out / 'inspection.json') as f:
+    (layer,) = json.load(f)['layers'].values()
+  # Causal: only offsets k - q <= 0 carry attention, and the mean distance is below uniform's.
+  assert max(o[0] for o, _ in layer['offset_profile']) == 0
+  assert all(0 <= d < 127 / 2 for d in layer['mean_distance'])
+
+
+def _layer(path, weights):
+  stream = inspect.Stream([[]] * len(weights), np.ones(weights.shape[:1] + weights.shape[-1:], bool),
+                          np.arange(weights.shape[-1])[:, None], np.zeros(weights.shape[-1], bool))
+  return inspect.Layer(path, weights, stream, stream, causal=False, is_self=False)
+
+
+def test_alignment_mass_is_one_for_the_exact_alignment():
+  lengths = np.array([3, 1])
+  eye = np.zeros((2, 2, 4, 4))  # [N, H, output positions, source positions]; </s> at n.
+  mirror = np.zeros((2, 2, 4, 4))
+  for i, n in enumerate(lengths):
+    for j in range(n + 1):
+      eye[i, :, j, j] = 1.0
+      mirror[i, :, j, n - 1 - j if j < n else n] = 1.0
+  for task, right, wrong in (('copy', eye, mirror), ('reverse', mirror, eye)):
+    got = inspect.alignment_mass(task, [_layer('decoder/block_0/cross_attention', right)], lengths)
+    assert got == {'decoder/block_0/cross_attention': 1.0}
+    got = inspect.alignment_mass(task, [_layer('decoder/block_0/cross_attention', wrong)], lengths)
+    assert got['decoder/block_0/cross_attention'] < 1.0
+  assert inspect.alignment_mass('sort', [_layer('decoder/block_0/cross_attention', eye)],
+                                lengths) == {}
+
+
 def test_inspect_command_line(vit_run, tmp_path):
   cmd = [sys.executable, '-m', 'experiments.inspect', f'--workdir={vit_run}',
          f'--out={tmp_path}', '--examples=1', '--stat_examples=8']

@@ -105,30 +105,32 @@ def position_content_shares(weights, offsets, valid=None) -> dict:
     content  = SS_examples / SS_total
 
   sum to 1: `relative` is what the head's average profile over offsets explains,
-  `absolute` what the exact positions add, `content` the variance across examples.
+  `absolute` what the exact positions add, `content` the variance across examples. Memory
+  is O(N·H·Tq·Tk) (float64).
 
   weights [N, H, Tq, Tk]; offsets [Tq, Tk] integer group ids (not traced); valid
   [N, Tq, Tk] bool, default all. Returns {'relative', 'absolute', 'content'}: [H] each,
   and 'profile' {offset id: [H] mean weight m(δ)}.
   """
   w = np.asarray(weights, np.float64)
-  n, _, tq, tk = w.shape
+  n, h, tq, tk = w.shape
   valid = np.ones((n, tq, tk), bool) if valid is None else np.broadcast_to(valid, (n, tq, tk))
   ids, group = np.unique(np.asarray(offsets).reshape(-1), return_inverse=True)
-  v = valid.reshape(n, 1, tq * tk).astype(np.float64)  # [N, 1, C]
-  x = w.reshape(n, -1, tq * tk) * v  # [N, H, C], zero where invalid
-  cell_count = v.sum(0)  # [1, C]
+  group = group.reshape(-1)
+  v = valid.reshape(n, 1, tq * tk)  # [N, 1, C]
+  x = np.where(v, w.reshape(n, h, tq * tk), 0.0)  # [N, H, C], zero where invalid
+  cell_count = v.sum(0, dtype=np.float64)[0]  # [C]
   cell_sum = x.sum(0)  # [H, C]
-  onehot = np.eye(len(ids))[group]  # [C, G]
-  group_count = cell_count @ onehot  # [1, G]
-  group_mean = (cell_sum @ onehot) / np.maximum(group_count, 1)  # [H, G]
+  by_group = lambda values: np.bincount(group, weights=values, minlength=len(ids))
+  group_count = by_group(cell_count)  # [G]
+  group_mean = np.stack([by_group(c) for c in cell_sum]) / np.maximum(group_count, 1)  # [H, G]
   grand = cell_sum.sum(-1) / max(cell_count.sum(), 1)  # [H]
   cell_mean = cell_sum / np.maximum(cell_count, 1)  # [H, C]
   ss_offset = (group_count * (group_mean - grand[:, None]) ** 2).sum(-1)
-  ss_cell = (cell_count * (cell_mean - (group_mean @ onehot.T)) ** 2).sum(-1)
-  ss_examples = (v * (w.reshape(n, -1, tq * tk) - cell_mean) ** 2).sum((0, 2))
+  ss_cell = (cell_count * (cell_mean - group_mean[:, group]) ** 2).sum(-1)
+  ss_examples = (np.where(v, x - cell_mean, 0.0) ** 2).sum((0, 2))
   total = np.maximum(ss_offset + ss_cell + ss_examples, 1e-30)
-  used = group_count[0] > 0
+  used = group_count > 0
   return {'relative': ss_offset / total, 'absolute': ss_cell / total,
           'content': ss_examples / total,
           'profile': {int(i): group_mean[:, g] for g, i in enumerate(ids) if used[g]}}
