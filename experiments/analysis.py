@@ -1,8 +1,8 @@
 """What a finished run reports beyond its eval metrics, into summary.json:
 
 - attention entropy per layer (every task), for the temperature ablation;
-- exact match by sequence length (seq2seq), in and beyond the training lengths,
-  for the length-extrapolation ablation.
+- exact match of greedy decoding by sequence length (seq2seq), in and beyond the training
+  lengths, for the length-extrapolation ablation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import numpy as np
 
 import tx
 from experiments import data as data_lib
-from experiments import tasks
 
 
 def model_args(task: str, batch: dict, bos_id: int) -> tuple:
@@ -50,49 +49,46 @@ def attention_entropy_by_layer(run, params, betas, num_examples: int = 256) -> l
 
 
 def exact_match_by_length(run, params, betas, batch_size: int = 250) -> list[dict]:
-  """Per member: teacher-forced exact match per source length over the test and
-  extrapolation splits (`params` stacked over members with β scales `betas`).
+  """Per member: exact match of greedy decoding (tx.generate with the KV cache, not teacher
+  forcing) per source length, over the test and extrapolation splits (`params` stacked over
+  members with β scales `betas`). An output matches when it equals the target up to and
+  including </s> (then <pad>). This equals teacher-forced exact match example by example: if
+  every teacher-forced argmax is right, greedy decoding reproduces the target, and conversely.
 
-  Returns, per member, {'by_length': {length: fraction or None}, 'long': mean
-  over the extrapolation split or None, 'note': why some lengths are None,
-  'train_max_len': the longest length of the in-distribution test split}. A
-  split the model cannot take (a learned posemb table shorter than the
-  sequences) is reported as None with tx's reason, not run.
+  Returns, per member, {'by_length': {length: fraction or None}, 'long': mean over the
+  extrapolation split or None, 'note': why some lengths are None, 'train_max_len': the longest
+  length of the in-distribution test split}. A split the model cannot take (a learned posemb
+  table shorter than the sequences) is reported as None with tx's reason, not run.
   """
   info = run.dataset.info
-  pad, bos = info.get('pad_id', data_lib.PAD), info.get('bos_id', data_lib.BOS)
-  betas = jnp.asarray(betas, jnp.float32)
-
-  def exact(params, beta, batch):
-    logits = run.model.clone(beta_scale=beta).apply({'params': params},
-                                                    *model_args('seq2seq', batch, bos))
-    return tasks.exact_match(logits.argmax(-1) == batch['targets'], batch['targets'] != pad)
-
-  exact = jax.jit(jax.vmap(exact, in_axes=(0, 0, None)))
-  k = len(betas)
+  ids = dict(eos_id=info['eos_id'], pad_id=info['pad_id'], bos_id=info['bos_id'])
   out = [{'by_length': {}, 'long': None, 'note': '',
-          'train_max_len': int(run.dataset.test['length'].max())} for _ in range(k)]
-  for name, split in (('test', run.dataset.test), ('extrapolate', run.dataset.extrapolate)):
-    if split is None:
-      continue
-    lengths = split['length']
-    first = {key: v[:1] for key, v in split.items()}
-    one = jax.tree.map(lambda x: x[0], params)
-    try:
-      jax.eval_shape(run.model.apply, {'params': one}, *model_args('seq2seq', first, bos))
-    except ValueError as e:  # tx rejects the shape, e.g. beyond a learned posemb table.
-      for o in out:
+          'train_max_len': int(run.dataset.test['length'].max())} for _ in betas]
+  for i, (o, beta) in enumerate(zip(out, betas)):
+    model = run.model.clone(beta_scale=float(beta))
+    member = jax.tree.map(lambda x: x[i], params)
+    for name, split in (('test', run.dataset.test), ('extrapolate', run.dataset.extrapolate)):
+      if split is None:
+        continue
+      lengths, targets = split['length'], split['targets']
+      first = {key: v[:1] for key, v in split.items()}
+      try:  # tx rejects some shapes, e.g. sequences beyond a learned posemb table.
+        jax.eval_shape(model.apply, {'params': member}, *model_args('seq2seq', first,
+                                                                     info['bos_id']))
+      except ValueError as e:
         o['note'] = f'lengths {lengths.min()}-{lengths.max()} not evaluated: {e}'
         o['by_length'].update({int(n): None for n in np.unique(lengths)})
-      continue
-    hits = np.concatenate([np.asarray(exact(params, betas, {key: v[i:i + batch_size]
-                                                            for key, v in split.items()}))
-                           for i in range(0, len(lengths), batch_size)], axis=1)  # [k, N]
-    for o, h in zip(out, hits):
-      o['by_length'].update({int(n): float(h[lengths == n].mean()) for n in np.unique(lengths)})
+        continue
+      hits = []
+      for start in range(0, len(lengths), batch_size):  # full batches: one compiled program
+        rows = np.arange(start, start + batch_size) % len(lengths)
+        decoded = tx.generate(model, member, split['inputs'][rows], max_len=targets.shape[1],
+                              **ids).tokens
+        hits.append(np.asarray((decoded == targets[rows]).all(-1))[:len(lengths) - start])
+      hits = np.concatenate(hits)
+      o['by_length'].update({int(n): float(hits[lengths == n].mean()) for n in np.unique(lengths)})
       if name == 'extrapolate':
-        o['long'] = float(h.mean())
-  for o in out:
+        o['long'] = float(hits.mean())
     o['by_length'] = dict(sorted(o['by_length'].items()))
   return out
 

@@ -3,13 +3,14 @@
 Pure functions (no state): attention with an explicit temperature β, masks,
 alignment scores and positional encodings. Linen modules: multi-head attention,
 encoder/decoder blocks and stacks, encoder-decoder, decoder-only LM, encoder
-classifier and ViT. Importing tx has no side effects and imports only jax,
+classifier and ViT. Decoding: greedy, sampling and beam search over a KV cache. Importing tx has no side effects and imports only jax,
 flax and numpy.
 """
 
 from tx.analysis import (attention_entropy, attention_rollout, attention_weights,
                          mean_attention_distance, position_content_shares)
 from tx.attention import attend, dot_product_attention, softargmax_beta
+from tx.decoding import Beams, Decoded, beam_search, generate, length_penalty
 from tx.layers import (DecoderBlock, EncoderBlock, FeedForward, MultiHeadAttention)
 from tx.masks import (causal_mask, combine_masks, local_window_mask, padding_mask,
                       valid_from_lengths, valid_from_tokens)

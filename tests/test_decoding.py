@@ -1,0 +1,218 @@
+"""tx.generate and tx.beam_search: the KV cache against recomputing the full forward pass, beam
+search against exhaustive search, sampling filters against NumPy, eos, prompts and keys."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tx
+from tx import decoding
+
+SMALL = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, max_len=12)
+EOS, BOS, PAD = 2, 1, 0
+
+
+def _lm(posemb='rope', vocab=20, **kw):
+  model = tx.DecoderLM(vocab_size=vocab, posemb=posemb, **dict(SMALL, **kw))
+  prompt = jax.random.randint(jax.random.key(1), (3, 4), 3, vocab)
+  return model, model.init(jax.random.key(0), prompt)['params'], prompt
+
+
+def _seq2seq(posemb='rope'):
+  model = tx.EncoderDecoder(vocab_size=20, posemb=posemb, **SMALL)
+  source = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12], [5, 0, 0, 0, 0, 0]])
+  return model, model.init(jax.random.key(0), source, source)['params'], source
+
+
+@pytest.mark.parametrize('kind,posemb', [(k, p) for k in ('lm', 'seq2seq')
+                                         for p in ('learn', 'sinusoidal', 'rope', 'none')])
+def test_cached_decoding_equals_recomputing_the_full_pass(kind, posemb):
+  model, params, inputs = _lm(posemb) if kind == 'lm' else _seq2seq(posemb)
+  common = dict(max_len=12 if kind == 'lm' else 11, eos_id=EOS, return_logits=True,
+                bos_id=None if kind == 'lm' else BOS)
+  cached = tx.generate(model, params, inputs, **common)
+  recomputed = tx.generate(model, params, inputs, use_cache=False, **common)
+  np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+  np.testing.assert_allclose(cached.logits, recomputed.logits, atol=2e-5)
+  # And against one teacher-forced pass over the generated output (an independent reference).
+  if kind == 'lm':
+    full = model.apply({'params': params}, cached.tokens)[:, 3:-1]
+    np.testing.assert_allclose(cached.logits[:, 4:], full, atol=2e-5)
+  else:  # (after eos both feed <pad>: the same inputs)
+    full = model.apply({'params': params}, inputs, tx.shift_right(cached.tokens, BOS))
+    np.testing.assert_allclose(cached.logits, full, atol=2e-5)
+
+
+def test_sampling_with_the_cache_equals_recomputing_and_keys_decide():
+  model, params, prompt = _lm('rope')
+  common = dict(max_len=12, rng=jax.random.key(7), temperature=1.3, top_k=8, top_p=0.9)
+  cached = tx.generate(model, params, prompt, **common)
+  np.testing.assert_array_equal(cached.tokens, tx.generate(model, params, prompt,
+                                                           use_cache=False, **common).tokens)
+  np.testing.assert_array_equal(cached.tokens, tx.generate(model, params, prompt, **common).tokens)
+  other = tx.generate(model, params, prompt, **dict(common, rng=jax.random.key(8)))
+  assert not np.array_equal(cached.tokens, other.tokens)
+  greedy = tx.generate(model, params, prompt, max_len=12)
+  for narrow in (dict(top_k=1, top_p=None), dict(top_k=None, top_p=1e-6)):  # one token left
+    np.testing.assert_array_equal(tx.generate(model, params, prompt, **{**common, **narrow}).tokens,
+                                  greedy.tokens)
+
+
+def _filter_reference(logits, temperature, top_k, top_p):
+  x = np.asarray(logits, np.float64) / temperature
+  out = np.full_like(x, -np.inf)
+  for row, r in zip(x, out):
+    order = np.argsort(-row)[:top_k or len(row)]
+    p = np.exp(row[order] - row[order].max())
+    p /= p.sum()
+    keep = order[:int(np.searchsorted(np.cumsum(p), top_p or 1.0) + 1)]  # smallest set ≥ top_p
+    r[keep] = row[keep]
+  return out
+
+
+@pytest.mark.parametrize('top_k,top_p', [(None, None), (3, None), (None, 0.5), (5, 0.8)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+  logits = jax.random.normal(jax.random.key(3), (6, 12)) * 2
+  got = np.asarray(decoding._filter_logits(logits, 0.7, top_k, top_p))
+  want = _filter_reference(logits, 0.7, top_k, top_p)
+  np.testing.assert_array_equal(got > decoding.NEG_INF / 2, np.isfinite(want))
+  np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5)
+
+
+def test_sampled_frequencies_follow_the_filtered_softmax():
+  model, params, prompt = _lm('rope')
+  prompt = jnp.tile(prompt[:1], (4000, 1))
+  out = tx.generate(model, params, prompt, max_len=5, rng=jax.random.key(0), temperature=1.5,
+                    top_k=6, top_p=0.9, return_logits=True)
+  probs = jax.nn.softmax(_filter_reference(out.logits[:1, 4], 1.5, 6, 0.9), axis=-1)[0]
+  counts = np.bincount(np.asarray(out.tokens[:, 4]), minlength=20) / 4000
+  assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(probs))
+  np.testing.assert_allclose(counts, probs, atol=0.03)  # ~4 standard errors at 4,000 draws
+
+
+def test_rows_finish_independently_at_eos():
+  model, params, prompt = _lm('sinusoidal', vocab=6)  # a small vocabulary: eos comes early
+  free = np.asarray(tx.generate(model, params, prompt[:, :2] % 6, max_len=12).tokens)
+  stopped = np.asarray(tx.generate(model, params, prompt[:, :2] % 6, max_len=12, eos_id=EOS,
+                                   pad_id=5).tokens)
+  finished = 0
+  for row_free, row in zip(free, stopped):
+    ends = np.flatnonzero(row_free[2:] == EOS)
+    if len(ends):
+      cut = 2 + ends[0] + 1
+      np.testing.assert_array_equal(row[:cut], row_free[:cut])
+      assert (row[cut:] == 5).all()
+      finished += 1
+    else:
+      np.testing.assert_array_equal(row, row_free)
+  assert 0 < finished < len(free), 'the test needs rows that stop and rows that do not'
+
+
+def test_prompts_of_different_lengths_equal_each_prompt_alone():
+  model, params, prompt = _lm('learn')
+  lengths = np.array([4, 2, 3])
+  padded = np.where(np.arange(4) < lengths[:, None], prompt, 0)
+  batch = tx.generate(model, params, padded, max_len=10, prompt_lengths=lengths)
+  for i, n in enumerate(lengths):
+    alone = tx.generate(model, params, padded[i:i + 1, :n], max_len=10)
+    np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+
+
+@pytest.mark.parametrize('kind', ['lm', 'seq2seq'])
+def test_beam_search_of_one_beam_is_greedy(kind):
+  model, params, inputs = _lm('rope') if kind == 'lm' else _seq2seq('learn')
+  common = dict(max_len=12 if kind == 'lm' else 11, eos_id=EOS,
+                bos_id=None if kind == 'lm' else BOS)
+  greedy = tx.generate(model, params, inputs, **common)
+  for alpha in (0.0, 0.6):
+    beams = tx.beam_search(model, params, inputs, beam_size=1, length_penalty_alpha=alpha,
+                           **common)
+    np.testing.assert_array_equal(beams.tokens[:, 0], greedy.tokens)
+
+
+def test_beam_search_with_enough_beams_is_exhaustive_search():
+  """Vocabulary 4, 3 generated tokens: 16 beams keep every prefix, so the best beam is the
+  best of all outputs (ending at eos or at max_len) under the length-penalised score."""
+  model, params, prompt = _lm('rope', vocab=4)
+  prompt = prompt[:2, :2] % 4
+  alpha = 0.8
+  beams = tx.beam_search(model, params, prompt, beam_size=16, max_len=5, eos_id=EOS,
+                         length_penalty_alpha=alpha)
+  tails = sorted({tuple(t[:t.index(EOS) + 1] if EOS in t else t)
+                  for t in map(list, itertools.product(range(4), repeat=3))})
+  for b in range(2):
+    seqs = np.array([list(prompt[b]) + list(t) + [PAD] * (3 - len(t)) for t in tails])
+    logp = np.asarray(jax.nn.log_softmax(jax.jit(model.apply)({'params': params}, seqs)))
+    best = (-np.inf, None)
+    for i, (seq, tail) in enumerate(zip(seqs, tails)):
+      score = sum(float(logp[i, 1 + j, seq[2 + j]]) for j in range(len(tail)))
+      best = max(best, (score / float(decoding.length_penalty(len(tail), alpha)), seq.tolist()))
+    np.testing.assert_allclose(beams.scores[b, 0], best[0], rtol=1e-5)
+    assert beams.tokens[b, 0].tolist() == best[1]
+  assert (np.diff(np.asarray(beams.scores), axis=1) <= 1e-6).all()  # best first
+
+
+def test_cached_beam_search_equals_recomputing():
+  model, params, source = _seq2seq('sinusoidal')
+  common = dict(beam_size=3, max_len=8, eos_id=EOS, bos_id=BOS)
+  cached = tx.beam_search(model, params, source, **common)
+  recomputed = tx.beam_search(model, params, source, use_cache=False, **common)
+  np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+  np.testing.assert_allclose(cached.scores, recomputed.scores, rtol=1e-5)
+
+
+def test_one_compiled_loop_whatever_the_length():
+  """A lax.while_loop: the compiled program does not grow with max_len (no Python loop per
+  token, one trace)."""
+  model, params, prompt = _lm('rope')
+  programs = []
+  for max_len in (6, 12):
+    lowered = decoding._generate.lower(
+        model, params, prompt, jax.random.key(0), None, max_len=max_len, temperature=0.0,
+        top_k=None, top_p=None, eos_id=EOS, pad_id=PAD, bos_id=None, first=None,
+        use_cache=True, return_logits=False)
+    programs.append(lowered.as_text())
+  assert all(p.count('stablehlo.while') == 1 for p in programs)
+  assert len(programs[0].splitlines()) == len(programs[1].splitlines())
+
+
+def test_bad_decoding_arguments_are_one_clear_error():
+  model, params, prompt = _lm('rope')
+  cases = [(dict(max_len=12, temperature=1.0), 'needs an explicit rng'),
+           (dict(max_len=4), 'must exceed the prompt length'),
+           (dict(max_len=12, top_p=1.5, rng=jax.random.key(0), temperature=1.0), 'top_p=1.5'),
+           (dict(max_len=12, temperature=-1.0), 'temperature=-1.0'),
+           (dict(max_len=12, prompt_lengths=[0, 1, 2]), 'prompt_lengths')]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=message):
+      tx.generate(model, params, prompt, **kwargs)
+  s2s, s2s_params, source = _seq2seq()
+  with pytest.raises(ValueError, match='bos_id is required'):
+    tx.generate(s2s, s2s_params, source, max_len=5)
+  with pytest.raises(ValueError, match='beam_size=0'):
+    tx.beam_search(model, params, prompt, beam_size=0, max_len=12)
+
+
+def test_decoded_exact_match_equals_teacher_forced_example_by_example(tmp_path):
+  """experiments.analysis reports exact match of real greedy decoding; on a partly trained
+  model (some outputs right, some wrong) it agrees with teacher forcing on every example."""
+  from experiments import analysis, tasks, trainer
+  from tests.test_runner import tiny_config
+  config = tiny_config('seq2seq', 'quick,task=copy,max_len=4', steps=150)
+  config.data.update(train_size=2000, test_size=200)
+  config.optimizer.lr = 3e-3
+  _, state = trainer.train_and_evaluate(config, str(tmp_path), stop_after=150)
+  run = trainer.setup(config)
+  test = run.dataset.test
+  (decoded,) = analysis.exact_match_by_length(run, jax.tree.map(lambda x: x[None], state.params),
+                                              [run.model.beta_scale])
+  logits = run.model.apply({'params': state.params}, test['inputs'],
+                           tx.shift_right(test['targets'], BOS))
+  forced = np.asarray(tasks.exact_match(logits.argmax(-1) == test['targets'],
+                                        test['targets'] != PAD), np.float64)
+  by_length = {int(n): float(forced[test['length'] == n].mean()) for n in np.unique(test['length'])}
+  assert {n: decoded['by_length'][n] for n in by_length} == by_length  # lengths 1-4 of 1-8
+  assert 0.0 < forced.mean() < 1.0, 'the test needs some right and some wrong outputs'
