@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from absl import flags
+from absl import flags, logging
 
 
 def fail(message: str):
@@ -40,3 +40,19 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
     fail_unless_verbose(e, '--verbose' in argv)
+
+
+def define_run_reader_flags(workdir_help: str):
+  """--workdir, --step and --verbose, shared by the commands that read a trained run."""
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+  flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
+
+
+def start_run_reader(argv, usage: str):
+  """Stray arguments or no --workdir: one line, exit code 2. Quiets absl (orbax) logging."""
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}; use {usage}')
+  logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS.workdir:
+    fail(f'--workdir is required; use {usage}')

@@ -66,6 +66,16 @@ def mnist1d(patch_size: int = 1, shuffle: bool = False) -> Dataset:
 SEQ2SEQ_TASKS = ('copy', 'reverse', 'sort', 'addition')
 
 
+def symbol_names(task: str, vocab_size: int) -> dict[int, str]:
+  """Token id → name in the seq2seq vocabulary: '' for <pad>, '<s>', '</s>', then the symbols
+  as digits (and '+' in addition; 's10', 's11', ... beyond ten symbols)."""
+  names = {PAD: '', BOS: '<s>', EOS: '</s>'}
+  for i in range(vocab_size - FIRST_SYMBOL):
+    names[FIRST_SYMBOL + i] = ('0123456789+'[i] if task == 'addition' else
+                               str(i) if i < 10 else f's{i}')
+  return names
+
+
 def _seq2seq_example(task, rng, length, num_symbols):
   if task == 'addition':  # "a+b" -> digits of the sum; length = digits of each operand.
     # Uniform over the numbers of `length` digits, drawn digit by digit (any length: no int64).

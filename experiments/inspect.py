@@ -30,14 +30,15 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import tx
 from experiments import analysis
 from experiments import inspect_plots as plots
 from experiments.restore import load_run
-from experiments.data import BOS, FIRST_SYMBOL, PAD
-from experiments.cli import fail, fail_unless_verbose, parse_flags
+from experiments.data import BOS, PAD, symbol_names
+from experiments.cli import (define_run_reader_flags, fail_unless_verbose, parse_flags,
+                             start_run_reader)
 
 
 
@@ -77,16 +78,6 @@ class Layer:
     return cells & np.tril(np.ones(cells.shape[1:], bool)) if self.causal else cells
 
 
-def symbol_labels(run) -> dict:
-  """Token id → label for a seq2seq vocabulary (digits for the symbols, '+' in addition)."""
-  info = run.dataset.info
-  out = {info['pad_id']: '', info['bos_id']: '<s>', info['eos_id']: '</s>'}
-  symbols = '0123456789+' if run.config.data.task == 'addition' else None
-  for i in range(info['vocab_size'] - FIRST_SYMBOL):
-    out[FIRST_SYMBOL + i] = symbols[i] if symbols else str(i)
-  return out
-
-
 def _sequence_stream(ids, valid, label_of) -> Stream:
   t = ids.shape[1]
   return Stream([[label_of(x) for x, v in zip(row, ok) if v] for row, ok in zip(ids, valid)],
@@ -107,7 +98,7 @@ def streams(run, batch: dict) -> dict[str, Stream]:
   x = np.asarray(batch['inputs'])
   n = len(x)
   if run.task == 'seq2seq':
-    label = symbol_labels(run)
+    label = symbol_names(run.config.data.task, run.dataset.info['vocab_size'])
     pad, bos = run.dataset.info['pad_id'], run.dataset.info['bos_id']
     targets = np.asarray(batch['targets'])
     target_valid = targets != pad
@@ -276,7 +267,7 @@ def _describe(run, batch: dict, predictions, i: int) -> str:
   if run.task == 'classify':
     return f'test example {i}: label {int(batch["targets"][i])}, predicted {int(predictions[i])}'
   if run.task == 'seq2seq':
-    label = symbol_labels(run)
+    label = symbol_names(run.config.data.task, run.dataset.info['vocab_size'])
     pad = run.dataset.info['pad_id']
     real = batch['targets'][i] != pad
     text = lambda ids: ' '.join(label[int(t)] for t in ids)
@@ -288,23 +279,17 @@ def _describe(run, batch: dict, predictions, i: int) -> str:
 def define_flags():
   """The command's flags; defined only when run as a program, so that importing this module
   next to the other entry points (in tests) defines no flag twice."""
-  flags.DEFINE_string('workdir', None, 'A run directory written by experiments.run.')
+  define_run_reader_flags('A run directory written by experiments.run.')
   flags.DEFINE_integer('examples', 4, 'Test examples to draw attention maps of.')
   flags.DEFINE_integer('stat_examples', 256, 'Test examples the head statistics average over.')
   flags.DEFINE_string('out', None, 'Output directory; default: WORKDIR/inspect.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
   flags.DEFINE_integer('max_tokens', 32, 'Tokens shown per heatmap axis of causal layers (the '
                        'first ones, which never attend past themselves); other layers show all.')
-  flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
 
 
 def main(argv):
   f = flags.FLAGS
-  if len(argv) > 1:
-    fail(f'unexpected arguments {argv[1:]}; use --workdir=RUN [--examples=N] [--out=DIR]')
-  logging.set_verbosity(logging.WARNING)
-  if not f.workdir:
-    fail('--workdir is required: a run directory written by experiments.run')
+  start_run_reader(argv, '--workdir=RUN [--examples=N] [--out=DIR]')
   try:
     paths = inspect_run(f.workdir, f.out, f.examples, f.stat_examples, f.step, f.max_tokens)
   except Exception as e:

@@ -1,0 +1,1 @@
+"""Benchmarks, measured side by side in one process; each module runs as `python -m`."""

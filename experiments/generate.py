@@ -1,0 +1,137 @@
+"""Generate from a trained run: continue a prompt (LM runs) or decode a source (seq2seq runs).
+
+  python -m experiments.generate --workdir=RUN --prompt="def main(" [--max_len=200]
+  python -m experiments.generate --workdir=RUN --prompt="The " --method=sample --temperature=0.8 \\
+      --top_p=0.9 --num_samples=3 --seed=1
+  python -m experiments.generate --workdir=RUN --source="3 1 4 1 5" [--method=beam --beam_size=4]
+
+Methods: greedy (default), sample (temperature, top_k, top_p; --seed picks the key: the same
+seed gives the same text), beam (beam_size, length_penalty α of the GNMT penalty). Decoding is
+tx.generate / tx.beam_search: one compiled loop over a KV cache.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+import tx
+from experiments.cli import (define_run_reader_flags, fail_unless_verbose, parse_flags,
+                             start_run_reader)
+from experiments.data import symbol_names
+from experiments.restore import load_run
+
+METHODS = ('greedy', 'sample', 'beam')
+
+
+def encode_prompt(text: str, chars: str) -> np.ndarray:
+  """Character ids of `text` in the run's vocabulary (the characters of its training text)."""
+  unknown = sorted(set(text) - set(chars))
+  if unknown:
+    raise ValueError(f'--prompt has characters the model never saw: {"".join(unknown)!r}; allowed: '
+                     f'the {len(chars)} characters of its training text')
+  if not text:
+    raise ValueError('--prompt is empty; give at least one character')
+  return np.array([[chars.index(c) for c in text]], np.int32)
+
+
+def encode_source(text: str, names: dict[int, str]) -> np.ndarray:
+  """Symbol ids of a seq2seq source, '3 1 4' or '314' (or '12+34' in addition), with </s>."""
+  ids = {name: i for i, name in names.items() if name and not name.startswith('<')}
+  tokens = text.split() if any(c.isspace() for c in text.strip()) else list(text.strip())
+  bad = [t for t in tokens if t not in ids]
+  if bad or not tokens:
+    raise ValueError(f'--source={text!r}: {"unknown symbols " + repr(bad) if bad else "empty"}; '
+                     f'allowed: {" ".join(ids)} (separated by spaces, or one character each)')
+  eos = next(i for i, name in names.items() if name == '</s>')
+  return np.array([[ids[t] for t in tokens] + [eos]], np.int32)
+
+
+def generate_text(workdir: str, *, prompt: str | None = None, source: str | None = None,
+                  method: str = 'greedy', max_len: int | None = None, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, beam_size: int = 4,
+                  length_penalty: float = 0.6, seed: int = 0, step: int | None = None) -> list[str]:
+  """The generated texts (one per sample or beam, best beam first), as printed by the command."""
+  if method not in METHODS:
+    raise ValueError(f'--method={method!r}; allowed: {", ".join(map(repr, METHODS))}')
+  if num_samples < 1:
+    raise ValueError(f'--num_samples={num_samples}; it must be a positive integer')
+  run, params, _ = load_run(workdir, step)
+  info = run.dataset.info
+  if run.task == 'lm':
+    if prompt is None:
+      raise ValueError(f'--workdir={workdir!r} is a language-model run: give --prompt="..."')
+    inputs = encode_prompt(prompt, info['chars'])
+    max_len = max_len or run.config.model.max_len
+    ids = dict(eos_id=None)
+    decode = lambda tokens: ''.join(info['chars'][t] for t in tokens)
+  elif run.task == 'seq2seq':
+    if source is None:
+      raise ValueError(f'--workdir={workdir!r} is a seq2seq run: give --source="..."')
+    names = symbol_names(run.config.data.task, info['vocab_size'])
+    inputs = encode_source(source, names)
+    max_len = max_len or info['max_len']
+    ids = dict(eos_id=info['eos_id'], pad_id=info['pad_id'], bos_id=info['bos_id'])
+    decode = lambda tokens: ' '.join(names[int(t)] for t in tokens if t != info['pad_id'])
+    prompt = ' '.join(names[int(t)] for t in inputs[0])
+  else:
+    raise ValueError(f'--workdir={workdir!r} is a {run.task} run; generate needs a language-model '
+                     'run (--prompt) or a seq2seq run (--source)')
+  if method == 'beam':
+    beams = tx.beam_search(run.model, params, inputs, beam_size=beam_size, max_len=max_len,
+                           length_penalty_alpha=length_penalty, **ids)
+    tokens, scores = np.asarray(beams.tokens[0]), np.asarray(beams.scores[0])
+    texts = [f'{decode(t)}   (score {s:.3f})' for t, s in zip(tokens, scores)]
+  else:
+    sample = method == 'sample'
+    out = tx.generate(run.model, params, np.repeat(inputs, num_samples if sample else 1, axis=0),
+                      max_len=max_len, rng=jax.random.key(seed), temperature=temperature
+                      if sample else 0.0, top_k=top_k if sample else None,
+                      top_p=top_p if sample else None, **ids)
+    texts = [decode(t) for t in np.asarray(out.tokens)]
+  if run.task == 'seq2seq':
+    texts = [f'{prompt} → {t}' for t in texts]
+  return texts
+
+
+def define_flags():
+  """The command's flags; defined only when run as a program (see experiments.inspect)."""
+  define_run_reader_flags('A language-model or seq2seq run written by experiments.run.')
+  flags.DEFINE_string('prompt', None, 'Text to continue (language-model runs).')
+  flags.DEFINE_string('source', None, 'Source symbols to decode (seq2seq runs), e.g. "3 1 4".')
+  flags.DEFINE_enum('method', 'greedy', METHODS, 'Decoding method.')
+  flags.DEFINE_integer('max_len', None, 'Output length: total tokens for LMs (prompt included), '
+                       'output tokens for seq2seq; default: the trained length.')
+  flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (--method=sample).')
+  flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens only (0: all).')
+  flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens with this mass.')
+  flags.DEFINE_integer('num_samples', 1, 'Samples to draw (--method=sample).')
+  flags.DEFINE_integer('beam_size', 4, 'Beams (--method=beam).')
+  flags.DEFINE_float('length_penalty', 0.6, 'α of the GNMT length penalty (--method=beam).')
+  flags.DEFINE_integer('seed', 0, 'PRNG seed for sampling.')
+
+
+def main(argv):
+  f = flags.FLAGS
+  start_run_reader(argv, '--workdir=RUN --prompt="..." (LM) or --source="..." (seq2seq)')
+  start = time.time()
+  try:
+    texts = generate_text(f.workdir, prompt=f.prompt, source=f.source, method=f.method,
+                          max_len=f.max_len, temperature=f.temperature, top_k=f.top_k,
+                          top_p=f.top_p, num_samples=f.num_samples, beam_size=f.beam_size,
+                          length_penalty=f.length_penalty, seed=f.seed, step=f.step)
+  except Exception as e:
+    fail_unless_verbose(e, f.verbose)
+  for i, text in enumerate(texts):
+    if len(texts) > 1:
+      print(f'--- {"beam" if f.method == "beam" else "sample"} {i + 1} ---')
+    print(text, flush=True)
+  print(f'({time.time() - start:.1f} s, loading and compiling included)', flush=True)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
