@@ -34,7 +34,8 @@ def get_config(arg=None):
       name='EncoderClassifier', num_layers=4, d_model=64, num_heads=4, d_ff=128,
       max_len=40 // arg.patch_size + 1, posemb=arg.posemb, pool=arg.pool, norm='pre',
       activation='gelu', beta_scale=arg.beta_scale, learn_beta=arg.learn_beta, score=arg.score,
-      implementation='xla', dropout=0.1, attention_dropout=0.0, dtype='float32'))
+      implementation='xla', dropout=0.1, attention_dropout=0.0, dtype='float32', remat=False,
+      scan_layers=False))
   if arg.quick:
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 100, 100, 25
   return c

@@ -9,13 +9,13 @@ flax and numpy.
 
 from tx.analysis import (attention_entropy, attention_rollout, attention_weights,
                          mean_attention_distance, position_content_shares)
-from tx.attention import attend, dot_product_attention, softargmax_beta
+from tx.attention import attend, dot_product_attention, fused_is_valid, softargmax_beta
 from tx.decoding import Beams, Decoded, beam_search, generate, length_penalty
 from tx.layers import (DecoderBlock, EncoderBlock, FeedForward, MultiHeadAttention)
 from tx.masks import (causal_mask, combine_masks, local_window_mask, padding_mask,
                       valid_from_lengths, valid_from_tokens)
 from tx.models import (Decoder, DecoderLM, Encoder, EncoderClassifier, EncoderDecoder,
-                       TokenEmbedding, shift_right)
+                       TokenEmbedding, shift_right, stack_layers, unstack_layers)
 from tx.posemb import AddPositionEmbs, resample_posemb, rope, sincos_2d, sinusoidal_1d
 from tx.scores import (AdditiveScore, GeneralScore, LocationScore, cosine_score, dot_score,
                        scaled_dot_score)

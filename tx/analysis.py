@@ -7,21 +7,40 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from tx.models import unstack_layers
+
 
 def attention_weights(model, variables, *args, method=None, **kwargs) -> dict:
   """Runs `model.apply(variables, *args, **kwargs)` and returns the attention weights of
   every attention layer, {'path/of/layer': weights [batch..., H, Tq, Tk]}, in call order.
 
   The weights are what `MultiHeadAttention` sows into 'intermediates'. A model
-  configured with implementation='fused' (whose kernel cannot return weights)
-  is run on the 'xla' path, which computes the same function.
+  configured with implementation='fused' or None (auto, which may pick the fused
+  kernel on GPU; the kernel cannot return weights) is run on the 'xla' path, which
+  computes the same function. A model with scan_layers=True gives one entry per
+  layer under the unscanned keys ('encoder/block_0/self_attention', ...).
   """
-  if getattr(model, 'implementation', None) == 'fused':
+  if getattr(model, 'implementation', 'xla') != 'xla':
     model = model.clone(implementation='xla')
   _, state = model.apply(variables, *args, method=method, mutable=['intermediates'], **kwargs)
-  flat = flax.traverse_util.flatten_dict(state.get('intermediates', {}), sep='/')
+  flat = flax.traverse_util.flatten_dict(unstack_layers(state.get('intermediates', {})), sep='/')
   suffix = '/attention_weights'
-  return {k[:-len(suffix)]: v[0] for k, v in flat.items() if k.endswith(suffix)}
+  return _call_order({k[:-len(suffix)]: v[0] for k, v in flat.items() if k.endswith(suffix)})
+
+
+def _call_order(weights: dict) -> dict:
+  """Within a block, self-attention before cross-attention (the order DecoderBlock calls them).
+
+  An unscanned model's intermediates already come in call order; a scanned stack returns
+  each block's sown values sorted by name (cross < self), which this undoes. Blocks keep
+  their order of first appearance.
+  """
+  block = lambda key: key.rpartition('/')[0]
+  first = {}
+  for key in weights:
+    first.setdefault(block(key), len(first))
+  rank = lambda key: (first[block(key)], key.endswith('cross_attention'))
+  return {key: weights[key] for key in sorted(weights, key=rank)}
 
 
 def attention_entropy(weights, query_mask=None):

@@ -139,9 +139,10 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
       to the logits. β = 0 averages the attendable values uniformly; β → ∞
       returns the value of the argmax key.
     return_weights: also return the float32 weights [batch..., H, Tq, Tk].
-    implementation: None or 'xla' for this einsum path; 'fused' for
+    implementation: 'xla' for this einsum path; 'fused' for
       `jax.nn.dot_product_attention` (cuDNN on GPU for bf16/fp16 when it
-      supports the shapes, XLA otherwise). 'fused' cannot return weights.
+      supports the shapes, XLA otherwise), which cannot return weights;
+      None (default) chooses: 'fused' where `fused_is_valid`, else 'xla'.
     dropout_rate, dropout_rng: attention-weight dropout, as in `attend`.
 
   Returns:
@@ -155,12 +156,16 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
   if beta is None:
     beta = 1.0 / np.sqrt(q.shape[-1])
   check_beta(beta)
+  dropout = dropout_rng is not None and dropout_rate > 0.0
+  if implementation is None:
+    implementation = 'fused' if fused_is_valid(q, k, v, beta=beta, dropout=dropout,
+                                               return_weights=return_weights) else 'xla'
 
   if implementation == 'fused':
     if return_weights:
       raise ValueError('return_weights=True needs implementation=None or "xla"; '
                        'the fused kernel never materialises the weights')
-    if dropout_rng is not None and dropout_rate > 0.0:
+    if dropout:
       raise ValueError(f'dropout_rate={dropout_rate} needs implementation=None or "xla"; '
                        'the fused kernel has no attention-weight dropout')
     return _fused(q, k, v, mask, bias, beta, logits_shape)
@@ -169,6 +174,47 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
                         dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   out = out.astype(q.dtype)
   return (out, weights) if return_weights else out
+
+
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+FUSED_MAX_HEAD_DIM = 128
+
+
+def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
+                   dropout: bool = False, return_weights: bool = False,
+                   backend: str | None = None) -> bool:
+  """Whether implementation=None (auto) takes the fused cuDNN kernel for this call.
+
+  True only when all of these hold (the limits of cuDNN flash attention in
+  jax/_src/cudnn/fused_attention_stablehlo.py: check_layout and check_is_flash_attention;
+  and of `jax.nn.dot_product_attention`):
+    - backend is 'gpu' (default: `jax.default_backend()`);
+    - q, k, v share one dtype, bfloat16 or float16;
+    - the head dims are equal (Dk == Dv), a multiple of 8 and <= 128 (cuDNN allows 256
+      on Hopper and later; 128 holds on every GPU);
+    - Tq and Tk are even: cuDNN's backward pass rejects odd lengths "with a bias", and
+      its fwd rule always sees one (an empty placeholder stands in for a missing bias),
+      so every odd-length gradient fails (seen on an H100, jax 0.11.2, also without a
+      mask). Whether a gradient will be taken is not known here, and under `nn.scan`
+      or `jax.checkpoint` the error comes where no fallback can catch it;
+    - β is None, a scalar or per head ([H], [1], [H, 1, 1]): what `_fused` can fold in;
+    - score is 'dot' (the kernel computes q·k only);
+    - no attention-weight dropout is in use (the kernel has none);
+    - the weights are not requested (the kernel never materialises them).
+  Masks and biases are no condition (cuDNN takes both). Otherwise the einsum ('xla')
+  path runs. q, k, v need only `.shape` and `.dtype`.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  heads, d_k, d_v = q.shape[-2], q.shape[-1], v.shape[-1]
+  t_q, t_k = q.shape[-3], k.shape[-3]
+  beta_shape = np.shape(beta)
+  return (backend == 'gpu'
+          and len(dtypes) == 1 and dtypes <= {jnp.dtype(d) for d in FUSED_DTYPES}
+          and d_k == d_v and d_k % 8 == 0 and d_k <= FUSED_MAX_HEAD_DIM
+          and t_q % 2 == 0 and t_k % 2 == 0
+          and beta_shape in ((), (1,), (heads,), (1, 1, 1), (heads, 1, 1))
+          and score == 'dot' and not dropout and not return_weights)
 
 
 def _fused(q, k, v, mask, bias, beta, logits_shape):
@@ -189,7 +235,11 @@ def _fused(q, k, v, mask, bias, beta, logits_shape):
     q = (q.astype(jnp.float32) * (b[..., 0] if b.ndim else b)).astype(q.dtype)
   args = (flat(q), flat(k), flat(v), as4d(bias), as4d(mask))
   out = None
-  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+  # cuDNN's backward pass rejects odd lengths where no fallback can catch the error (under
+  # nn.scan or jax.checkpoint), so those go to XLA up front; its other refusals come at trace
+  # time and are caught here.
+  if (jax.default_backend() == 'gpu' and q.dtype in FUSED_DTYPES
+      and q.shape[-3] % 2 == 0 and k.shape[-3] % 2 == 0):
     try:
       out = jax.nn.dot_product_attention(*args, scale=scale, implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError):

@@ -226,7 +226,10 @@ def _beam_search(model, params, inputs, *, beam_size, max_len, eos_id, pad_id, b
     score = jnp.take_along_axis(total.reshape(batch, k * vocab), pick, axis=1)
     done = was_done | ((token == eos_id) if eos_id is not None else False)
     rows = (jnp.arange(batch)[:, None] * k + origin).reshape(-1)
-    cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, cache)
+    # Reorder the cache's batch rows: axis 0, or 1 behind the layer axis of a scanned stack
+    # (whose per-layer cache_index [layers] has no batch axis, like a scalar index).
+    axis = 1 if model.scan_layers else 0
+    cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=axis) if x.ndim > axis else x, cache)
     return t, seqs, cache, logits, score, take(grown), done
 
   def body(state):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tx import scores as scores_lib
-from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention
+from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention, fused_is_valid
 from tx.masks import combine_masks
 from tx.posemb import rope as apply_rope
 from tx.validate import check_beta, check_choice, concrete
@@ -36,7 +36,12 @@ class MultiHeadAttention(nn.Module):
   The logits are β·score(q, k) with β = beta_scale / sqrt(d_head), fixed, or
   learned per head (`learn_beta`, parametrised as log β so that β stays > 0).
   The attention weights [batch..., H, Tq, Tk] are sown into 'intermediates'
-  as 'attention_weights' (except with implementation='fused').
+  as 'attention_weights' on the 'xla' path only.
+
+  implementation: 'xla' (einsum, weights sown), 'fused' (`jax.nn.dot_product_attention`,
+  cuDNN on GPU; score='dot' only, no weights), or None (default): 'fused' where
+  `tx.attention.fused_is_valid` holds, else 'xla'. Under None the weights count as
+  requested whenever 'intermediates' is mutable, so they are always sown when asked for.
 
   decode=True (self-attention only) keeps keys and values in a 'cache'
   collection, sized by the input given to `init`; each call appends its T
@@ -136,7 +141,13 @@ class MultiHeadAttention(nn.Module):
       dropout_rng = self.make_rng('dropout')
     common = dict(mask=mask, bias=bias, beta=beta, dropout_rate=self.dropout_rate,
                   dropout_rng=dropout_rng)
-    if self.score == 'dot' and self.implementation == 'fused':
+    implementation = self.implementation
+    if implementation is None:
+      valid = fused_is_valid(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, beta=beta, score=self.score,
+                             dropout=dropout_rng is not None,
+                             return_weights=self.is_mutable_collection('intermediates'))
+      implementation = 'fused' if valid else 'xla'
+    if implementation == 'fused':
       out_BxTxHxD = dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD,
                                           implementation='fused', **common)
     else:

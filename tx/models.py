@@ -6,7 +6,10 @@ so a config's `model` section maps straight onto any of them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from tx.layers import BlockHParams, DecoderBlock, EncoderBlock, hparams
@@ -24,13 +27,102 @@ def shift_right(tokens, bos_id: int):
 
 
 class ModelHParams(BlockHParams, kw_only=True):
+  """Model-level hyper-parameters, on top of the blocks' `BlockHParams`.
+
+  remat: recompute each block's activations in the backward pass instead of keeping
+    them (`nn.remat`): less memory, about one more forward pass of compute; the same
+    parameters, outputs and gradients.
+  scan_layers: run the blocks as one `nn.scan` over a single block whose parameters
+    (and cache, and sown intermediates) are stacked on a leading axis of length
+    num_layers, under the name 'blocks' instead of 'block_0' ... 'block_{N-1}'. The
+    program holds one block instead of N, so deep models compile faster (on GPU; a
+    step may run slower); convert checkpoints with `stack_layers` / `unstack_layers`.
+  """
   num_layers: int = 6
   d_model: int = 512
   posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'rope' | 'none'.
+  remat: bool = False
+  scan_layers: bool = False
 
 
 def _block_args(model: ModelHParams) -> dict:
   return dict(hparams(model), rope=model.posemb == 'rope')
+
+
+STACKED = 'blocks'  # the scanned stack's name; unscanned blocks are 'block_0', 'block_1', ...
+
+
+def _stack(model: ModelHParams, block: type, call, x, *args):
+  """x through model.num_layers blocks of class `block`: x ← call(block_i, x, *args).
+
+  `call` closes over the static `deterministic` flag; `args` (masks, memory) are the
+  same for every layer. With remat each call is wrapped in `nn.remat`; with scan_layers
+  the loop is one `nn.scan` (params, intermediates and cache stacked on axis 0, a fresh
+  params/dropout key per layer, `args` broadcast to every step).
+  """
+  fn = nn.remat(call, prevent_cse=not model.scan_layers) if model.remat else call
+  if not model.scan_layers:
+    for i in range(model.num_layers):
+      x = fn(block(**_block_args(model), name=f'block_{i}'), x, *args)
+    return x
+  scan = nn.scan(lambda mdl, carry, *a: (fn(mdl, carry, *a), None),
+                 variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
+                 split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+                 length=model.num_layers)
+  x, _ = scan(block(**_block_args(model), name=STACKED), x, *args)
+  return x
+
+
+def _map(f, *trees):
+  """jax.tree.map over nested dicts and tuples that keeps the dicts' key order (call order)."""
+  first = trees[0]
+  if isinstance(first, Mapping):
+    return {k: _map(f, *(t[k] for t in trees)) for k in first}
+  if isinstance(first, (tuple, list)):
+    return type(first)(_map(f, *parts) for parts in zip(*trees))
+  return f(*trees)
+
+
+def unstack_layers(tree):
+  """A scanned model's variables → the unscanned layout: every {'blocks': stacked} becomes
+  {'block_0': ..., 'block_{N-1}': ...}, slicing the leading axis (N = its length).
+
+  Works on any variable collection (params, cache, intermediates); other keys keep
+  their place and order.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == STACKED:
+      leaves = jax.tree.leaves(value)
+      n = leaves[0].shape[0] if leaves else 0
+      out.update({f'block_{i}': _map(lambda a, i=i: a[i], value) for i in range(n)})
+    else:
+      out[key] = unstack_layers(value)
+  return out
+
+
+def stack_layers(tree):
+  """An unscanned model's variables → the scan_layers=True layout: every run of
+  {'block_0': ..., 'block_{N-1}': ...} becomes {'blocks': the N trees stacked on a new
+  leading axis}, placed where 'block_0' was. The inverse of `unstack_layers`.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  if 'block_0' not in tree:
+    return {key: stack_layers(value) for key, value in tree.items()}
+  n = 0
+  while f'block_{n}' in tree:
+    n += 1
+  blocks = [tree[f'block_{i}'] for i in range(n)]
+  out = {}
+  for key, value in tree.items():
+    if key == 'block_0':
+      out[STACKED] = _map(lambda *a: jnp.stack(a), *blocks)
+    elif not (key.startswith('block_') and key[6:].isdigit() and int(key[6:]) < n):
+      out[key] = stack_layers(value)
+  return out
 
 
 class Encoder(ModelHParams):
@@ -44,9 +136,8 @@ class Encoder(ModelHParams):
     x = AddPositionEmbs(self.posemb, self.max_len, param_dtype=self.param_dtype,
                         name='posemb')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    for i in range(self.num_layers):
-      x = EncoderBlock(**_block_args(self), name=f'block_{i}')(x, mask,
-                                                               deterministic=deterministic)
+    call = lambda block, x, mask: block(x, mask, deterministic=deterministic)
+    x = _stack(self, EncoderBlock, call, x, mask)
     if self.norm == 'pre':
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm')(x)
     return x
@@ -67,9 +158,9 @@ class Decoder(ModelHParams):
                         param_dtype=self.param_dtype, name='posemb')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))
-    for i in range(self.num_layers):
-      x = DecoderBlock(**_block_args(self), name=f'block_{i}')(
-          x, memory, self_mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
+    call = lambda block, x, memory, self_mask, cross_mask: block(
+        x, memory, self_mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
+    x = _stack(self, DecoderBlock, call, x, memory, self_mask, cross_mask)
     if self.norm == 'pre':
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm')(x)
     return x
