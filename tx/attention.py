@@ -86,6 +86,19 @@ def _check_qkv(q, k, v):
   return tuple(batch) + (q.shape[-2], q.shape[-3], k.shape[-3])
 
 
+@jax.custom_jvp
+def _finite(logits):
+  """Clips float32 logits to ±max: a huge β (or a −∞ bias) must not overflow to ±∞, whose
+  difference in the softmax is NaN. Its derivative is taken as 1 everywhere (exact wherever
+  the logits are finite): clip's own derivative is a select over the [T, T] logits, which
+  made the backward pass of attention 2× slower on CPU (docs/performance.md)."""
+  big = jnp.finfo(jnp.float32).max
+  return jnp.clip(logits, -big, big)
+
+
+_finite.defjvp(lambda primals, tangents: (_finite(primals[0]), tangents[0]))
+
+
 def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0.0,
            dropout_rng=None):
   """Turns alignment scores into attention: H = softargmax_β(scores + bias/β) V.
@@ -107,9 +120,7 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
   logits = jnp.asarray(scores, jnp.float32) * _beta_for_logits(beta, scores.shape[-3])
   if bias is not None:
     logits = logits + jnp.asarray(bias, jnp.float32)
-  # A huge β (or a -inf bias) must not overflow to ±inf, whose difference is NaN.
-  big = jnp.finfo(jnp.float32).max
-  logits = jnp.clip(logits, -big, big)
+  logits = _finite(logits)
   weights = softargmax_beta(logits, 1.0, mask)
   used = weights
   if dropout_rng is not None and dropout_rate > 0.0:
