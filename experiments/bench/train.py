@@ -1,0 +1,126 @@
+"""Train-step throughput of tx models and the matmul rate that MFU is measured against.
+
+The step is the trainer's own `experiments.trainer.train_step` (forward, backward,
+global-norm clipping, AdamW with decay on matrices, the metrics it logs) on one device,
+under `jax.jit` with the state donated, as `experiments.run` runs it. The batch is placed
+on the device once, as the PyTorch peer's is.
+
+  achieved FLOP/s = flops.train_step(spec) / median step time
+  MFU             = achieved FLOP/s / matmul FLOP/s
+  matmul FLOP/s   = max over n of 2·n³ / median time of an n×n by n×n product, same device
+                    and dtype
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import common
+from experiments import tasks, trainer
+from experiments.bench import flops, specs
+from experiments.bench.timing import measure
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def step_fn(spec: specs.Spec, model):
+  """The trainer's train_step(state, batch) -> (state, metrics) for `model` on spec's task."""
+  config = common.training()
+  schedule = optax.constant_schedule(config.optimizer.lr)
+
+  def loss_fn(params, batch, rng):
+    return tasks.loss_and_metrics(spec.task, model, params, batch, rng=jax.random.wrap_key_data(rng),
+                                  train=True, bos_id=specs.BOS, pad_id=0)
+
+  return functools.partial(trainer.train_step, loss_fn=loss_fn, schedule=schedule,
+                           optimizer=trainer.make_optimizer(config, schedule),
+                           count_fn=lambda b: tasks.loss_weights(spec.task, b, 0).sum(),
+                           accum_steps=1)
+
+
+def init_state(spec: specs.Spec, model, seed=0) -> trainer.TrainState:
+  """Parameters and AdamW state of `model` from `seed` (may be traced, for vmap)."""
+  init_rng, train_rng = jax.random.split(jax.random.key(seed))
+  batch = specs.synthetic_batch(dataclasses.replace(spec, batch=1))
+  params = model.init(init_rng, *specs.model_inputs(spec, batch))['params']
+  optimizer = step_fn(spec, model).keywords['optimizer']
+  return trainer.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                            jax.random.key_data(train_rng))
+
+
+def time_steps(step, state, batch, *, repeats: int, warmup: int = 2) -> dict:
+  """Times step(state, batch) -> (state, metrics), feeding each call's state to the next."""
+  carry = {'state': state}
+
+  def run():
+    carry['state'], metrics = step(carry['state'], batch)
+    return carry['state'], metrics
+
+  return measure(run, repeats=repeats, warmup=warmup)
+
+
+def time_train_step(spec: specs.Spec, dtype: str = 'float32', *, repeats: int = 5,
+                    warmup: int = 2, **model_overrides) -> dict:
+  """Median seconds per step, examples/s and achieved FLOP/s of the tx train step."""
+  model = specs.tx_model(spec, DTYPES[dtype], **model_overrides)
+  state = jax.jit(functools.partial(init_state, spec, model))()
+  step = jax.jit(step_fn(spec, model), donate_argnums=(0,))
+  t = time_steps(step, state, jax.device_put(specs.synthetic_batch(spec)), repeats=repeats,
+                 warmup=warmup)
+  return dict(t, examples_per_s=spec.batch / t['median_s'],
+              flops_per_step=flops.train_step(spec),
+              flop_per_s=flops.train_step(spec) / t['median_s'])
+
+
+def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict:
+  """`members` runs differing in β (model.beta_scale), as `experiments.sweep --vectorize`
+  trains them: one jit(vmap(step)) call per step, against one jitted step per member per
+  step. Returns member-steps/s of both and their ratio (> 1: vectorising is faster)."""
+  base = specs.tx_model(spec)
+  betas = jnp.linspace(0.5, 2.0, members)
+
+  def member_step(state, batch, beta):
+    return step_fn(spec, base.clone(beta_scale=beta))(state, batch)
+
+  def member_init(seed, beta):
+    return init_state(spec, base.clone(beta_scale=beta), seed)
+
+  batch = jax.device_put(specs.synthetic_batch(spec))
+  seeds = jnp.arange(members)
+  states = jax.jit(jax.vmap(member_init))(seeds, betas)
+  vmapped = jax.jit(jax.vmap(member_step, in_axes=(0, None, 0)), donate_argnums=(0,))
+  together = time_steps(lambda s, b: vmapped(s, b, betas), states, batch, repeats=repeats)
+
+  single = jax.jit(member_step, donate_argnums=(0,))
+  states = [jax.jit(member_init)(i, betas[i]) for i in range(members)]
+
+  def one_step_of_each(states, batch):
+    out = [single(s, batch, beta) for s, beta in zip(states, betas)]
+    return [s for s, _ in out], [m for _, m in out]
+
+  apart = time_steps(one_step_of_each, states, batch, repeats=repeats)
+  rate = lambda t: members / t['median_s']
+  return {'members': members, 'vectorized': together, 'sequential': apart,
+          'vectorized_member_steps_per_s': rate(together),
+          'sequential_member_steps_per_s': rate(apart),
+          'speedup': apart['median_s'] / together['median_s']}
+
+
+def matmul_rate(dtype: str = 'float32', sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
+  """The best FLOP/s of n×n by n×n products in `dtype` over `sizes` (2·n³ FLOPs each): the
+  device's attainable matmul rate, which MFU divides by. The best size is taken because
+  a single size can fall off a cache cliff, which would flatter MFU."""
+  rows = []
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(1), (n, n), DTYPES[dtype])
+    b = jax.random.normal(jax.random.key(2), (n, n), DTYPES[dtype])
+    product = jax.jit(jnp.matmul)
+    t = measure(lambda: product(a, b), repeats=repeats, warmup=2)
+    rows.append(dict(t, n=n, flop_per_s=2 * n ** 3 / t['median_s']))
+  best = max(rows, key=lambda r: r['flop_per_s'])
+  return {'dtype': dtype, 'n': best['n'], 'flop_per_s': best['flop_per_s'], 'sizes': rows}

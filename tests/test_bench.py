@@ -1,0 +1,67 @@
+"""The benchmark suite: the analytic FLOP count against XLA's own count, and a tiny run of
+`python -m experiments.bench` end to end."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from experiments.bench import __main__ as bench
+from experiments.bench import flops, specs, train
+
+# Small enough to compile in a second, wide enough that matrix products dominate.
+COUNTED = [specs.Spec('v', 'ViT', num_layers=2, d_model=128, num_heads=4, d_ff=512, batch=2,
+                      image_size=16, patch_size=4),
+           specs.Spec('e', 'EncoderDecoder', num_layers=2, d_model=128, num_heads=4, d_ff=512,
+                      batch=2, seq_len=32, vocab_size=64),
+           specs.Spec('l', 'DecoderLM', num_layers=2, d_model=128, num_heads=4, d_ff=512,
+                      batch=2, seq_len=32, vocab_size=64)]
+
+
+def _xla_flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
+@pytest.mark.parametrize('spec', COUNTED, ids=lambda s: s.kind)
+def test_analytic_flops_match_xla_cost_analysis(spec):
+  """XLA counts every product (2 FLOPs per multiply-add) plus the elementwise ops we leave out,
+  so its count is a little above ours: within 5% for the forward pass, and the train step
+  (forward + backward + AdamW) within 3-3.6x the forward."""
+  model = specs.tx_model(spec)
+  args = specs.model_inputs(spec, specs.synthetic_batch(spec))
+  variables = model.init(jax.random.key(0), *args)
+  forward = spec.batch * flops.forward_per_example(spec)
+  assert 1.0 <= _xla_flops(model.apply, variables, *args) / forward <= 1.05
+  state = jax.jit(lambda: train.init_state(spec, model))()
+  step = _xla_flops(train.step_fn(spec, model), state, specs.synthetic_batch(spec))
+  assert flops.train_step(spec) == 3 * forward
+  assert 1.0 <= step / flops.train_step(spec) <= 1.2
+
+
+def test_tiny_benchmark_end_to_end(tmp_path):
+  results = bench.run('tiny', str(tmp_path), log=lambda *_: None)
+  saved = json.loads((tmp_path / 'bench.json').read_text())
+  assert set(bench.SECTIONS) <= set(saved) and saved['environment']['jax'] == jax.__version__
+  assert all(m['flop_per_s'] > 0 for m in saved['matmul'])
+  trained = {(r['model'], r['dtype']) for r in saved['train']}
+  assert trained == {(s.name, d) for s in bench.plan('tiny', 'cpu')['specs']
+                     for d in ('float32', 'bfloat16')}
+  assert all(r['median_s'] > 0 and r['flop_per_s'] > 0 for r in saved['train'])
+  assert {r['implementation'] for r in saved['attention']} == {'xla', 'fused'}
+  assert saved['parallel']['devices'] == bench.SIMULATED_DEVICES
+  assert saved['parallel']['pmap']['median_s'] > 0 and saved['parallel']['jit']['median_s'] > 0
+  assert saved['vectorized']['members'] == 2 and saved['vectorized']['speedup'] > 0
+  table = (tmp_path / 'bench.md').read_text()
+  for heading in ('| matmul |', '| model | dtype |', '| T | ours ms |', '| runner |',
+                  'member-steps/s'):
+    assert heading in table
+  if 'rows' in results['peer']:  # torch installed: the ratio tx/peer is reported per model
+    assert {r['model'] for r in saved['peer']['rows']} == {s.name for s in
+                                                           bench.plan('tiny', 'cpu')['specs']}
+    # --tiny skips torch.compile (14-22 s a model here); tx/eager is a ratio on every row.
+    fp32_rows = [line for line in table.splitlines() if '| float32 |' in line and 'tiny' in line]
+    assert len(fp32_rows) == 3 and all(line.count('x |') == 1 for line in fp32_rows)
+  for png in ('attention.png', 'throughput.png'):
+    assert os.path.getsize(tmp_path / png) > 10_000
