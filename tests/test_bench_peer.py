@@ -228,5 +228,10 @@ def test_bfloat16_autocast_step(kind):
   assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
 
 
-def test_available():
-  assert peer.available() is None
+def test_without_torch_every_entry_point_says_why(monkeypatch):
+  monkeypatch.setattr(peer, '_TORCH_ERROR', 'torch does not import (ImportError: no torch)')
+  spec = specs.TINY_SPECS[0]
+  for call in (lambda: peer.build_model(spec), lambda: peer.time_train_step(spec),
+               lambda: peer.train_step_fn(spec)):
+    with pytest.raises(RuntimeError, match=r'^torch does not import \(ImportError: no torch\)$'):
+      call()

@@ -73,16 +73,6 @@ def _stack(model: ModelHParams, block: type, call, x, *args):
   return x
 
 
-def _map(f, *trees):
-  """jax.tree.map over nested dicts and tuples that keeps the dicts' key order (call order)."""
-  first = trees[0]
-  if isinstance(first, Mapping):
-    return {k: _map(f, *(t[k] for t in trees)) for k in first}
-  if isinstance(first, (tuple, list)):
-    return type(first)(_map(f, *parts) for parts in zip(*trees))
-  return f(*trees)
-
-
 def unstack_layers(tree):
   """A scanned model's variables → the unscanned layout: every {'blocks': stacked} becomes
   {'block_0': ..., 'block_{N-1}': ...}, slicing the leading axis (N = its length).
@@ -97,7 +87,7 @@ def unstack_layers(tree):
     if key == STACKED:
       leaves = jax.tree.leaves(value)
       n = leaves[0].shape[0] if leaves else 0
-      out.update({f'block_{i}': _map(lambda a, i=i: a[i], value) for i in range(n)})
+      out.update({f'block_{i}': jax.tree.map(lambda a, i=i: a[i], value) for i in range(n)})
     else:
       out[key] = unstack_layers(value)
   return out
@@ -119,7 +109,7 @@ def stack_layers(tree):
   out = {}
   for key, value in tree.items():
     if key == 'block_0':
-      out[STACKED] = _map(lambda *a: jnp.stack(a), *blocks)
+      out[STACKED] = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
     elif not (key.startswith('block_') and key[6:].isdigit() and int(key[6:]) < n):
       out[key] = stack_layers(value)
   return out

@@ -78,8 +78,22 @@ def run_parallel(spec_name: str, repeats: int) -> dict:
                     env=env)
 
 
+def save(results: dict, out: str) -> str:
+  """Writes bench.json, bench.md and the plots of what has been measured so far; returns
+  the markdown. Called after every section, so that a run stopped part-way keeps its numbers."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'bench.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  text = report.markdown(results)
+  with open(os.path.join(out, 'bench.md'), 'w') as f:
+    f.write(text + '\n')
+  plots.draw(results, out)
+  return text
+
+
 def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
-  """Runs the sections of `mode` ('tiny' | 'quick' | 'full'); writes and returns the results."""
+  """Runs the sections of `mode` ('tiny' | 'quick' | 'full'); writes and returns the results
+  (with the markdown report under 'markdown')."""
   start = time.time()
   p = plan(mode, jax.default_backend())
   results = {'mode': mode, 'command': ' '.join(sys.argv), 'environment': environment(),
@@ -89,6 +103,7 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
                          for d in p['dtypes']]
     for m in results['matmul']:
       log(f'matmul {m["dtype"]} n={m["n"]}: {m["flop_per_s"] / 1e9:.1f} GFLOP/s')
+  save(results, out)
   if 'train' in sections:
     results['train'] = []
     for spec in p['specs']:
@@ -97,9 +112,13 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
         results['train'].append(dict(r, model=spec.name, dtype=dtype, batch=spec.batch))
         log(f'tx {spec.name} {dtype}: {r["median_s"] * 1e3:.1f} ms/step, '
             f'{r["examples_per_s"]:.1f} examples/s')
+  save(results, out)
   if 'peer' in sections:
     # The peer runs in its own processes (see peer.main); this one never imports torch.
     reason = None if importlib.util.find_spec('torch') else 'torch is not installed'
+    # JAX (imported there through specs) stays on the CPU: on a GPU its first op would
+    # preallocate most of the device's memory under torch.
+    peer_env = dict(os.environ, JAX_PLATFORMS='cpu')
     results['peer'] = {'unavailable': reason} if reason else {'rows': [], 'dtype': p['peer_dtype']}
     for spec in p['specs'] if not reason else ():
       runs = [('tx', False), ('tx', True)] if p['compile_peer'] else [('tx', False)]
@@ -111,36 +130,33 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
           row.update(run_module('experiments.bench.peer', f'--spec={spec.name}',
                                 f'--compile={compiled}', f'--impl={impl}',
                                 f'--dtype={p["peer_dtype"]}',
-                                f'--repeats={p["repeats"]}', '--warmup=2'))
+                                f'--repeats={p["repeats"]}', '--warmup=2', env=peer_env))
           log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
               f'{row["step_s_median"] * 1e3:.1f} ms/step')
         except RuntimeError as e:
           row['error'] = str(e)
           log(f'torch {impl} {spec.name} failed: {e}')
         results['peer']['rows'].append(row)
+  save(results, out)
   if 'attention' in sections:
     batch, heads, head_dim = p['attention_shape']
     dtype = jnp.bfloat16 if jax.default_backend() == 'gpu' else jnp.float32
     results['attention'] = attention.bench(p['lengths'], batch=batch, heads=heads,
                                            head_dim=head_dim, dtype=dtype, repeats=p['repeats'],
                                            log=log)
+  save(results, out)
   if 'parallel' in sections:
     results['parallel'] = run_parallel(p['parallel_spec'], p['repeats'])
     log(f'parallel: pmap {results["parallel"]["pmap"]["median_s"] * 1e3:.1f} ms, '
         f'jit {results["parallel"]["jit"]["median_s"] * 1e3:.1f} ms per step')
+  save(results, out)
   if 'vectorized' in sections:
     results['vectorized'] = dict(train.time_vectorized(p['vectorized_spec'], p['members'],
                                                        repeats=p['repeats']),
                                  model=p['vectorized_spec'].name)
     log(f'vectorized: {results["vectorized"]["speedup"]:.2f}x sequential')
   results['wall_s'] = round(time.time() - start, 1)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'bench.json'), 'w') as f:
-    json.dump(results, f, indent=1)
-  text = report.markdown(results)
-  with open(os.path.join(out, 'bench.md'), 'w') as f:
-    f.write(text + '\n')
-  plots.draw(results, out)
+  results['markdown'] = save(results, out)
   return results
 
 
@@ -153,9 +169,10 @@ def main(argv):
     raise app.UsageError(f'--sections={f.sections!r}; allowed: {", ".join(SECTIONS)}'
                          if unknown else '--quick and --tiny exclude each other')
   results = run('tiny' if f.tiny else 'quick' if f.quick else 'full', f.out, sections)
-  print(report.markdown(results))
-  print(f'wrote {os.path.join(f.out, "bench.json")} and bench.md, attention.png, throughput.png '
-        f'({results["wall_s"]:.0f} s)')
+  print(results['markdown'])
+  written = sorted(n for n in os.listdir(f.out) if n.startswith(('bench.', 'attention.',
+                                                                  'throughput.')))
+  print(f'wrote {", ".join(written)} in {f.out} ({results["wall_s"]:.0f} s)')
 
 
 if __name__ == '__main__':

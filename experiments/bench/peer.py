@@ -2,9 +2,10 @@
 their train step timed in eager mode and under `torch.compile`.
 
   python -m experiments.bench            # times tx and this peer side by side (CPU or GPU)
+  python -m experiments.bench.peer --spec=vit-b16-224 --dtype=bfloat16 --compile  # one number
 
-Nothing here runs on its own; `experiments.bench` calls `time_train_step(spec, compile=...)`
-for each spec, and `available()` says why the peer is missing when torch does not import.
+`experiments.bench` runs `main` (one `time_train_step`) in a fresh process per measurement.
+Without torch every entry point raises a RuntimeError with the one-line reason.
 
 What is mirrored. `build_model(spec)` returns an `nn.Module` that computes the same function as
 `specs.tx_model(spec)`, with the same parameters under the same names (`load_tx_params` copies a
@@ -79,11 +80,6 @@ GRAD_CLIP = 1.0
 # Parameters tx stores with ndim > 1 although torch stores them as vectors: the Q, K, V biases
 # ([heads, d_head] in tx's DenseGeneral). tx's decay mask (ndim > 1) decays them.
 _TX_MATRIX_BIASES = ('query.bias', 'key.bias', 'value.bias')
-
-
-def available() -> str | None:
-  """None when torch imports; otherwise a one-line reason the peer cannot run."""
-  return _TORCH_ERROR
 
 
 def _require_torch():

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import tx
+from experiments.data import BOS, PAD
 
 KINDS = ('ViT', 'EncoderDecoder', 'DecoderLM')
 TASK_OF_KIND = {'ViT': 'classify', 'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
-BOS = 1  # decoder start token of the EncoderDecoder (tx.shift_right); 0 is <pad>.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def tx_model(spec: Spec, dtype=jnp.float32, **overrides):
     return tx.ViT(**dict(kw, **overrides))
   if spec.kind == 'EncoderDecoder':
     kw = dict(common, vocab_size=spec.vocab_size, max_len=spec.seq_len, posemb='sinusoidal',
-              norm='post', activation='relu', pad_id=0)
+              norm='post', activation='relu', pad_id=PAD)
     return tx.EncoderDecoder(**dict(kw, **overrides))
   kw = dict(common, vocab_size=spec.vocab_size, max_len=spec.seq_len, posemb='learn',
             norm='pre', activation='gelu')

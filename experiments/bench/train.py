@@ -21,25 +21,30 @@ import jax.numpy as jnp
 import optax
 
 from configs import common
+from experiments import data as data_lib
 from experiments import tasks, trainer
 from experiments.bench import flops, specs
 from experiments.bench.timing import measure
+from experiments.tasks import DTYPES
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+def optimizer():
+  """(optimizer, schedule): configs/common.py's AdamW at a constant learning rate."""
+  config = common.training()
+  schedule = optax.constant_schedule(config.optimizer.lr)
+  return trainer.make_optimizer(config, schedule), schedule
 
 
 def step_fn(spec: specs.Spec, model):
   """The trainer's train_step(state, batch) -> (state, metrics) for `model` on spec's task."""
-  config = common.training()
-  schedule = optax.constant_schedule(config.optimizer.lr)
+  opt, schedule = optimizer()
 
   def loss_fn(params, batch, rng):
     return tasks.loss_and_metrics(spec.task, model, params, batch, rng=jax.random.wrap_key_data(rng),
-                                  train=True, bos_id=specs.BOS, pad_id=0)
+                                  train=True, bos_id=data_lib.BOS, pad_id=data_lib.PAD)
 
-  return functools.partial(trainer.train_step, loss_fn=loss_fn, schedule=schedule,
-                           optimizer=trainer.make_optimizer(config, schedule),
-                           count_fn=lambda b: tasks.loss_weights(spec.task, b, 0).sum(),
+  return functools.partial(trainer.train_step, loss_fn=loss_fn, schedule=schedule, optimizer=opt,
+                           count_fn=lambda b: tasks.loss_weights(spec.task, b, data_lib.PAD).sum(),
                            accum_steps=1)
 
 
@@ -48,8 +53,7 @@ def init_state(spec: specs.Spec, model, seed=0) -> trainer.TrainState:
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   batch = specs.synthetic_batch(dataclasses.replace(spec, batch=1))
   params = model.init(init_rng, *specs.model_inputs(spec, batch))['params']
-  optimizer = step_fn(spec, model).keywords['optimizer']
-  return trainer.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+  return trainer.TrainState(jnp.zeros((), jnp.int32), params, optimizer()[0].init(params),
                             jax.random.key_data(train_rng))
 
 
@@ -97,10 +101,11 @@ def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict
   together = time_steps(lambda s, b: vmapped(s, b, betas), states, batch, repeats=repeats)
 
   single = jax.jit(member_step, donate_argnums=(0,))
-  states = [jax.jit(member_init)(i, betas[i]) for i in range(members)]
+  member_betas = list(betas)  # sliced once, not inside the timed loop
+  states = [jax.jit(member_init)(i, beta) for i, beta in enumerate(member_betas)]
 
   def one_step_of_each(states, batch):
-    out = [single(s, batch, beta) for s, beta in zip(states, betas)]
+    out = [single(s, batch, beta) for s, beta in zip(states, member_betas)]
     return [s for s, _ in out], [m for _, m in out]
 
   apart = time_steps(one_step_of_each, states, batch, repeats=repeats)
