@@ -82,3 +82,19 @@ def test_several_batch_dims():
   out = model.apply(params, images)
   assert out.shape == (2, 3, 10)
   np.testing.assert_allclose(out[1], model.apply(params, images[1]), atol=1e-6)
+
+
+def test_patch_embedding_is_the_strided_convolution():
+  """A reshape and one product must equal lax's stride-p convolution, with nn.Conv's params."""
+  import flax.linen as nn
+  images = jax.random.normal(jax.random.key(1), (2, 8, 12, 3))
+  embed = tx.vit.PatchEmbedding(16, 4)
+  params = embed.init(jax.random.key(0), images)
+  conv = nn.Conv(16, (4, 4), strides=(4, 4), padding='VALID')
+  assert all(jax.tree.leaves(jax.tree.map(jnp.array_equal, params,
+                                          conv.init(jax.random.key(0), images))))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+  reference = jax.lax.conv_general_dilated(images, params['params']['kernel'], (4, 4), 'VALID',
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  reference = reference + params['params']['bias']
+  np.testing.assert_allclose(embed.apply(params, images), reference.reshape(2, 6, 16), atol=1e-5)
