@@ -174,8 +174,23 @@ def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 
                  {'vocab_size': len(chars), 'chars': ''.join(chars)})
 
 
+class _DataUnpickler(pickle.Unpickler):
+  """Unpickles plain data only: dicts, lists, bytes, numbers and NumPy arrays. Any other
+  global (the way a pickle runs code) is refused, so loading a data file executes nothing."""
+
+  ALLOWED = {(module, name) for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
+             for name in ('_reconstruct', 'scalar')} | {('numpy', 'ndarray'), ('numpy', 'dtype')}
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f'it refers to {module}.{name}, which a data file does not '
+                                   'need; refusing to load it')
+    return super().find_class(module, name)
+
+
 def cifar(dir: str) -> Dataset:  # noqa: A002 (the config key is data.dir)
-  """CIFAR-10 or CIFAR-100 from a local dir in the standard python-pickle format.
+  """CIFAR-10 or CIFAR-100 from a local dir in the standard python-pickle format, read by
+  an unpickler that accepts plain data and NumPy arrays only (`_DataUnpickler`).
 
   CIFAR-10: data_batch_1..5 and test_batch; CIFAR-100: train and test (fine
   labels). Images become float32 [N, 32, 32, 3] in [0, 1].
@@ -187,10 +202,15 @@ def cifar(dir: str) -> Dataset:  # noqa: A002 (the config key is data.dir)
   def load(names, label_key):
     xs, ys = [], []
     for name in names:
-      with open(os.path.join(dir, name), 'rb') as f:
-        d = pickle.load(f, encoding='bytes')
-      xs.append(np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-      ys.append(np.asarray(d[label_key], np.int32))
+      path = os.path.join(dir, name)
+      try:
+        with open(path, 'rb') as f:
+          d = _DataUnpickler(f, encoding='bytes').load()
+        xs.append(np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(d[label_key], np.int32))
+      except Exception as e:  # noqa: BLE001 (any damage: one line naming the file)
+        raise ValueError(f'data.dir={dir!r}: {name} is not a CIFAR batch '
+                         f'({type(e).__name__}: {e})'.replace('\n', ' ')) from None
     return {'inputs': np.concatenate(xs).astype(np.float32) / 255.0, 'targets': np.concatenate(ys)}
 
   files = set(os.listdir(dir))

@@ -1,5 +1,6 @@
 """Datasets and the batch sampler: determinism, per-host slices, task correctness, CIFAR format."""
 
+import os
 import pickle
 
 import numpy as np
@@ -125,3 +126,25 @@ def test_missing_cifar_directory_is_a_clear_error(tmp_path):
     data.cifar(str(tmp_path / 'nowhere'))
   with pytest.raises(ValueError, match='holds neither CIFAR-10'):
     data.cifar(str(tmp_path))
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('touch pwned',))
+
+
+def test_cifar_files_are_read_without_running_code_and_damage_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c10 = tmp_path / 'c10'
+  c10.mkdir()
+  _write_cifar(c10, ['data_batch_1'], b'labels', 10)
+  with open(c10 / 'test_batch', 'wb') as f:
+    pickle.dump({b'data': _RunsCode(), b'labels': [0]}, f)
+  with pytest.raises(ValueError, match=r"test_batch is not a CIFAR batch .*refers to "
+                     r"(posix|os)\.system, which a data file does not need"):
+    data.cifar(str(c10))
+  assert not (tmp_path / 'pwned').exists()
+  (c10 / 'test_batch').write_bytes(b'not a pickle at all')
+  with pytest.raises(ValueError, match=r"data.dir='.*c10': test_batch is not a CIFAR batch") as e:
+    data.cifar(str(c10))
+  assert '\n' not in str(e.value)
