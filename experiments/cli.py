@@ -28,7 +28,11 @@ def describe(e: BaseException) -> str:
 
 
 def fail_unless_verbose(e: BaseException, verbose: bool):
-  """The traceback with --verbose, then the one-line error and exit code 2."""
+  """The traceback with --verbose, then the one-line error and exit code 2. A run stopped by a
+  signal after saving (experiments.preemption.Preempted) says so and exits 128 + signal."""
+  if hasattr(e, 'exit_code'):
+    print(str(e), flush=True)
+    sys.exit(e.exit_code)
   if verbose:
     traceback.print_exc()
   fail(describe(e))
@@ -39,7 +43,39 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections names only the missing key.
+      unknown = unknown_override(_config_file(argv), argv)
+      _, did_you_mean, hint = describe(e).partition('Did you mean')
+      e = ValueError(unknown + (f' ({did_you_mean}{hint})' if hint else '')) if unknown else e
     fail_unless_verbose(e, '--verbose' in argv)
+
+
+def _config_file(argv):
+  """The --config file's ConfigDict, loaded again; None where it does not load."""
+  paths = [arg.partition('=')[2] for arg in argv if arg.startswith('--config=')]
+  try:
+    return flags.FLAGS['config'].parser.parse(paths[-1])
+  except Exception:  # noqa: BLE001 (then the original error is the one to show)
+    return None
+
+
+def unknown_override(config, argv) -> str | None:
+  """'config.a.b=V; unknown field; allowed in config.a: ...' for the first --config.a.b=V
+  override in `argv` naming a field that `config` does not have."""
+  if config is None:
+    return None
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path, _, value = arg[len('--config.'):].partition('=')
+    node, keys = config, path.split('.')
+    for i, key in enumerate(keys):
+      if not hasattr(node, 'keys') or key not in node:
+        section = 'config' + ''.join('.' + k for k in keys[:i])
+        allowed = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none'
+        return f'config.{path}={value!r}; unknown field; allowed in {section}: {allowed}'
+      node = node[key]
+  return None
 
 
 def define_run_reader_flags(workdir_help: str):

