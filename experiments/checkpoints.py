@@ -1,13 +1,25 @@
 """orbax-checkpoint in the workdir: the train state plus a JSON record of config and data position.
 
-Keeps the last `keep` checkpoints and the best one by an eval metric.
+Keeps the last `keep` checkpoints and the best one by an eval metric. Nothing is unpickled:
+orbax stores arrays with tensorstore and the record as JSON.
+
+Integrity. orbax writes each step into a temporary directory and renames it when complete, so
+a process killed during a save leaves no step behind (orbax ignores, then removes, the
+temporary one). A complete step whose files were later truncated or altered is caught by
+`state_record`: the record holds each array's shape and dtype and a CRC-32 of the state's
+bytes, checked after reading. `restore_latest` skips such a step with a warning and moves it to
+checkpoints_corrupt/, so it is never loaded and never reused.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -30,8 +42,9 @@ class Checkpoints:
         preservation_policy=policies.AnyPreservationPolicy(preserve), create=True,
         enable_async_checkpointing=True,
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
-    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                                         options=options, item_names=('state', 'meta'))
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -41,18 +54,60 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None):
+    """Saves a host `state` (NumPy leaves) and `meta` (JSON) with meta['state'] = its record."""
     metrics = metrics if metrics and self.best_metric in metrics else None
+    meta = dict(meta, state=state_record(state))
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)),
                       metrics=metrics, force=True)
 
   def restore(self, like, step: int | None = None):
-    """Restores (state shaped like `like`, meta) from `step` (default: the latest)."""
+    """Restores (state shaped like `like`, meta) from `step` (default: the latest); like=None
+    returns the arrays as saved, in nested dicts, without the checks below.
+
+    ValueError naming the first parameter whose shape or dtype differs from `like` (a model of
+    another shape); CorruptCheckpoint when the files do not read back as what was saved.
+    """
     step = self.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return out.state, out.meta
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+      raise CorruptCheckpoint(step, f'its record does not read: {type(e).__name__}') from e
+    if not isinstance(meta, dict):
+      raise CorruptCheckpoint(step, 'its record is not a JSON object')
+    # Absent in checkpoints written before records existed; without `like` (the arrays as
+    # saved, nested dicts) the record's paths and order do not apply.
+    record = meta.get('state') if like is not None else None
+    if record is not None:
+      check_fits(record['arrays'], like, self.directory, step)
+    abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
+    except Exception as e:
+      raise CorruptCheckpoint(step, f'its arrays do not read: {type(e).__name__}') from e
+    if record is not None and state_record(state)['crc32'] != record['crc32']:
+      raise CorruptCheckpoint(step, 'its arrays differ from what was saved (CRC-32 mismatch)')
+    return state, meta
+
+  def restore_latest(self, like):
+    """(state, meta) of the newest readable step, or None when there is none.
+
+    An unreadable step gets a one-line warning and is moved to checkpoints_corrupt/; the next
+    older step is tried. A model that does not fit the checkpoint is an error, not a skip.
+    """
+    for step in reversed(self.steps()):
+      try:
+        return self.restore(like, step)
+      except CorruptCheckpoint as e:
+        aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt', str(step))
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        if os.path.exists(aside):
+          shutil.rmtree(aside)
+        shutil.move(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
+        print(f'warning: {e}; skipped it and moved it to {aside}', file=sys.stderr, flush=True)
+    return None
 
   def wait(self):
     """Blocks until every asynchronous save is on disk."""
@@ -60,3 +115,41 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+class CorruptCheckpoint(Exception):
+  def __init__(self, step: int, why: str):
+    super().__init__(f'checkpoint step {step} is unusable: {why}')
+
+
+def _leaves(state) -> list:
+  return [(jax.tree_util.keystr(path), np.asarray(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
+
+
+def state_record(state) -> dict:
+  """{'arrays': {path: [shape, dtype]}, 'crc32': CRC-32 over every leaf's bytes in tree order}."""
+  crc, arrays = 0, {}
+  for path, leaf in _leaves(state):
+    arrays[path] = [list(leaf.shape), str(leaf.dtype)]
+    crc = zlib.crc32(np.ascontiguousarray(leaf).view(np.uint8).reshape(-1), crc)
+  return {'arrays': arrays, 'crc32': crc}
+
+
+def check_fits(saved: dict, like, directory: str, step: int):
+  """ValueError naming the first array of `like` whose shape or dtype differs from `saved`."""
+  where = f'checkpoint step {step} in {directory}'
+  wanted = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(like)}
+  for path, (shape, dtype) in wanted.items():
+    if path not in saved:
+      raise ValueError(f'{where} has no {path} (shape {tuple(shape)}) that the model has: the '
+                       'model differs from the one that was saved; use a new --workdir')
+    if saved[path] != [shape, dtype]:
+      raise ValueError(f'{where} does not fit the model: {path} is {tuple(saved[path][0])} '
+                       f'{saved[path][1]} there and {tuple(shape)} {dtype} in the model; restore '
+                       "with the run's own config (its config.json) or use a new --workdir")
+  extra = sorted(set(saved) - set(wanted))
+  if extra:
+    raise ValueError(f'{where} has {extra[0]} that the model does not: the model differs from '
+                     'the one that was saved; use a new --workdir')

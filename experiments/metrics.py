@@ -38,8 +38,9 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if drop_after is not None and is_writer() and os.path.exists(self.path):
       kept = [r for r in read_metrics(workdir) if r['step'] <= drop_after]
-      with open(self.path, 'w') as f:
+      with open(self.path + '.tmp', 'w') as f:  # replaced in one step: a kill keeps one or the other.
         f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(self.path + '.tmp', self.path)
     self.tb = None
     if tensorboard and is_writer():
       try:
@@ -66,11 +67,21 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl; a last line cut short by a killed process is left out."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        if line.endswith('\n'):  # not the last, cut line: a damaged file, said plainly.
+          raise ValueError(f'{path} has a line that is not JSON: {line[:80]!r}') from None
+  return records
 
 
 class Progress:

@@ -4,7 +4,8 @@
 
 The workdir (default: a new runs/<config>-<time>/) receives config.json,
 metrics.jsonl, checkpoints/, summary.json and learning_curves.png. Rerunning
-with a workdir that holds a checkpoint resumes from it.
+with a workdir that holds a checkpoint resumes from it. SIGTERM or SIGINT (Ctrl-C)
+saves the current step and exits with 128 + the signal number (143, 130).
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ def main(argv):
     config = _CONFIG.value
     init_distributed(config)
     import jax
+    from experiments.config_check import check_config
+    check_config(config)  # before the workdir exists: a bad config leaves nothing on disk.
     if jax.process_count() > 1 and not _WORKDIR.value:
       raise ValueError('--workdir is required with several processes (they must share one)')
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
     print(f'workdir: {workdir}', flush=True)
     from experiments import trainer
     summary, _ = trainer.train_and_evaluate(config, workdir)
-  except Exception as e:  # one line unless --verbose; KeyboardInterrupt still propagates.
+  except Exception as e:  # one line unless --verbose; a signal: saved, exit 128 + signal.
     fail_unless_verbose(e, _VERBOSE.value)
   print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                 for k, v in summary.items() if not isinstance(v, dict)) +

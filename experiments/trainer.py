@@ -25,6 +25,7 @@ from experiments import metrics as metrics_lib
 from experiments import parallel as parallel_lib
 from experiments import tasks
 from experiments.checkpoints import Checkpoints
+from experiments.preemption import Preempted, catch_stop_signals
 
 SCHEDULES = ('cosine', 'rsqrt', 'constant')
 
@@ -136,13 +137,7 @@ class Run:
 
 
 def setup(config) -> Run:
-  for field in ('batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum_steps'):
-    if not isinstance(config[field], int) or config[field] <= 0:
-      raise ValueError(f'config.{field}={config[field]!r}; it must be a positive integer')
-  if config.best_mode not in ('max', 'min'):
-    raise ValueError(f"config.best_mode={config.best_mode!r}; allowed: 'max', 'min'")
-  if config.num_devices < 0:
-    raise ValueError(f'config.num_devices={config.num_devices}; use 0 (all) or a positive count')
+  """The run a config describes; the config is assumed valid (experiments.config_check)."""
   dataset = tasks.load_dataset(config)
   task = tasks.TASK_OF_MODEL.get(config.model.name, 'classify')
   model = tasks.build_model(config, dataset.info)
@@ -237,11 +232,22 @@ def eval_metrics_of(run: Run, means: dict) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
-  """Trains, evaluates, checkpoints; resumes from the workdir's latest checkpoint.
+  """Trains, evaluates, checkpoints; resumes from the workdir's newest readable checkpoint.
 
-  stop_after: stop (without saving) after this many steps of this call, as a
-    preemption would; for tests of resume. Returns (summary dict, host TrainState).
+  Every step's loss and gradient norm are checked one step late (no stall): a non-finite one
+  raises FloatingPointError naming the step and the metric, and nothing diverged is saved.
+  SIGTERM/SIGINT: the current step is saved and `Preempted` is raised (experiments.run exits
+  with 128 + the signal number); the same command resumes.
+  stop_after: stop (without saving) after this many steps of this call, as a crash would;
+    for tests of resume. config.debug_nans: JAX's NaN checking (jax_debug_nans), which
+    re-runs a failing program op by op and names the first op that made a NaN; slow.
+  Returns (summary dict, host TrainState).
   """
+  with jax.debug_nans(bool(config.get('debug_nans', False))):  # for this run only.
+    return _train_and_evaluate(config, workdir, stop_after)
+
+
+def _train_and_evaluate(config, workdir: str, stop_after: int | None):
   start_time = time.time()
   run = setup(config)
   devices = parallel_lib.select_devices(config.num_devices)
@@ -256,59 +262,83 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
                                     functools.partial(eval_step, eval_fn=eval_fn))
   os.makedirs(workdir, exist_ok=True)
   if metrics_lib.is_writer():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(os.path.join(workdir, 'config.json.tmp'), 'w') as f:
       f.write(config.to_json(indent=2))
+    os.replace(os.path.join(workdir, 'config.json.tmp'), os.path.join(workdir, 'config.json'))
   ckpt = Checkpoints(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
   state = init_state(run)
   history = {'best': None, 'evals_since_best': 0, 'stopped_early': False}
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
+  try:
+    restored = ckpt.restore_latest(state)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state, meta = restored
     history = meta['history']
     print(f'Resumed from step {int(state.step)} in {workdir}', flush=True)
   first_step = int(state.step)
   last_step = first_step if history['stopped_early'] else run.total_steps
   writer = metrics_lib.MetricsWriter(workdir, config.tensorboard, drop_after=first_step)
   progress = metrics_lib.Progress(run.total_steps, config.batch_size, first_step)
+  saved = {'step': first_step}
 
   def save(step, metrics, eval_metrics):
-    check_finite(runner.fetch(metrics), step)  # never checkpoint a diverged state.
+    # Never checkpoint a diverged state.
+    check_finite(runner.fetch(metrics), step, last_good=saved['step'])
     meta = {'config': config.to_dict(), 'data': {'seed': config.seed, 'position': step},
             'history': history, 'metrics': eval_metrics}
     ckpt.save(step, runner.fetch(dstate), json.loads(json.dumps(meta, default=str)),
               eval_metrics)
+    saved['step'] = step
 
   dstate = runner.put_state(state)
-  pending, eval_metrics = None, {}
+  pending, eval_metrics, unchecked = None, {}, None
   try:
-    for step in range(first_step, last_step):
-      dstate, metrics = runner.train_step(dstate, train_batch(run, step))
-      if pending is not None:  # fetched one step late, so the host never stalls the device.
-        _log_train(writer, progress, *pending, runner)
-        pending = None
-      done = step + 1
-      last = done == run.total_steps
-      if done % config.log_every == 0 or last:
-        pending = (done, metrics)
-      if done % config.eval_every == 0 or last:
-        if pending is not None:
+    with catch_stop_signals() as stop:
+      for step in range(first_step, last_step):
+        dstate, metrics = runner.train_step(dstate, train_batch(run, step))
+        if unchecked is not None:  # the previous step's, while this one runs.
+          check_finite(runner.fetch(unchecked[1]), unchecked[0], last_good=saved['step'])
+        if pending is not None:  # fetched one step late, so the host never stalls the device.
           _log_train(writer, progress, *pending, runner)
           pending = None
-        eval_metrics = evaluate(run, runner, dstate, eval_batch)
-        writer.write(done, 'eval', eval_metrics)
-        print(f'eval @ {done}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()),
-              flush=True)
-        update_history(history, eval_metrics, config)
-        save(done, metrics, eval_metrics)
-      elif done % config.checkpoint_every == 0:
-        save(done, metrics, None)
-      if history['stopped_early']:
-        print(f'Early stopping at step {done}: no {config.best_metric} improvement in '
-              f'{config.early_stopping_patience} evals', flush=True)
-        break
-      if stop_after is not None and done - first_step >= stop_after:
-        break
+        done = step + 1
+        unchecked = (done, {k: metrics[k] for k in ('loss', 'grad_norm')})
+        last = done == run.total_steps
+        if done % config.log_every == 0 or last:
+          pending = (done, metrics)
+        if done % config.eval_every == 0 or last:
+          if pending is not None:
+            _log_train(writer, progress, *pending, runner)
+            pending = None
+          eval_metrics = evaluate(run, runner, dstate, eval_batch)
+          writer.write(done, 'eval', eval_metrics)
+          print(f'eval @ {done}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()),
+                flush=True)
+          update_history(history, eval_metrics, config)
+          save(done, metrics, eval_metrics)
+        elif done % config.checkpoint_every == 0:
+          save(done, metrics, None)
+        if history['stopped_early']:
+          print(f'Early stopping at step {done}: no {config.best_metric} improvement in '
+                f'{config.early_stopping_patience} evals', flush=True)
+          break
+        if stop_after is not None and done - first_step >= stop_after:
+          break
+        if stop.should_stop(done):
+          if pending is not None:
+            _log_train(writer, progress, *pending, runner)
+          if saved['step'] != done:
+            save(done, metrics, None)
+          ckpt.wait()
+          raise Preempted(f'{stop.name}: saved step {done} of {run.total_steps} in '
+                          f'{ckpt.directory}; run the same command again to resume',
+                          stop.signum)
     if pending is not None:
       _log_train(writer, progress, *pending, runner)
+    if unchecked is not None:
+      check_finite(runner.fetch(unchecked[1]), unchecked[0], last_good=saved['step'])
     if first_step == last_step:  # the run had already finished: report it again.
       eval_metrics = evaluate(run, runner, dstate, eval_batch)
   finally:  # saves in flight are finished even when the run stops on an error.
@@ -341,12 +371,18 @@ def write_summary(workdir: str, summary: dict):
   metrics_lib.plot_learning_curves(workdir)
 
 
-def check_finite(host_metrics: dict, step: int, where: str = ''):
+def check_finite(host_metrics: dict, step: int, where: str = '', last_good: int | None = None):
+  """FloatingPointError naming the step and the first non-finite metric among loss, grad_norm
+  and param_norm (those present), and the last good checkpoint when known."""
   for name in ('loss', 'grad_norm', 'param_norm'):
-    if not math.isfinite(float(host_metrics[name])):
+    if name in host_metrics and not math.isfinite(float(host_metrics[name])):
+      kept = ('' if last_good is None else
+              f'; the last checkpoint, step {last_good}, is kept' if last_good else
+              '; nothing was saved')
       raise FloatingPointError(f'{where}{name}={float(host_metrics[name])} at step {step}: the run '
-                               'diverged; lower config.optimizer.lr or enable '
-                               'config.optimizer.grad_clip')
+                               f'diverged{kept}; lower config.optimizer.lr, enable '
+                               'config.optimizer.grad_clip, or find the first NaN with '
+                               '--config.debug_nans=True')
 
 
 def _log_train(writer, progress, step, metrics, runner):

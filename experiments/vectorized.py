@@ -89,8 +89,9 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
 
   ckpt = Checkpoints(groupdir, keep=1, best_metric='')
   histories = [{'best': None, 'evals_since_best': 0, 'stopped_early': False} for _ in range(k)]
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
     histories = meta['histories']
     print(f'Resumed {k} runs from step {int(state.step[0])} in {groupdir}', flush=True)
   first_step = int(state.step[0])

@@ -1,5 +1,7 @@
 """Pieces of the trainer against their definitions: schedules, smoothed loss, checkpoint retention."""
 
+import zlib
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -52,5 +54,6 @@ def test_checkpoints_keep_the_last_n_and_the_best(tmp_path):
   assert sorted(ckpt.manager.all_steps()) == [2, 4, 5]  # best (0.9 at 2), then the last two.
   restored, meta = ckpt.restore(state, step=2)
   np.testing.assert_array_equal(restored['w'], [2, 2, 2])
-  assert meta == {'step': 2}
+  assert meta == {'step': 2, 'state': {'arrays': {"['w']": [[3], 'float32']},
+                                      'crc32': zlib.crc32(np.full(3, 2, np.float32).tobytes())}}
   ckpt.close()

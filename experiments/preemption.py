@@ -1,0 +1,77 @@
+"""Preemption: SIGTERM or SIGINT asks the training loop to checkpoint and stop at a step boundary.
+
+One process: a signal handler sets a flag that the loop reads after each step; the loop saves
+the current step, waits for the save, and raises `Preempted`. A second signal while that runs
+falls back to the default action (a second Ctrl-C quits at once; the last complete checkpoint
+is still there). Several processes (jax.distributed): JAX's own preemption notice, which
+receives SIGTERM in each process, and `reached_preemption_sync_point` make every process stop
+at the same step, so their collective save matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+import jax
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(Exception):
+  """The run stopped on a signal after saving; `exit_code` is 128 + the signal number."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum
+
+
+class StopRequest:
+  """Whether a stop was asked for, and by which signal."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+    return self.signum is not None
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def catch_stop_signals():
+  """Yields a StopRequest set by SIGTERM/SIGINT; restores the previous handlers on exit.
+
+  Only the main thread can own signal handlers; elsewhere (and for SIGTERM under several
+  processes, which JAX's preemption notice owns) the request is never set by a signal.
+  """
+  request = StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    yield request
+    return
+  caught = (signal.SIGINT,) if jax.process_count() > 1 else SIGNALS
+  previous = {s: signal.getsignal(s) for s in caught}
+
+  def handler(signum, frame):
+    if request.signum is not None:  # a second signal: do what it would have done.
+      signal.signal(signum, previous[signum])
+      signal.raise_signal(signum)
+      return
+    request.signum = signum
+    print(f'{signal.Signals(signum).name} received: saving a checkpoint after this step '
+          '(send it again to quit at once)', flush=True)
+
+  for s in caught:
+    signal.signal(s, handler)
+  try:
+    yield request
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
