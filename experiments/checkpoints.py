@@ -62,8 +62,8 @@ class Checkpoints:
                       metrics=metrics, force=True)
 
   def restore(self, like, step: int | None = None):
-    """Restores (state shaped like `like`, meta) from `step` (default: the latest); like=None
-    returns the arrays as saved, in nested dicts, without the checks below.
+    """Restores (host state shaped like `like`, meta) from `step` (default: the latest);
+    like=None returns the arrays as saved, in nested dicts, without the checks below.
 
     ValueError naming the first parameter whose shape or dtype differs from `like` (a model of
     another shape); CorruptCheckpoint when the files do not read back as what was saved.
@@ -86,6 +86,9 @@ class Checkpoints:
           state=ocp.args.StandardRestore(abstract))).state
     except Exception as e:
       raise CorruptCheckpoint(step, f'its arrays do not read: {type(e).__name__}') from e
+    # On the host: restored arrays are committed to this process's device, and placing those
+    # on a mesh across processes would be a cross-host transfer (which CPU backends lack).
+    state = jax.device_get(state)
     if record is not None and state_record(state)['crc32'] != record['crc32']:
       raise CorruptCheckpoint(step, 'its arrays differ from what was saved (CRC-32 mismatch)')
     return state, meta

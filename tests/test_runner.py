@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -168,28 +169,45 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  """jax.distributed with 2 CPU processes × 4 devices reproduces 1 process × 8 devices."""
-  flags_ = ['--config=configs/vit.py:quick', '--config.total_steps=6', '--config.log_every=1',
-            '--config.eval_every=6', '--config.checkpoint_every=6', '--config.batch_size=64',
-            '--config.optimizer.warmup_steps=2']
+def test_two_processes_match_one_also_across_a_sigterm_and_resume(tmp_path):
+  """jax.distributed with 2 CPU processes × 4 devices reproduces 1 process × 8 devices. One
+  process gets SIGTERM mid-run: both stop at the same step (JAX's preemption sync point) and
+  save it; the rerun of both resumes from it (restored on the host, then placed on the mesh)."""
+  steps = 60
+  flags_ = ['--config=configs/vit.py:quick', f'--config.total_steps={steps}', '--config.log_every=1',
+            f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}',
+            '--config.batch_size=64', '--config.optimizer.warmup_steps=2']
   flags_ += [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()]
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu')
-    procs.append(subprocess.Popen(
-        [sys.executable, '-m', 'experiments.run', *flags_, f'--workdir={tmp_path / "multi"}'],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+  def launch():
+    port, procs = _free_port(), []
+    for pid in range(2):
+      env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+                 JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+                 JAX_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu')
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'experiments.run', *flags_, f'--workdir={tmp_path / "multi"}'],
+          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+  procs = launch()
+  for line in procs[0].stdout:
+    if line.startswith('step ') and int(line.split()[1].split('/')[0]) >= 20:
+      break
+  procs[1].send_signal(signal.SIGTERM)  # the notice reaches one process only.
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  saved = [line for out in outs for line in out.splitlines() if line.startswith('SIGTERM: saved')]
+  assert len(saved) == 2 and saved[0] == saved[1]  # the same step in both processes.
+  procs = launch()
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  assert all('Resumed from step' in out for out in outs)
   single = run_cli(*flags_, f'--workdir={tmp_path / "single"}')
   assert single.returncode == 0, single.stderr[-3000:]
   losses = lambda d: [r['loss'] for r in read_metrics(str(tmp_path / d)) if r['split'] == 'train']
   evals = lambda d: [r for r in read_metrics(str(tmp_path / d)) if r['split'] == 'eval']
-  assert len(losses('multi')) == 6  # written once, by process 0.
+  assert len(losses('multi')) == steps  # written once, by process 0, across the resume.
   assert losses('single')[-1] < losses('single')[0] - 1e-3  # training moved.
   # Same math; only the order of the cross-process (gloo) reductions differs.
   np.testing.assert_allclose(losses('multi'), losses('single'), rtol=1e-5)
