@@ -109,7 +109,7 @@ def test_sigkill_at_random_moments_resumes_from_the_last_complete_checkpoint(tmp
   rng = random.Random(0)
   extra = ['--config.checkpoint_every=2']
   before = None
-  for kill_at in sorted(rng.sample(range(20, STEPS - 20), 2)):
+  for kill_at in sorted(rng.sample(range(20, STEPS - 20), 3)):
     proc = start(tmp_path, *extra)
     out = wait_for_step(proc, kill_at)
     assert before is None or f'Resumed from step {before}' in out, out[-2000:]
