@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -31,8 +32,12 @@ FLAGS += [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()]
 
 
 def start(workdir, *extra):
+  """The command in a subprocess. Its JAX compilation cache is its own (in the workdir's
+  parent): a process killed while writing a cache entry must not leave the file half-written
+  in the cache that the rest of the test session shares."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(workdir).parent / 'jax-cache'))
   return subprocess.Popen([sys.executable, '-m', 'experiments.run', *FLAGS, *extra,
-                           f'--workdir={workdir}'], cwd=ROOT, stdout=subprocess.PIPE,
+                           f'--workdir={workdir}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
