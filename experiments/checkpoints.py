@@ -125,25 +125,24 @@ class CorruptCheckpoint(Exception):
     super().__init__(f'checkpoint step {step} is unusable: {why}')
 
 
-def _leaves(state) -> list:
-  return [(jax.tree_util.keystr(path), np.asarray(leaf))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
+def array_specs(tree) -> dict:
+  """{path: [shape, dtype]} of every leaf, paths as jax.tree_util.keystr writes them."""
+  return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def state_record(state) -> dict:
-  """{'arrays': {path: [shape, dtype]}, 'crc32': CRC-32 over every leaf's bytes in tree order}."""
-  crc, arrays = 0, {}
-  for path, leaf in _leaves(state):
-    arrays[path] = [list(leaf.shape), str(leaf.dtype)]
+  """{'arrays': array_specs(state), 'crc32': CRC-32 over every leaf's bytes in tree order}."""
+  crc = 0
+  for leaf in jax.tree.leaves(state):
     crc = zlib.crc32(np.ascontiguousarray(leaf).view(np.uint8).reshape(-1), crc)
-  return {'arrays': arrays, 'crc32': crc}
+  return {'arrays': array_specs(state), 'crc32': crc}
 
 
 def check_fits(saved: dict, like, directory: str, step: int):
   """ValueError naming the first array of `like` whose shape or dtype differs from `saved`."""
   where = f'checkpoint step {step} in {directory}'
-  wanted = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
-            for path, leaf in jax.tree_util.tree_leaves_with_path(like)}
+  wanted = array_specs(like)
   for path, (shape, dtype) in wanted.items():
     if path not in saved:
       raise ValueError(f'{where} has no {path} (shape {tuple(shape)}) that the model has: the '

@@ -11,7 +11,6 @@ import importlib.util
 import inspect
 import math
 import re
-import types
 
 import jax
 import numpy as np
@@ -206,11 +205,10 @@ def _trace(config, model, task: str, dataset) -> tuple:
   """Traces init and the eval loss on one training example (jax.eval_shape: nothing is
   compiled), so that tx's checks run; returns the names of the task's eval metrics."""
   sample = {k: v[:1] for k, v in dataset.train.items()}
-  args = (sample['inputs'],) + ((sample['targets'],) if task == 'seq2seq' else ())
   batch = dict(sample, weight=np.ones(1, np.float32))
 
   def eval_sums(rng):
-    params = model.init(rng, *args)['params']
+    params = model.init(rng, *tasks.init_args(task, sample))['params']
     return tasks.loss_and_metrics(task, model, params, batch)[1]
 
   try:
@@ -218,7 +216,7 @@ def _trace(config, model, task: str, dataset) -> tuple:
   except Exception as e:
     raise ValueError(_model_error(config.model, e)) from e
   means = dict.fromkeys((k[:-4] for k in sums if k.endswith('_sum')), 0.0)
-  return tuple(trainer.eval_metrics_of(types.SimpleNamespace(task=task), means))
+  return tuple(trainer.eval_metrics_of(task, means))
 
 
 def _model_error(model, e: Exception) -> str:

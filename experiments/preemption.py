@@ -15,6 +15,7 @@ import signal
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -35,7 +36,6 @@ class StopRequest:
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       if multihost_utils.reached_preemption_sync_point(step):
         self.signum = self.signum or signal.SIGTERM
     return self.signum is not None

@@ -51,6 +51,12 @@ def load_dataset(config) -> data_lib.Dataset:
   return dataset
 
 
+def init_args(task: str, batch: dict) -> tuple:
+  """The model's positional inputs for `batch` at init: (inputs,), and the targets for seq2seq
+  (their shape is all that init needs)."""
+  return (batch['inputs'],) + ((batch['targets'],) if task == 'seq2seq' else ())
+
+
 def build_model(config, info: dict):
   """config.model = {name: 'ViT' | 'EncoderClassifier' | 'EncoderDecoder' | 'DecoderLM', **kwargs}."""
   kwargs = config.model.to_dict()

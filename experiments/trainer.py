@@ -177,10 +177,7 @@ def init_state(run: Run, seed=None, model=None) -> TrainState:
   rng = jax.random.key(run.config.seed if seed is None else seed)
   init_rng, train_rng = jax.random.split(rng)
   sample = {k: v[:1] for k, v in run.dataset.train.items()}
-  args = (sample['inputs'],)
-  if run.task == 'seq2seq':
-    args += (sample['targets'],)
-  params = jax.jit(model.init)(init_rng, *args)['params']
+  params = jax.jit(model.init)(init_rng, *tasks.init_args(run.task, sample))['params']
   return TrainState(jnp.zeros((), jnp.int32), params, run.optimizer.init(params),
                     jax.random.key_data(train_rng))
 
@@ -220,13 +217,13 @@ def evaluate(run: Run, runner, state, batch_size: int) -> dict:
   for batch in eval_batches(run, batch_size):
     sums = runner.eval_step(state, batch)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return eval_metrics_of(run, tasks.summarize(runner.fetch(total)))
+  return eval_metrics_of(run.task, tasks.summarize(runner.fetch(total)))
 
 
-def eval_metrics_of(run: Run, means: dict) -> dict:
+def eval_metrics_of(task: str, means: dict) -> dict:
   """Host floats from summarized eval sums, with bits per character for language models."""
   out = {k: float(v) for k, v in means.items()}
-  if run.task == 'lm':
+  if task == 'lm':
     out['bits_per_char'] = out['loss'] / math.log(2)
   return out
 
@@ -281,16 +278,16 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None):
   last_step = first_step if history['stopped_early'] else run.total_steps
   writer = metrics_lib.MetricsWriter(workdir, config.tensorboard, drop_after=first_step)
   progress = metrics_lib.Progress(run.total_steps, config.batch_size, first_step)
-  saved = {'step': first_step}
+  last_saved = first_step
 
   def save(step, metrics, eval_metrics):
-    # Never checkpoint a diverged state.
-    check_finite(runner.fetch(metrics), step, last_good=saved['step'])
+    nonlocal last_saved
+    check_finite(runner.fetch(metrics), step, last_good=last_saved)  # never save a diverged state.
     meta = {'config': config.to_dict(), 'data': {'seed': config.seed, 'position': step},
             'history': history, 'metrics': eval_metrics}
     ckpt.save(step, runner.fetch(dstate), json.loads(json.dumps(meta, default=str)),
               eval_metrics)
-    saved['step'] = step
+    last_saved = step
 
   dstate = runner.put_state(state)
   pending, eval_metrics, unchecked = None, {}, None
@@ -299,12 +296,12 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None):
       for step in range(first_step, last_step):
         dstate, metrics = runner.train_step(dstate, train_batch(run, step))
         if unchecked is not None:  # the previous step's, while this one runs.
-          check_finite(runner.fetch(unchecked[1]), unchecked[0], last_good=saved['step'])
+          check_finite(runner.fetch(unchecked[1]), unchecked[0], last_good=last_saved)
         if pending is not None:  # fetched one step late, so the host never stalls the device.
           _log_train(writer, progress, *pending, runner)
           pending = None
         done = step + 1
-        unchecked = (done, {k: metrics[k] for k in ('loss', 'grad_norm')})
+        unchecked = (done, {k: metrics[k] for k in ('loss', 'grad_norm', 'param_norm')})
         last = done == run.total_steps
         if done % config.log_every == 0 or last:
           pending = (done, metrics)
@@ -329,16 +326,16 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None):
         if stop.should_stop(done):
           if pending is not None:
             _log_train(writer, progress, *pending, runner)
-          if saved['step'] != done:
+          if last_saved != done:
             save(done, metrics, None)
           ckpt.wait()
           raise Preempted(f'{stop.name}: saved step {done} of {run.total_steps} in '
                           f'{ckpt.directory}; run the same command again to resume',
                           stop.signum)
+    if unchecked is not None:
+      check_finite(runner.fetch(unchecked[1]), unchecked[0], last_good=last_saved)
     if pending is not None:
       _log_train(writer, progress, *pending, runner)
-    if unchecked is not None:
-      check_finite(runner.fetch(unchecked[1]), unchecked[0], last_good=saved['step'])
     if first_step == last_step:  # the run had already finished: report it again.
       eval_metrics = evaluate(run, runner, dstate, eval_batch)
   finally:  # saves in flight are finished even when the run stops on an error.
@@ -387,7 +384,6 @@ def check_finite(host_metrics: dict, step: int, where: str = '', last_good: int 
 
 def _log_train(writer, progress, step, metrics, runner):
   host = {k: float(v) for k, v in runner.fetch(metrics).items()}
-  check_finite(host, step)
   writer.write(step, 'train', host)
   progress.show(step, host)
 

@@ -113,7 +113,7 @@ def train_group(configs, workdirs, groupdir: str, *, stop_after: int | None = No
       sums = eval_fn(state.params, batch, betas)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     means = jax.device_get(tasks.summarize(total))
-    return [trainer.eval_metrics_of(run, {name: v[i] for name, v in means.items()})
+    return [trainer.eval_metrics_of(run.task, {name: v[i] for name, v in means.items()})
             for i in range(k)]
 
   eval_metrics = [{}] * k
