@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from experiments.bench import __main__ as bench
-from experiments.bench import flops, specs, train
+from experiments.bench import flops, report, specs, train
 
 # Small enough to compile in a second, wide enough that matrix products dominate.
 COUNTED = [specs.Spec('v', 'ViT', num_layers=2, d_model=128, num_heads=4, d_ff=512, batch=2,
@@ -64,5 +64,22 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     fp32_rows = [line for line in table.splitlines() if '| float32 |' in line and 'tiny' in line]
     assert len(fp32_rows) == len(bench.plan('tiny', 'cpu')['specs'])
     assert all(line.count('x |') == 1 for line in fp32_rows)
+    assert all(r['tx_adjacent']['median_s'] > 0 for r in saved['peer']['rows'])
   for png in ('attention.png', 'throughput.png'):
     assert os.path.getsize(tmp_path / png) > 10_000
+
+
+def test_ratio_to_the_peer_uses_the_tx_timing_taken_next_to_it():
+  env = dict(device_kind='cpu', backend='cpu', cpu='x', cpu_count=2, jax='0', flax='0',
+             optax='0', python='3')
+  train_row = dict(model='m', dtype='float32', batch=8, median_s=0.08, examples_per_s=100.0,
+                   flop_per_s=1e9)
+  peer_row = dict(model='m', dtype='float32', compiled=False, impl='tx', examples_per_s=25.0,
+                  tx_adjacent={'median_s': 0.16, 'examples_per_s': 50.0})
+  results = {'environment': env, 'mode': 'full', 'train': [train_row],
+             'peer': {'dtype': 'float32', 'rows': [peer_row]}}
+  row = next(line for line in report.markdown(results).splitlines() if line.startswith('| m |'))
+  assert '| 2.00x |' in row and '4.00x' not in row  # 50/25, not the train section's 100/25
+  del peer_row['tx_adjacent']  # results saved before the adjacent timing existed
+  row = next(line for line in report.markdown(results).splitlines() if line.startswith('| m |'))
+  assert '| 4.00x |' in row

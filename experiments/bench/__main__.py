@@ -5,7 +5,8 @@ Sections (all by default, in this order):
   train       tx train-step throughput per model (specs.py: ViT at several sizes,
               EncoderDecoder, DecoderLM), float32 and bfloat16, with analytic FLOP/s and MFU
   peer        the same models, shapes, optimizer and batch in PyTorch, eager and
-              torch.compile (peer.py), and the ratio tx/peer
+              torch.compile (peer.py), and the ratio tx/peer, tx's step timed again right
+              before each peer run so that a drifting host speed cannot skew the ratio
   attention   ours against the fused implementation, T = 128 … 8192: time and peak memory
   parallel    pmap against jit on 8 devices (8 simulated CPU devices on a CPU host)
   vectorized  a vmapped sweep of 8 members against one run after another
@@ -105,11 +106,15 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
     for m in results['matmul']:
       log(f'matmul {m["dtype"]} n={m["n"]}: {m["flop_per_s"] / 1e9:.1f} GFLOP/s')
   save(results, out)
+  timers = {}  # spec name -> its compiled tx step in the peer's dtype, timed again by 'peer'
   if 'train' in sections:
     results['train'] = []
     for spec in p['specs']:
       for dtype in p['dtypes']:
-        r = train.time_train_step(spec, dtype, repeats=p['repeats'])
+        timer = train.step_timer(spec, dtype)
+        r = timer(p['repeats'])
+        if dtype == p['peer_dtype'] and 'peer' in sections:
+          timers[spec.name] = timer
         results['train'].append(dict(r, model=spec.name, dtype=dtype, batch=spec.batch))
         log(f'tx {spec.name} {dtype}: {r["median_s"] * 1e3:.1f} ms/step, '
             f'{r["examples_per_s"]:.1f} examples/s')
@@ -127,13 +132,20 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
         runs.append(('timm', True))  # timm's VisionTransformer under torch.compile
       for impl, compiled in runs:
         row = dict(model=spec.name, dtype=p['peer_dtype'], compiled=compiled, impl=impl)
+        # tx again right before its peer: the ratio compares two timings minutes apart at
+        # most, not the train section's, which drifting host speed can leave far behind.
+        if spec.name not in timers:
+          timers[spec.name] = train.step_timer(spec, p['peer_dtype'])
+        adjacent = timers[spec.name](p['repeats'], warmup=1)
+        row['tx_adjacent'] = {k: adjacent[k] for k in ('median_s', 'times_s', 'examples_per_s')}
         try:  # a failed peer is reported, not fatal: tx's numbers stand on their own.
           row.update(run_module('experiments.bench.peer', f'--spec={spec.name}',
                                 f'--compile={compiled}', f'--impl={impl}',
                                 f'--dtype={p["peer_dtype"]}',
                                 f'--repeats={p["repeats"]}', '--warmup=2', env=peer_env))
           log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
-              f'{row["step_s_median"] * 1e3:.1f} ms/step')
+              f'{row["step_s_median"] * 1e3:.1f} ms/step (tx right before: '
+              f'{adjacent["median_s"] * 1e3:.1f} ms/step)')
         except RuntimeError as e:
           row['error'] = str(e)
           log(f'torch {impl} {spec.name} failed: {e}')
@@ -163,6 +175,9 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
 
 def main(argv):
   del argv
+  # On a GPU the PyTorch peer's processes share the device with this one: JAX must not take
+  # 75% of its memory up front (read when JAX first touches the device, which is below).
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   f = flags.FLAGS
   sections = tuple(s for s in f.sections.split(',') if s)
   unknown = sorted(set(sections) - set(SECTIONS))

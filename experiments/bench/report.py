@@ -9,12 +9,16 @@ def _table(header: list[str], rows: list[list]) -> str:
   return '\n'.join(lines)
 
 
-def _peer_rate(results: dict, model: str, dtype: str, compiled: bool, impl: str = 'tx'):
+def _peer(results: dict, train_row: dict, compiled: bool, impl: str = 'tx') -> tuple:
+  """(peer examples/s, tx/peer) for the tx timing `train_row`; (None, 'n/a') when that peer
+  did not run or failed. The ratio takes tx's examples/s from the timing taken right before
+  that peer run ('tx_adjacent'), where there is one."""
   for r in results.get('peer', {}).get('rows', []):
-    if (r['model'], r['dtype'], r['compiled'], r.get('impl', 'tx')) == (model, dtype, compiled,
-                                                                          impl):
-      return r.get('examples_per_s')  # None when that peer run failed
-  return None
+    if (r['model'], r['dtype'], r['compiled'], r.get('impl', 'tx')) == (
+        train_row['model'], train_row['dtype'], compiled, impl):
+      tx_rate = r.get('tx_adjacent', train_row)['examples_per_s']
+      return r.get('examples_per_s'), _ratio(tx_rate, r.get('examples_per_s'))
+  return None, 'n/a'
 
 
 def _ratio(a, b) -> str:
@@ -40,21 +44,24 @@ def markdown(results: dict) -> str:
     timm = any(r.get('impl') == 'timm' for r in results.get('peer', {}).get('rows', []))
     rows = []
     for r in results['train']:
-      eager, compiled = (_peer_rate(results, r['model'], r['dtype'], c) for c in (False, True))
-      timm_rate = _peer_rate(results, r['model'], r['dtype'], True, 'timm')
+      (eager, to_eager), (compiled, to_compiled), (timm_rate, to_timm) = (
+          _peer(results, r, False), _peer(results, r, True), _peer(results, r, True, 'timm'))
       fp32 = r['dtype'] == results.get('peer', {}).get('dtype', 'float32')  # the peer's dtype
       rows.append([r['model'], r['dtype'], r['batch'], f'{r["median_s"] * 1e3:.1f}',
                    f'{r["examples_per_s"]:.1f}', f'{r["flop_per_s"] / 1e9:.1f}',
                    f'{r["flop_per_s"] / peak[r["dtype"]]:.0%}' if r['dtype'] in peak else 'n/a',
-                   f'{eager:.1f}' if fp32 and eager else '', _ratio(r['examples_per_s'], eager)
-                   if fp32 else '', f'{compiled:.1f}' if fp32 and compiled else '',
-                   _ratio(r['examples_per_s'], compiled) if fp32 else ''])
+                   f'{eager:.1f}' if fp32 and eager else '', to_eager if fp32 else '',
+                   f'{compiled:.1f}' if fp32 and compiled else '', to_compiled if fp32 else ''])
       if timm:
-        rows[-1] += [f'{timm_rate:.1f}' if timm_rate else '', _ratio(r['examples_per_s'], timm_rate)]
+        rows[-1] += [f'{timm_rate:.1f}' if timm_rate else '', to_timm]
     parts.append(_table(['model', 'dtype', 'batch', 'tx ms/step', 'tx examples/s', 'GFLOP/s',
                          'MFU', 'torch eager ex/s', 'tx/eager', 'torch.compile ex/s',
                          'tx/compile'] + (['timm compile ex/s', 'tx/timm'] if timm else []),
                         rows))
+    if any('tx_adjacent' in r for r in results.get('peer', {}).get('rows', [])):
+      parts.append('tx/peer divides the tx examples/s timed right before each peer run (in '
+                   'the peer section) by the peer\'s, so that both come from the same minutes; '
+                   'the tx columns are the train section\'s.')
     failed = [r for r in results.get('peer', {}).get('rows', []) if 'error' in r]
     parts += [f'Peer {r["impl"]} {r["model"]} (compile={r["compiled"]}) failed: {r["error"]}'
               for r in failed]

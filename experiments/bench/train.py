@@ -57,28 +57,46 @@ def init_state(spec: specs.Spec, model, seed=0) -> trainer.TrainState:
                             jax.random.key_data(train_rng))
 
 
-def time_steps(step, state, batch, *, repeats: int, warmup: int = 2) -> dict:
-  """Times step(state, batch) -> (state, metrics), feeding each call's state to the next."""
+def stepper(step, state, batch):
+  """run() -> (state, metrics): one call of step(state, batch), each call's state fed to the
+  next (so a donated state is never reused)."""
   carry = {'state': state}
 
   def run():
     carry['state'], metrics = step(carry['state'], batch)
     return carry['state'], metrics
 
-  return measure(run, repeats=repeats, warmup=warmup)
+  return run
+
+
+def time_steps(step, state, batch, *, repeats: int, warmup: int = 2) -> dict:
+  """Times step(state, batch) -> (state, metrics), feeding each call's state to the next."""
+  return measure(stepper(step, state, batch), repeats=repeats, warmup=warmup)
+
+
+def step_timer(spec: specs.Spec, dtype: str = 'float32', **model_overrides):
+  """Compiles the tx train step of `spec` once and returns timer(repeats, warmup=2) -> dict:
+  median seconds per step, examples/s and achieved FLOP/s. Each call times more steps of
+  the same training run, so a model can be timed again later (next to its peer) without
+  compiling again."""
+  model = specs.tx_model(spec, DTYPES[dtype], **model_overrides)
+  run = stepper(jax.jit(step_fn(spec, model), donate_argnums=(0,)),
+                jax.jit(functools.partial(init_state, spec, model))(),
+                jax.device_put(specs.synthetic_batch(spec)))
+
+  def timer(repeats: int, warmup: int = 2) -> dict:
+    t = measure(run, repeats=repeats, warmup=warmup)
+    return dict(t, examples_per_s=spec.batch / t['median_s'],
+                flops_per_step=flops.train_step(spec),
+                flop_per_s=flops.train_step(spec) / t['median_s'])
+
+  return timer
 
 
 def time_train_step(spec: specs.Spec, dtype: str = 'float32', *, repeats: int = 5,
                     warmup: int = 2, **model_overrides) -> dict:
   """Median seconds per step, examples/s and achieved FLOP/s of the tx train step."""
-  model = specs.tx_model(spec, DTYPES[dtype], **model_overrides)
-  state = jax.jit(functools.partial(init_state, spec, model))()
-  step = jax.jit(step_fn(spec, model), donate_argnums=(0,))
-  t = time_steps(step, state, jax.device_put(specs.synthetic_batch(spec)), repeats=repeats,
-                 warmup=warmup)
-  return dict(t, examples_per_s=spec.batch / t['median_s'],
-              flops_per_step=flops.train_step(spec),
-              flop_per_s=flops.train_step(spec) / t['median_s'])
+  return step_timer(spec, dtype, **model_overrides)(repeats, warmup)
 
 
 def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict:
