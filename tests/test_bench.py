@@ -64,7 +64,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     fp32_rows = [line for line in table.splitlines() if '| float32 |' in line and 'tiny' in line]
     assert len(fp32_rows) == len(bench.plan('tiny', 'cpu')['specs'])
     assert all(line.count('x |') == 1 for line in fp32_rows)
-    assert all(r['tx_adjacent']['median_s'] > 0 for r in saved['peer']['rows'])
+    assert all(r['tx_adjacent']['median_s'] > 0 and r['tx_adjacent']['after_s']
+               for r in saved['peer']['rows'])
   for png in ('attention.png', 'throughput.png'):
     assert os.path.getsize(tmp_path / png) > 10_000
 
@@ -83,3 +84,10 @@ def test_ratio_to_the_peer_uses_the_tx_timing_taken_next_to_it():
   del peer_row['tx_adjacent']  # results saved before the adjacent timing existed
   row = next(line for line in report.markdown(results).splitlines() if line.startswith('| m |'))
   assert '| 4.00x |' in row
+
+
+def test_tx_timed_around_the_peer_cancels_a_linear_drift():
+  before = {'median_s': 0.1, 'times_s': [0.1]}
+  after = {'median_s': 0.3, 'times_s': [0.3]}  # the host slowed down steadily meanwhile
+  t = train.around(before, after, batch=8)
+  assert t['median_s'] == pytest.approx(0.2) and t['examples_per_s'] == pytest.approx(40)

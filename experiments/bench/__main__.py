@@ -6,7 +6,7 @@ Sections (all by default, in this order):
               EncoderDecoder, DecoderLM), float32 and bfloat16, with analytic FLOP/s and MFU
   peer        the same models, shapes, optimizer and batch in PyTorch, eager and
               torch.compile (peer.py), and the ratio tx/peer, tx's step timed again right
-              before each peer run so that a drifting host speed cannot skew the ratio
+              before and after each peer run so that a drifting host speed cannot skew it
   attention   ours against the fused implementation, T = 128 … 8192: time and peak memory
   parallel    pmap against jit on 8 devices (8 simulated CPU devices on a CPU host)
   vectorized  a vmapped sweep of 8 members against one run after another
@@ -132,23 +132,26 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
         runs.append(('timm', True))  # timm's VisionTransformer under torch.compile
       for impl, compiled in runs:
         row = dict(model=spec.name, dtype=p['peer_dtype'], compiled=compiled, impl=impl)
-        # tx again right before its peer: the ratio compares two timings minutes apart at
-        # most, not the train section's, which drifting host speed can leave far behind.
+        # tx again right before and right after its peer: the ratio compares timings from
+        # the same minutes, not the train section's, which the host's drifting speed (tens
+        # of percent over minutes on a shared 2-core VM) can leave far behind.
         if spec.name not in timers:
           timers[spec.name] = train.step_timer(spec, p['peer_dtype'])
-        adjacent = timers[spec.name](p['repeats'], warmup=1)
-        row['tx_adjacent'] = {k: adjacent[k] for k in ('median_s', 'times_s', 'examples_per_s')}
+        tx_before = timers[spec.name](p['repeats'])
         try:  # a failed peer is reported, not fatal: tx's numbers stand on their own.
           row.update(run_module('experiments.bench.peer', f'--spec={spec.name}',
                                 f'--compile={compiled}', f'--impl={impl}',
                                 f'--dtype={p["peer_dtype"]}',
                                 f'--repeats={p["repeats"]}', '--warmup=2', env=peer_env))
-          log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
-              f'{row["step_s_median"] * 1e3:.1f} ms/step (tx right before: '
-              f'{adjacent["median_s"] * 1e3:.1f} ms/step)')
         except RuntimeError as e:
           row['error'] = str(e)
           log(f'torch {impl} {spec.name} failed: {e}')
+        tx_after = timers[spec.name](p['repeats'])
+        row['tx_adjacent'] = train.around(tx_before, tx_after, spec.batch)
+        if 'error' not in row:
+          log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
+              f'{row["step_s_median"] * 1e3:.1f} ms/step (tx around it: '
+              f'{row["tx_adjacent"]["median_s"] * 1e3:.1f} ms/step)')
         results['peer']['rows'].append(row)
   save(results, out)
   if 'attention' in sections:

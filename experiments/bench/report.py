@@ -12,7 +12,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _peer(results: dict, train_row: dict, compiled: bool, impl: str = 'tx') -> tuple:
   """(peer examples/s, tx/peer) for the tx timing `train_row`; (None, 'n/a') when that peer
   did not run or failed. The ratio takes tx's examples/s from the timing taken right before
-  that peer run ('tx_adjacent'), where there is one."""
+  and after that peer run ('tx_adjacent'), where there is one."""
   for r in results.get('peer', {}).get('rows', []):
     if (r['model'], r['dtype'], r['compiled'], r.get('impl', 'tx')) == (
         train_row['model'], train_row['dtype'], compiled, impl):
@@ -59,9 +59,9 @@ def markdown(results: dict) -> str:
                          'tx/compile'] + (['timm compile ex/s', 'tx/timm'] if timm else []),
                         rows))
     if any('tx_adjacent' in r for r in results.get('peer', {}).get('rows', [])):
-      parts.append('tx/peer divides the tx examples/s timed right before each peer run (in '
-                   'the peer section) by the peer\'s, so that both come from the same minutes; '
-                   'the tx columns are the train section\'s.')
+      parts.append('tx/peer divides tx\'s examples/s, timed again right before and right after '
+                   'each peer run (the mean of the two medians), by the peer\'s, so that both '
+                   'come from the same minutes; the tx columns are the train section\'s.')
     failed = [r for r in results.get('peer', {}).get('rows', []) if 'error' in r]
     parts += [f'Peer {r["impl"]} {r["model"]} (compile={r["compiled"]}) failed: {r["error"]}'
               for r in failed]

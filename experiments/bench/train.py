@@ -99,6 +99,15 @@ def time_train_step(spec: specs.Spec, dtype: str = 'float32', *, repeats: int = 
   return step_timer(spec, dtype, **model_overrides)(repeats, warmup)
 
 
+def around(before: dict, after: dict, batch: int) -> dict:
+  """One tx timing from two taken before and after another measurement (the peer's):
+  median_s is the mean of their medians, which cancels a host speed drifting linearly
+  between them."""
+  median = (before['median_s'] + after['median_s']) / 2
+  return {'median_s': median, 'examples_per_s': batch / median,
+          'before_s': before['times_s'], 'after_s': after['times_s']}
+
+
 def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict:
   """`members` runs differing in β (model.beta_scale), as `experiments.sweep --vectorize`
   trains them: one jit(vmap(step)) call per step, against one jitted step per member per
