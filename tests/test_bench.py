@@ -44,7 +44,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
   results = bench.run('tiny', str(tmp_path), log=lambda *_: None)
   saved = json.loads((tmp_path / 'bench.json').read_text())
   assert set(bench.SECTIONS) <= set(saved) and saved['environment']['jax'] == jax.__version__
-  assert all(m['flop_per_s'] > 0 for m in saved['matmul'])
+  assert all(m['flop_per_s'] == max(m['measured']) > 0 and len(m['measured']) == 2
+             for m in saved['matmul'])  # measured before and after the models
   trained = {(r['model'], r['dtype']) for r in saved['train']}
   assert trained == {(s.name, d) for s in bench.plan('tiny', 'cpu')['specs']
                      for d in ('float32', 'bfloat16')}
