@@ -127,7 +127,7 @@ GPU_SPECS = (
          seq_len=1024, vocab_size=32000),
 )
 
-# --quick and the end-to-end test: one tiny model of each kind.
+# Tiny shapes, one model of each kind: the peer's tests; the end-to-end bench test times the ViT.
 TINY_SPECS = (
     Spec('vit-tiny', 'ViT', num_layers=2, d_model=32, num_heads=2, d_ff=64, batch=8,
          image_size=8, patch_size=4, channels=1),
