@@ -93,12 +93,6 @@ def step_timer(spec: specs.Spec, dtype: str = 'float32', **model_overrides):
   return timer
 
 
-def time_train_step(spec: specs.Spec, dtype: str = 'float32', *, repeats: int = 5,
-                    warmup: int = 2, **model_overrides) -> dict:
-  """Median seconds per step, examples/s and achieved FLOP/s of the tx train step."""
-  return step_timer(spec, dtype, **model_overrides)(repeats, warmup)
-
-
 def around(before: dict, after: dict, batch: int) -> dict:
   """One tx timing from two taken before and after another measurement (the peer's):
   median_s is the mean of their medians, which cancels a host speed drifting linearly
