@@ -30,7 +30,7 @@ def parse_arg(arg, **defaults):
 
 
 def training(**overrides) -> ml_collections.ConfigDict:
-  """The fields every run has; `experiments.trainer` reads exactly these."""
+  """The fields every run has (experiments/config_check.py requires exactly these)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128  # global, over all devices and hosts.
@@ -54,6 +54,10 @@ def training(**overrides) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule='cosine', warmup_steps=100, b1=0.9, b2=0.999, weight_decay=1e-4,
       grad_clip=1.0))
+  # Evaluators (experiments/evaluators/): at='eval' runs at every eval step, 'end' after training.
+  c.evals = ml_collections.ConfigDict(dict(
+      test=dict(type='task_metrics', at='eval'),
+      attention_entropy=dict(type='attention_entropy', at='end', examples=256)))
   for key, value in overrides.items():
     c[key] = value
   return c
@@ -66,19 +70,20 @@ def make_quick(c, steps: int = 60):
 
 
 def ablation_arg(arg):
-  """The arguments every ablation config takes: quick, seeds, steps (parsed once)."""
+  """The arguments every ablation config takes: quick, seeds, steps (0: 1,000, or 60 with
+  quick), parsed once."""
   if isinstance(arg, ml_collections.ConfigDict):
     return arg
-  return parse_arg(arg, quick=False, seeds=3, steps=1000)
+  return parse_arg(arg, quick=False, seeds=3, steps=0)
 
 
 def ablation_config(base, arg):
   """An ablation's base run: `base` (a config module) shortened to `steps`, or made quick."""
   arg = ablation_arg(arg)
   c = base.get_config()
-  c.update(dict(total_steps=arg.steps, eval_every=500, checkpoint_every=500))
+  c.update(dict(total_steps=arg.steps or 1000, eval_every=500, checkpoint_every=500))
   if arg.quick:
-    make_quick(c)
+    make_quick(c, arg.steps or 60)
   return c
 
 

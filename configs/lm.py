@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(name='char_lm', path='', seq_len=arg.seq_len,
                                           test_fraction=0.1))
   c.model = ml_collections.ConfigDict(dict(
-      name='DecoderLM', num_layers=2, d_model=128, num_heads=4, d_ff=512, max_len=arg.seq_len,
+      name='DecoderLM', num_layers=2, d_model=128, num_heads=4, d_ff=512, num_positions=arg.seq_len,
       posemb=arg.posemb, norm='pre', activation='gelu', beta_scale=arg.beta_scale,
       learn_beta=arg.learn_beta, score=arg.score, implementation='xla', dropout=0.0,
       attention_dropout=0.0, tie_embeddings=True, dtype='float32', remat=False, scan_layers=False))

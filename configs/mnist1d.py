@@ -32,7 +32,7 @@ def get_config(arg=None):
                                           shuffle=arg.shuffle))
   c.model = ml_collections.ConfigDict(dict(
       name='EncoderClassifier', num_layers=4, d_model=64, num_heads=4, d_ff=128,
-      max_len=40 // arg.patch_size + 1, posemb=arg.posemb, pool=arg.pool, norm='pre',
+      num_positions=40 // arg.patch_size + 1, posemb=arg.posemb, pool=arg.pool, norm='pre',
       activation='gelu', beta_scale=arg.beta_scale, learn_beta=arg.learn_beta, score=arg.score,
       implementation='xla', dropout=0.1, attention_dropout=0.0, dtype='float32', remat=False,
       scan_layers=False))

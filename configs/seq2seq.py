@@ -1,12 +1,12 @@
 """EncoderDecoder (Vaswani et al.) on algorithmic tasks: copy, reverse, sort, addition.
 
   python -m experiments.run --config=configs/seq2seq.py
-  python -m experiments.run --config=configs/seq2seq.py:task=sort,posemb=rope
+  python -m experiments.run --config=configs/seq2seq.py:task=sort,posemb=rope,max_length=8
 
 Data: random symbol sequences (10 symbols) with <bos>=1, <eos>=2, <pad>=0;
 sources end in <eos>, targets end in <eos>; padding is masked in the encoder
-self-attention and the cross-attention. Train and test lengths are 1..max_len;
-a second test split with lengths max_len+1..2·max_len measures length
+self-attention and the cross-attention. Train and test lengths are 1..max_length;
+a second test split with lengths max_length+1..2·max_length measures length
 extrapolation: summary.json reports exact match of greedy decoding
 (tx.generate) by length and `exact_match_long` over that split. The eval
 metric during training, eval/exact_match, is teacher-forced (every target
@@ -26,16 +26,18 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, task='reverse', max_len=10, posemb='sinusoidal', beta_scale=1.0,
-                         learn_beta=False, score='dot', quick=False)
+  arg = common.parse_arg(arg, task='reverse', max_length=10, posemb='sinusoidal',
+                         beta_scale=1.0, learn_beta=False, score='dot', quick=False)
   c = common.training(batch_size=64, total_steps=2500, log_every=100, eval_every=500,
                       checkpoint_every=500, best_metric='exact_match')
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 0.0
   c.data = ml_collections.ConfigDict(dict(
-      name='seq2seq', task=arg.task, train_size=20000, test_size=1000, min_len=1,
-      max_len=arg.max_len, test_max_len=2 * arg.max_len, num_symbols=10, seed=0))
+      name='seq2seq', task=arg.task, train_size=20000, test_size=1000, min_length=1,
+      max_length=arg.max_length, extrapolate_max_length=2 * arg.max_length, num_symbols=10,
+      seed=0))
+  c.evals.exact_match_by_length = dict(type='exact_match_by_length', at='end', batch_size=250)
   c.model = ml_collections.ConfigDict(dict(
       name='EncoderDecoder', num_layers=2, d_model=64, num_heads=4, d_ff=256,
       posemb=arg.posemb, norm='post', activation='relu', beta_scale=arg.beta_scale,

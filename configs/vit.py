@@ -10,10 +10,8 @@ Model: 4 pre-LN layers, d_model 64, 4 heads, patch size 2 (16 patches + CLS).
 
 Expected (2-core CPU, measured 2026-11-22, JAX 0.10.2): 72-82 s wall for the
 default command, start-up and compile included (60-68 steps/s); test accuracy
-0.978 / 0.983 / 0.983 for --config.seed=0 / 1 / 2 (mean 0.981; 0.986 / 0.978 /
-0.975 before the patch embedding became a matrix product, which changes the rounding and so
-the trajectory, not the spread). `:quick`
-(100 steps): 14 s, accuracy 0.52 (a smoke run, not a result).
+0.978 / 0.983 / 0.983 for --config.seed=0 / 1 / 2 (mean 0.981). `:quick` (100 steps):
+14 s, accuracy 0.52 (a smoke run, not a result).
 """
 
 import ml_collections

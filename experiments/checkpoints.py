@@ -112,6 +112,11 @@ class Checkpoints:
         print(f'warning: {e}; skipped it and moved it to {aside}', file=sys.stderr, flush=True)
     return None
 
+  def delete_after(self, step: int):
+    """Deletes the saved steps after `step`."""
+    for later in [s for s in self.steps() if s > step]:
+      self.manager.delete(later)
+
   def wait(self):
     """Blocks until every asynchronous save is on disk."""
     self.manager.wait_until_finished()

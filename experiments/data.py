@@ -11,6 +11,7 @@ import dataclasses
 import os
 import pickle
 
+import jax
 import numpy as np
 
 # Token ids shared by the algorithmic seq2seq tasks.
@@ -91,22 +92,23 @@ def _seq2seq_example(task, rng, length, num_symbols):
 
 
 def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 1000,
-            min_len: int = 1, max_len: int = 10, test_max_len: int | None = None,
+            min_length: int = 1, max_length: int = 10, extrapolate_max_length: int | None = None,
             num_symbols: int = 10, seed: int = 0) -> Dataset:
   """Algorithmic sequence-to-sequence tasks: copy, reverse, sort, addition.
 
   Sources are symbols (ids from FIRST_SYMBOL) followed by <eos>; targets end in
   <eos>; both are padded with <pad>. 'length' is the number of symbols (for
   'addition', the digits of each operand). Train and test lengths are uniform
-  in [min_len, max_len], padded to one width (info['max_len']). With
-  test_max_len > max_len, `extrapolate` holds test_size more examples with
-  lengths in (max_len, test_max_len], padded to their own, larger width: they
+  in [min_length, max_length], padded to one width (info['width'] positions: the
+  longest sequence's symbols and <eos>). With extrapolate_max_length > max_length,
+  `extrapolate` holds test_size more examples with lengths in
+  (max_length, extrapolate_max_length], padded to their own, larger width: they
   measure length extrapolation, which a learned posemb table sized for
   training cannot even be run on.
   """
   if task not in SEQ2SEQ_TASKS:
     raise ValueError(f'data.task={task!r}; allowed: {", ".join(map(repr, SEQ2SEQ_TASKS))}')
-  test_max_len = test_max_len or max_len
+  extrapolate_max_length = extrapolate_max_length or max_length
   rng = np.random.default_rng(seed)
 
   def examples(n, lo, hi):
@@ -124,15 +126,16 @@ def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 100
   def width(*parts):  # symbols + <eos>, over sources and targets.
     return max(len(x) for pairs in parts for pair in pairs for x in pair) + 1
 
-  train, test = examples(train_size, min_len, max_len), examples(test_size, min_len, max_len)
+  train, test = (examples(train_size, min_length, max_length),
+                 examples(test_size, min_length, max_length))
   w = width(train[0], test[0])
   extrapolate = None
-  if test_max_len > max_len:
-    long = examples(test_size, max_len + 1, test_max_len)
+  if extrapolate_max_length > max_length:
+    long = examples(test_size, max_length + 1, extrapolate_max_length)
     extrapolate = pad(*long, width(long[0]))
   vocab = FIRST_SYMBOL + (11 if task == 'addition' else num_symbols)
   return Dataset(pad(*train, w), pad(*test, w),
-                 {'vocab_size': vocab, 'pad_id': PAD, 'bos_id': BOS, 'eos_id': EOS, 'max_len': w},
+                 {'vocab_size': vocab, 'pad_id': PAD, 'bos_id': BOS, 'eos_id': EOS, 'width': w},
                  extrapolate)
 
 
@@ -254,3 +257,34 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int,
   per = batch_size // process_count
   start = i * batch_size + process_index * per
   return order[start:start + per]
+
+
+def train_batch(dataset: Dataset, config, step: int) -> dict:
+  """This process's rows of the global batch for `step` (stateless: the position is the step),
+  shifted by up to config.data.augment pixels, with a weight of 1 per example."""
+  c = config
+  idx = batch_indices(len(dataset.train['targets']), c.batch_size, step, c.seed,
+                      jax.process_index(), jax.process_count())
+  batch = {k: v[idx] for k, v in dataset.train.items()}
+  shift = c.data.get('augment', 0)
+  if shift:  # drawn for the global batch, then sliced: the same shifts on 1 host or many.
+    offsets = shift_offsets(np.random.default_rng([c.seed, step, 1]), c.batch_size, shift)
+    start = jax.process_index() * len(idx)
+    batch['inputs'] = shift_images(batch['inputs'], offsets[start:start + len(idx)], shift)
+  batch['weight'] = np.ones(len(idx), np.float32)
+  return batch
+
+
+def eval_batches(dataset: Dataset, batch_size: int):
+  """The test set in global batches of `batch_size`, padded with weight-0 rows; this process's rows."""
+  test = dataset.test
+  n = len(test['targets'])
+  padded = -(-n // batch_size) * batch_size
+  pid, per = jax.process_index(), batch_size // jax.process_count()
+  for start in range(0, padded, batch_size):
+    rows = np.arange(start + pid * per, start + (pid + 1) * per)
+    valid = rows < n
+    rows = np.where(valid, rows, 0)
+    batch = {k: v[rows] for k, v in test.items()}
+    batch['weight'] = valid.astype(np.float32)
+    yield batch

@@ -1,13 +1,15 @@
 """Generate from a trained run: continue a prompt (LM runs) or decode a source (seq2seq runs).
 
-  python -m experiments.generate --workdir=RUN --prompt="def main(" [--max_len=200]
+  python -m experiments.generate --workdir=RUN --prompt="def main(" [--max_new_tokens=200]
   python -m experiments.generate --workdir=RUN --prompt="The " --method=sample --temperature=0.8 \\
       --top_p=0.9 --num_samples=3 --seed=1
   python -m experiments.generate --workdir=RUN --source="3 1 4 1 5" [--method=beam --beam_size=4]
 
 Methods: greedy (default), sample (temperature, top_k, top_p; --seed picks the key: the same
 seed gives the same text), beam (beam_size, length_penalty α of the GNMT penalty). Decoding is
-tx.generate / tx.beam_search: one compiled loop over a KV cache.
+tx.generate / tx.beam_search: one compiled loop over a KV cache. --max_new_tokens counts the
+tokens generated after the prompt (LM) or the source (seq2seq); --max_len is the older
+spelling, the total length for an LM (prompt included) and the output length for seq2seq.
 """
 
 from __future__ import annotations
@@ -51,10 +53,16 @@ def encode_source(text: str, names: dict[int, str]) -> np.ndarray:
 
 
 def generate_text(workdir: str, *, prompt: str | None = None, source: str | None = None,
-                  method: str = 'greedy', max_len: int | None = None, temperature: float = 1.0,
+                  method: str = 'greedy', max_new_tokens: int | None = None,
+                  max_len: int | None = None, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, beam_size: int = 4,
                   length_penalty: float = 0.6, seed: int = 0, step: int | None = None) -> list[str]:
-  """The generated texts (one per sample or beam, best beam first), as printed by the command."""
+  """The generated texts (one per sample or beam, best beam first), as printed by the command.
+
+  max_new_tokens: tokens to generate; default: up to the trained length (LM: the context
+  length less the prompt; seq2seq: the padded target width). max_len, the older spelling:
+  the total length for an LM, the output length for seq2seq.
+  """
   if method not in METHODS:
     raise ValueError(f'--method={method!r}; allowed: {", ".join(map(repr, METHODS))}')
   if num_samples < 1:
@@ -65,7 +73,11 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
     if prompt is None:
       raise ValueError(f'--workdir={workdir!r} is a language-model run: give --prompt="..."')
     inputs = encode_prompt(prompt, info['chars'])
-    max_len = max_len or run.config.model.max_len
+    length = max_len or run.config.model.num_positions  # the total, prompt included.
+    if not max_new_tokens and length <= inputs.shape[1]:
+      raise ValueError(f'--max_len={length} (the total length, prompt included) must exceed '
+                       f'the prompt\'s {inputs.shape[1]} characters; or give --max_new_tokens')
+    max_new_tokens = max_new_tokens or length - inputs.shape[1]
     ids = dict(eos_id=None)
     decode = lambda tokens: ''.join(info['chars'][t] for t in tokens)
   elif run.task == 'seq2seq':
@@ -73,7 +85,7 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
       raise ValueError(f'--workdir={workdir!r} is a seq2seq run: give --source="..."')
     names = symbol_names(run.config.data.task, info['vocab_size'])
     inputs = encode_source(source, names)
-    max_len = max_len or info['max_len']
+    max_new_tokens = max_new_tokens or max_len or info['width']
     ids = dict(eos_id=info['eos_id'], pad_id=info['pad_id'], bos_id=info['bos_id'])
     decode = lambda tokens: ' '.join(names[int(t)] for t in tokens if t != info['pad_id'])
     prompt = ' '.join(names[int(t)] for t in inputs[0])
@@ -81,16 +93,17 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
     raise ValueError(f'--workdir={workdir!r} is a {run.task} run; generate needs a language-model '
                      'run (--prompt) or a seq2seq run (--source)')
   if method == 'beam':
-    beams = tx.beam_search(run.model, params, inputs, beam_size=beam_size, max_len=max_len,
+    beams = tx.beam_search(run.model, params, inputs, beam_size=beam_size,
+                           max_new_tokens=max_new_tokens,
                            length_penalty_alpha=length_penalty, **ids)
     tokens, scores = np.asarray(beams.tokens[0]), np.asarray(beams.scores[0])
     texts = [f'{decode(t)}   (score {s:.3f})' for t, s in zip(tokens, scores)]
   else:
     sample = method == 'sample'
     out = tx.generate(run.model, params, np.repeat(inputs, num_samples if sample else 1, axis=0),
-                      max_len=max_len, rng=jax.random.key(seed), temperature=temperature
-                      if sample else 0.0, top_k=top_k if sample else None,
-                      top_p=top_p if sample else None, **ids)
+                      max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
+                      temperature=temperature if sample else 0.0,
+                      top_k=top_k if sample else None, top_p=top_p if sample else None, **ids)
     texts = [decode(t) for t in np.asarray(out.tokens)]
   if run.task == 'seq2seq':
     texts = [f'{prompt} → {t}' for t in texts]
@@ -103,8 +116,10 @@ def define_flags():
   flags.DEFINE_string('prompt', None, 'Text to continue (language-model runs).')
   flags.DEFINE_string('source', None, 'Source symbols to decode (seq2seq runs), e.g. "3 1 4".')
   flags.DEFINE_enum('method', 'greedy', METHODS, 'Decoding method.')
-  flags.DEFINE_integer('max_len', None, 'Output length: total tokens for LMs (prompt included), '
-                       'output tokens for seq2seq; default: the trained length.')
+  flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate after the prompt or source; '
+                       'default: up to the trained length.')
+  flags.DEFINE_integer('max_len', None, 'Older spelling: the total length for LMs (prompt '
+                       'included), the output length for seq2seq.')
   flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (--method=sample).')
   flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens only (0: all).')
   flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens with this mass.')
@@ -120,7 +135,8 @@ def main(argv):
   start = time.time()
   try:
     texts = generate_text(f.workdir, prompt=f.prompt, source=f.source, method=f.method,
-                          max_len=f.max_len, temperature=f.temperature, top_k=f.top_k,
+                          max_new_tokens=f.max_new_tokens, max_len=f.max_len,
+                          temperature=f.temperature, top_k=f.top_k,
                           top_p=f.top_p, num_samples=f.num_samples, beam_size=f.beam_size,
                           length_penalty=f.length_penalty, seed=f.seed, step=f.step)
   except Exception as e:

@@ -3,7 +3,8 @@
 One process: a signal handler sets a flag that the loop reads after each step; the loop saves
 the current step, waits for the save, and raises `Preempted`. A second signal while that runs
 falls back to the default action (a second Ctrl-C quits at once; the last complete checkpoint
-is still there). Several processes (jax.distributed): JAX's own preemption notice, which
+is still there). Once nothing is left to save (training done, its last checkpoint on disk),
+the loop sets `StopRequest.immediate` and a signal raises `Preempted` at once. Several processes (jax.distributed): JAX's own preemption notice, which
 receives SIGTERM in each process, and `reached_preemption_sync_point` make every process stop
 at the same step, so their collective save matches.
 """
@@ -33,6 +34,7 @@ class StopRequest:
 
   def __init__(self):
     self.signum: int | None = None
+    self.immediate: str | None = None  # set: a signal raises Preempted(immediate) at once.
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -65,6 +67,8 @@ def catch_stop_signals():
       signal.raise_signal(signum)
       return
     request.signum = signum
+    if request.immediate is not None:
+      raise Preempted(f'{request.name}: {request.immediate}', signum)
     print(f'{signal.Signals(signum).name} received: saving a checkpoint after this step '
           '(send it again to quit at once)', flush=True)
 

@@ -8,8 +8,12 @@ import os
 
 import ml_collections
 
-from experiments import trainer
+from experiments import steps
 from experiments.checkpoints import Checkpoints
+
+# Config fields that have another name now, as config.json files written earlier spell them.
+RENAMED = {('model', 'max_len'): 'num_positions', ('data', 'min_len'): 'min_length',
+           ('data', 'max_len'): 'max_length', ('data', 'test_max_len'): 'extrapolate_max_length'}
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -22,17 +26,21 @@ def load_run(workdir: str, step: int | None = None):
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise ValueError(f'--workdir={workdir!r} has no checkpoints/ yet; it needs a saved step')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  run = trainer.setup(config)
+    values = json.load(f)
+  for (section, old), new in RENAMED.items():
+    if old in values.get(section, {}):
+      values[section][new] = values[section].pop(old)
+  config = ml_collections.ConfigDict(values)
+  run = steps.setup(config)
   ckpt = Checkpoints(workdir, best_metric=config.best_metric, best_mode=config.best_mode)
   try:
-    steps = ckpt.steps()
-    if not steps:
+    saved = ckpt.steps()
+    if not saved:
       raise ValueError(f'--workdir={workdir!r} has no checkpoint saved yet')
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise ValueError(f'--step={step}; the checkpoints of {workdir!r} are at steps {steps}')
-    state, _ = ckpt.restore(trainer.init_state(run), step)
+    step = saved[-1] if step is None else step
+    if step not in saved:
+      raise ValueError(f'--step={step}; the checkpoints of {workdir!r} are at steps {saved}')
+    state, _ = ckpt.restore(steps.init_state(run), step)
   finally:
     ckpt.close()
   return run, state.params, step

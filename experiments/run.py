@@ -69,8 +69,8 @@ def main(argv):
       raise ValueError('--workdir is required with several processes (they must share one)')
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
     print(f'workdir: {workdir}', flush=True)
-    from experiments import trainer
-    summary, _ = trainer.train_and_evaluate(config, workdir)
+    from experiments.train import train_and_evaluate
+    summary, _ = train_and_evaluate(config, workdir)
   except Exception as e:  # one line unless --verbose; a signal: saved, exit 128 + signal.
     fail_unless_verbose(e, _VERBOSE.value)
   print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'

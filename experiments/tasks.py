@@ -7,6 +7,7 @@ so that micro-batches, devices and eval batches combine exactly.
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +52,12 @@ def load_dataset(config) -> data_lib.Dataset:
   return dataset
 
 
-def init_args(task: str, batch: dict) -> tuple:
-  """The model's positional inputs for `batch` at init: (inputs,), and the targets for seq2seq
-  (their shape is all that init needs)."""
-  return (batch['inputs'],) + ((batch['targets'],) if task == 'seq2seq' else ())
+def model_inputs(task: str, batch: dict, bos_id: int = data_lib.BOS) -> tuple:
+  """The model's positional inputs for `batch`: (inputs,), or for seq2seq (source, decoder
+  input), the decoder input being the targets shifted right behind <bos> (teacher forcing)."""
+  if task == 'seq2seq':
+    return batch['inputs'], tx.shift_right(batch['targets'], bos_id)
+  return (batch['inputs'],)
 
 
 def build_model(config, info: dict):
@@ -75,7 +78,7 @@ def build_model(config, info: dict):
     kwargs.setdefault('vocab_size', info['vocab_size'])
   if name == 'EncoderDecoder':
     kwargs.setdefault('pad_id', info['pad_id'])
-    kwargs.setdefault('max_len', info['max_len'])
+    kwargs.setdefault('num_positions', info['width'])
   try:
     return MODELS[name](**kwargs)
   except TypeError as e:
@@ -116,17 +119,12 @@ def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool =
   rngs = {'dropout': rng} if train and rng is not None else None
   apply = lambda *args: model.apply({'params': params}, *args, deterministic=not train, rngs=rngs)
   example_w, weights = batch['weight'], loss_weights(task, batch, pad_id)
+  logits = apply(*model_inputs(task, batch, bos_id))
   if task == 'classify':
-    logits = apply(batch['inputs'])
     loss, correct, count, _ = _cross_entropy(logits, batch['targets'], weights, label_smoothing)
     return loss, {'loss_sum': loss, 'loss_count': count, 'accuracy_sum': correct,
                   'accuracy_count': count}
-  targets = batch['targets']
-  if task == 'seq2seq':
-    logits = apply(batch['inputs'], tx.shift_right(targets, bos_id))
-  else:  # lm
-    logits = apply(batch['inputs'])
-  loss, correct, count, hit = _cross_entropy(logits, targets, weights, label_smoothing)
+  loss, correct, count, hit = _cross_entropy(logits, batch['targets'], weights, label_smoothing)
   metrics = {'loss_sum': loss, 'loss_count': count, 'token_accuracy_sum': correct,
              'token_accuracy_count': count}
   if task == 'seq2seq':
@@ -139,3 +137,18 @@ def summarize(sums: dict) -> dict:
   """{'x_sum': s, 'x_count': n} -> {'x': s / n}, on device or host arrays."""
   return {key[:-4]: value / jnp.maximum(sums[key[:-4] + '_count'], 1e-9)
           for key, value in sums.items() if key.endswith('_sum')}
+
+
+# What `eval_metrics_of(task, summarize(loss_and_metrics(...)[1]))` holds, by task (tested).
+EVAL_METRICS = {'classify': ('accuracy', 'loss'),
+                'seq2seq': ('exact_match', 'loss', 'token_accuracy'),
+                'lm': ('loss', 'token_accuracy', 'bits_per_char')}
+
+
+def eval_metrics_of(task: str, means: dict) -> dict:
+  """Host floats from summarized eval sums, with bits per character (loss / ln 2) for
+  language models."""
+  out = {k: float(v) for k, v in means.items()}
+  if task == 'lm':
+    out['bits_per_char'] = out['loss'] / math.log(2)
+  return out

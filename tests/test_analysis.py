@@ -1,5 +1,9 @@
 """tx/analysis.py: entropy, rollout, mean distance and the position/content split against NumPy,
-and every layer found by attention_weights."""
+and every layer found by attention_weights, named by AttentionLayer."""
+
+import copy
+import json
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,70 @@ def test_attention_weights_of_every_layer(implementation):
   np.testing.assert_allclose(weights['decoder/block_0/cross_attention'][..., -1], 0.0)  # pad key.
   causal = weights['decoder/block_0/self_attention'][0, 0]
   np.testing.assert_allclose(np.triu(causal, 1), 0.0, atol=1e-7)
+
+
+def _seq2seq():
+  model = tx.EncoderDecoder(vocab_size=11, num_layers=2, d_model=16, num_heads=2, d_ff=32)
+  src, tgt = jnp.array([[3, 4, 5, 2, 0]]), jnp.array([[1, 6, 7, 8]])
+  return model, model.init(jax.random.key(0), src, tgt), (src, tgt)
+
+
+def test_attention_layers_carry_their_place_in_the_model():
+  model, variables, args = _seq2seq()
+  weights = tx.attention_weights(model, variables, *args)
+  assert all(type(layer) is tx.AttentionLayer for layer in weights)
+  described = [(layer.stack, layer.block, layer.name, layer.is_cross, layer.is_causal,
+                layer.label) for layer in weights]
+  assert described == [  # in call order
+      ('encoder', 0, 'self_attention', False, False, 'enc 0 self'),
+      ('encoder', 1, 'self_attention', False, False, 'enc 1 self'),
+      ('decoder', 0, 'self_attention', False, True, 'dec 0 self'),
+      ('decoder', 0, 'cross_attention', True, False, 'dec 0 cross'),
+      ('decoder', 1, 'self_attention', False, True, 'dec 1 self'),
+      ('decoder', 1, 'cross_attention', True, False, 'dec 1 cross')]
+  layer = list(weights)[3]
+  assert layer.scope == ('decoder', 'block_0', 'cross_attention')
+  assert layer == 'decoder/block_0/cross_attention' and hash(layer) == hash(str(layer))
+  assert tx.AttentionLayer(layer.scope) == layer  # built from Flax's tuple of module names
+  for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+    assert type(copied) is tx.AttentionLayer and copied.scope == layer.scope
+    assert (copied.stack, copied.block, copied.label) == ('decoder', 0, 'dec 0 cross')
+  assert json.loads(json.dumps({layer: 1})) == {'decoder/block_0/cross_attention': 1}
+  with pytest.raises(ValueError, match=r"scope=\(\); allowed: a non-empty tuple"):
+    tx.AttentionLayer(())
+
+
+def test_attention_layers_survive_jit_and_call_order_restores_the_order():
+  model, variables, args = _seq2seq()
+  eager = tx.attention_weights(model, variables, *args)
+  jitted = jax.jit(lambda v, *a: tx.attention_weights(model, v, *a))(variables, *args)
+  assert list(jitted) == sorted(eager)  # jit returns the keys sorted as strings
+  assert all(type(layer) is tx.AttentionLayer for layer in jitted)
+  ordered = sorted(jitted, key=lambda layer: layer.call_order)
+  assert ordered == list(eager) and [l.label for l in ordered] == [l.label for l in eager]
+  for layer in eager:
+    np.testing.assert_allclose(jitted[layer], eager[layer], atol=1e-6)
+
+
+def test_attention_layers_of_bare_modules():
+  x = jax.random.normal(jax.random.key(1), (1, 4, 16))
+  mha = tx.MultiHeadAttention(num_heads=2)
+  (layer, w), = tx.attention_weights(mha, mha.init(jax.random.key(0), x), x).items()
+  assert layer == 'attention' and (layer.stack, layer.block, layer.label) == ('', None, 'attention')
+  assert w.shape == (1, 2, 4, 4)
+  block = tx.EncoderBlock(num_heads=2, d_ff=32)
+  (layer,) = tx.attention_weights(block, block.init(jax.random.key(0), x), x)
+  assert layer == 'self_attention' and (layer.stack, layer.block, layer.label) == ('', None, 'self')
+  small = dict(num_layers=2, d_model=16, num_heads=2, d_ff=32)
+  decoder = tx.Decoder(**small)  # its blocks sit at the root: the stack is named for the model
+  layers = list(tx.attention_weights(decoder, decoder.init(jax.random.key(0), x), x))
+  assert layers == ['block_0/self_attention', 'block_1/self_attention']
+  assert [(l.stack, l.block, l.is_causal, l.label) for l in layers] == [
+      ('decoder', 0, True, 'dec 0 self'), ('decoder', 1, True, 'dec 1 self')]
+  encoder = tx.Encoder(**small)
+  layers = list(tx.attention_weights(encoder, encoder.init(jax.random.key(0), x), x))
+  assert [(l.stack, l.is_causal, l.label) for l in layers] == [('encoder', False, 'enc 0 self'),
+                                                               ('encoder', False, 'enc 1 self')]
 
 
 def test_beta_zero_attention_is_uniform():

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from experiments.bench import __main__ as bench
-from experiments.bench import flops, report, specs, train
+from experiments import tasks
+from experiments.bench import flops, report, specs, step_time
 
 # Small enough to compile in a second, wide enough that matrix products dominate.
 COUNTED = [specs.Spec('v', 'ViT', num_layers=2, d_model=128, num_heads=4, d_ff=512, batch=2,
@@ -30,12 +31,12 @@ def test_analytic_flops_match_xla_cost_analysis(spec):
   so its count is a little above ours: within 5% for the forward pass, and the train step
   (forward + backward + AdamW) within 3-3.6x the forward."""
   model = specs.tx_model(spec)
-  args = specs.model_inputs(spec, specs.synthetic_batch(spec))
+  args = tasks.model_inputs(spec.task, specs.synthetic_batch(spec))
   variables = model.init(jax.random.key(0), *args)
   forward = spec.batch * flops.forward_per_example(spec)
   assert 1.0 <= _xla_flops(model.apply, variables, *args) / forward <= 1.05
-  state = jax.jit(lambda: train.init_state(spec, model))()
-  step = _xla_flops(train.step_fn(spec, model), state, specs.synthetic_batch(spec))
+  state = step_time.init_state(spec, model)
+  step = _xla_flops(step_time.step_fn(spec, model), state, specs.synthetic_batch(spec))
   assert flops.train_step(spec) == 3 * forward
   assert 1.0 <= step / flops.train_step(spec) <= 1.2
 
@@ -90,5 +91,5 @@ def test_ratio_to_the_peer_uses_the_tx_timing_taken_next_to_it():
 def test_tx_timed_around_the_peer_cancels_a_linear_drift():
   before = {'median_s': 0.1, 'times_s': [0.1]}
   after = {'median_s': 0.3, 'times_s': [0.3]}  # the host slowed down steadily meanwhile
-  t = train.around(before, after, batch=8)
+  t = step_time.around(before, after, batch=8)
   assert t['median_s'] == pytest.approx(0.2) and t['examples_per_s'] == pytest.approx(40)

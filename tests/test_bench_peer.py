@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from configs import common  # noqa: E402
-from experiments import tasks, trainer  # noqa: E402
+from experiments import optimizer, tasks  # noqa: E402
 from experiments.bench import peer, specs  # noqa: E402
 
 TINY = {s.kind: s for s in specs.TINY_SPECS}
@@ -35,7 +35,7 @@ def padded_batch(spec, seed=0):
 def tx_params(spec, seed=0):
   """tx's initial parameters plus N(0, 0.05²) noise on every entry (NumPy arrays)."""
   params = jax.jit(specs.tx_model(spec).init)(
-      jax.random.key(seed), *specs.model_inputs(spec, specs.synthetic_batch(spec)))['params']
+      jax.random.key(seed), *tasks.model_inputs(spec.task, specs.synthetic_batch(spec)))['params']
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32),
                       params)
@@ -79,7 +79,7 @@ def test_logits_equal_tx(kind):
   spec = TINY[kind]
   batch, params = padded_batch(spec), tx_params(spec)
   expected = jax.jit(specs.tx_model(spec).apply)({'params': params},
-                                                 *specs.model_inputs(spec, batch))
+                                                 *tasks.model_inputs(spec.task, batch))
   inputs, _ = peer.torch_batch(spec, batch)
   with torch.no_grad():
     logits = torch_model(spec, params)(*inputs)
@@ -107,7 +107,7 @@ def test_source_padding_is_masked():
                          ids=lambda s: s.name)
 def test_parameter_count_equals_tx(spec):
   shapes = jax.eval_shape(specs.tx_model(spec).init, jax.random.key(0),
-                          *specs.model_inputs(spec, specs.synthetic_batch(spec)))
+                          *tasks.model_inputs(spec.task, specs.synthetic_batch(spec)))
   expected = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   with torch.device('meta'):
     model = peer.build_model(spec)
@@ -117,13 +117,13 @@ def test_parameter_count_equals_tx(spec):
 def tx_optimizer(weight_decay):
   config = common.training()
   config.optimizer.update(schedule='constant', warmup_steps=0)
-  schedule = trainer.make_schedule(config, total_steps=10)
+  schedule = optimizer.make_schedule(config, total_steps=10)
   assert float(schedule(0)) == float(schedule(5)) == np.float32(config.optimizer.lr)
   o = config.optimizer  # the peer's constants are the configs' defaults
   assert (peer.OPTIMIZER['lr'], peer.OPTIMIZER['betas'], peer.OPTIMIZER['weight_decay'],
           peer.GRAD_CLIP) == (o.lr, (o.b1, o.b2), o.weight_decay, o.grad_clip)
   config.optimizer.weight_decay = weight_decay
-  return trainer.make_optimizer(config, schedule)
+  return optimizer.make_optimizer(config, schedule)
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -175,7 +175,7 @@ def test_optimizer_steps_equal_optax(kind):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_weight_decay_mask_is_tx_mask(kind):
-  """The peer decays exactly the parameters whose tx arrays have ndim > 1 (trainer's mask)."""
+  """The peer decays exactly the parameters whose tx arrays have ndim > 1 (the optimizer's mask)."""
   spec = TINY[kind]
   params = tx_params(spec)
   model = torch_model(spec, params)

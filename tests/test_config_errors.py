@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from experiments import trainer
+from experiments.train import train_and_evaluate
 from experiments.cli import describe, unknown_override
 from experiments.config_check import check_config
 from test_runner import ROOT, parse, tiny_config
@@ -46,10 +46,11 @@ def error_of(config) -> str:
     ('vit', {'num_devices': 9}, 'config.num_devices=9, but only 8 devices exist'),
     ('vit', {'model.patch_size': 3},
      'config.model.patch_size=3: image size 8x8 is not divisible by patch_size=3'),
-    ('lm', {'model.posemb': 'learn', 'model.max_len': 32},
-     'config.model.max_len=32: sequence length 128 exceeds the learned posemb table (max_len=32)'),
+    ('lm', {'model.posemb': 'learn', 'model.num_positions': 32},
+     'config.model.num_positions=32: sequence length 128 exceeds the learned posemb table '
+     '(num_positions=32)'),
     ('mnist1d', {'data.patch_size': 2},  # 20 patches + CLS do not fit the 11-row table.
-     'config.model.max_len=11: sequence length 21 exceeds the learned posemb table'),
+     'config.model.num_positions=11: sequence length 21 exceeds the learned posemb table'),
     ('mnist1d', {'model.posemb': 'sincos2d'},
      "config.model.posemb='sincos2d'; allowed: 'learn', 'sinusoidal', 'rope', 'none'"),
     ('vit', {'model.score': 'bilinear'},
@@ -72,8 +73,19 @@ def error_of(config) -> str:
      'config.model.dropout=nan; it must be a finite number'),
     ('vit', {'total_steps': 0}, 'config.total_steps=0; set it or config.num_epochs > 0'),
     ('vit', {'batch_size': 2048}, 'config.batch_size=2048; it must be at most the 1437 training'),
-    ('seq2seq', {'data.min_len': 5, 'data.max_len': 3},
-     'config.data.min_len=5; it must be <= config.data.max_len=3'),
+    ('seq2seq', {'data.min_length': 5, 'data.max_length': 3},
+     'config.data.min_length=5; it must be <= config.data.max_length=3'),
+    ('vit', {'evals.test.type': 'confusion'},
+     "config.evals.test.type='confusion'; allowed: 'attention_entropy', 'exact_match_by_length',"),
+    ('vit', {'evals.test.at': 'start'}, "config.evals.test.at='start'; allowed: 'eval', 'end'"),
+    ('vit', {'evals.test.at': 'end'},
+     "config.best_metric='accuracy'; allowed: (none: no evaluator with at='eval' names one)"),
+    ('vit', {'evals.attention_entropy.layers': 2},
+     'config.evals.attention_entropy.layers=2; unknown field; allowed: at, examples, type'),
+    ('vit', {'evals.attention_entropy.examples': 0},
+     'config.evals.attention_entropy.examples=0; it must be a positive integer'),
+    ('seq2seq', {'evals.exact_match_by_length.batch_size': 2.5},
+     'config.evals.exact_match_by_length.batch_size=2.5; it must be an integer'),
     ('seq2seq', {'data.task': 'rotate'}, "config.data.task='rotate'; allowed: 'copy', 'reverse'"),
     ('mnist1d', {'data.augment': 1}, 'config.data.augment=1; only images [N, H, W, C] can be'),
     ('mnist1d', {'data.patch_size': 3}, 'config.data.patch_size=3; MNIST-1D has length 40'),
@@ -186,27 +198,28 @@ def test_a_failed_run_does_not_break_the_next_one_in_its_workdir(tmp_path):
     check_config(bad)
   assert not os.path.exists(workdir)
   with pytest.raises(ValueError, match='num_heads=3'):  # the trainer alone fails after writing.
-    trainer.train_and_evaluate(bad, workdir)
+    train_and_evaluate(bad, workdir)
   good = tiny_config('vit', steps=2, eval_every=2, checkpoint_every=2, num_devices=1)
-  summary, _ = trainer.train_and_evaluate(good, workdir)
+  summary, _ = train_and_evaluate(good, workdir)
   assert summary['steps'] == 2
 
 
 # ---- fuzz: random invalid configs ---------------------------------------------------------
 
-NULLABLE = {'data.path', 'data.test_max_len', 'model.implementation'}  # None is valid there.
+NULLABLE = {'data.path', 'data.extrapolate_max_length', 'model.implementation'}  # None is valid there.
 ZERO_INVALID = {'batch_size', 'grad_accum_steps', 'log_every', 'eval_every', 'checkpoint_every',
                 'keep_checkpoints', 'total_steps', 'optimizer.lr', 'data.patch_size',
-                'data.train_size', 'data.test_size', 'data.min_len', 'data.max_len',
+                'data.train_size', 'data.test_size', 'data.min_length', 'data.max_length',
                 'data.num_symbols', 'data.seq_len', 'data.test_fraction', 'model.num_layers',
                 'model.d_model', 'model.num_heads', 'model.d_ff', 'model.patch_size',
-                'model.max_len'}
+                'model.num_positions', 'evals.attention_entropy.examples'}
 TOO_LARGE = {'label_smoothing': 1.0, 'optimizer.b1': 1.0, 'optimizer.b2': 1.5, 'num_devices': 9,
              'model.dropout': 1.0, 'model.attention_dropout': 1.5, 'data.test_fraction': 1.0,
              'optimizer.lr': float('inf'), 'model.beta_scale': float('nan')}
 CHOICES = {'parallel', 'best_mode', 'best_metric', 'optimizer.schedule', 'data.name', 'data.task',
            'model.name', 'model.posemb', 'model.score', 'model.norm', 'model.activation',
-           'model.pool', 'model.implementation', 'model.dtype'}
+           'model.pool', 'model.implementation', 'model.dtype', 'evals.test.type',
+           'evals.test.at', 'evals.attention_entropy.type'}
 PAIRS = {  # inconsistent values; every one is invalid on its own base config.
     'all': [{'batch_size': 12}, {'eval_batch_size': 60}, {'grad_accum_steps': 3},
             {'batch_size': 100000}, {'total_steps': 0, 'num_epochs': 0}, {'model.num_heads': 5},
@@ -216,9 +229,9 @@ PAIRS = {  # inconsistent values; every one is invalid on its own base config.
             {'model.posemb': 'sincos2d', 'model.d_model': 18, 'model.num_heads': 2}],
     'mnist1d': [{'data.patch_size': 3}, {'data.patch_size': 2}, {'model.posemb': 'sincos2d'},
                 {'data.augment': 1}],
-    'seq2seq': [{'data.min_len': 5, 'data.max_len': 3}, {'data.augment': 2},
-                {'model.posemb': 'learn', 'model.max_len': 4}],
-    'lm': [{'model.posemb': 'learn', 'model.max_len': 64}, {'data.augment': 1},
+    'seq2seq': [{'data.min_length': 5, 'data.max_length': 3}, {'data.augment': 2},
+                {'model.posemb': 'learn', 'model.num_positions': 4}],
+    'lm': [{'model.posemb': 'learn', 'model.num_positions': 64}, {'data.augment': 1},
            {'data.path': '/nonexistent/corpus.txt'}],
 }
 
@@ -260,7 +273,7 @@ def _mutation(rng, name, fields: dict) -> dict:
   if kind == 'pair':
     return dict(pick(PAIRS['all'] + PAIRS[name]))
   if kind == 'unknown':
-    return {pick(['bogus', 'optimizer.bogus', 'data.bogus', 'model.bogus']): 1}
+    return {pick(['bogus', 'optimizer.bogus', 'data.bogus', 'model.bogus', 'evals.test.bogus']): 1}
   return {'-' + pick([f for f in fields if '.' not in f]): None}
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import data
-from experiments import trainer
+from experiments.train import train_and_evaluate
 from test_runner import tiny_config
 
 PINNED_DIGITS_TEST_LABELS = [0, 8, 8, 9, 8, 3, 7, 5, 0, 6, 6, 3]
@@ -31,9 +31,9 @@ def test_hosts_load_disjoint_slices_of_the_global_batch():
 
 @pytest.mark.parametrize('task', data.SEQ2SEQ_TASKS)
 def test_seq2seq_tasks(task):
-  d = data.seq2seq(task, train_size=50, test_size=20, max_len=5, test_max_len=9, seed=3)
-  assert d.train['inputs'].shape[1] == d.test['inputs'].shape[1] == d.info['max_len']
-  assert d.extrapolate['inputs'].shape[1] > d.info['max_len']
+  d = data.seq2seq(task, train_size=50, test_size=20, max_length=5, extrapolate_max_length=9, seed=3)
+  assert d.train['inputs'].shape[1] == d.test['inputs'].shape[1] == d.info['width']
+  assert d.extrapolate['inputs'].shape[1] > d.info['width']
   for split, lo, hi in ((d.train, 1, 5), (d.test, 1, 5), (d.extrapolate, 6, 9)):
     for src, tgt, n in zip(split['inputs'], split['targets'], split['length']):
       s = list(src[:list(src).index(data.EOS)])
@@ -53,7 +53,7 @@ def test_seq2seq_tasks(task):
 
 
 def test_addition_with_operands_longer_than_int64():
-  d = data.seq2seq('addition', train_size=5, test_size=5, max_len=10, test_max_len=20, seed=1)
+  d = data.seq2seq('addition', train_size=5, test_size=5, max_length=10, extrapolate_max_length=20, seed=1)
   digits = lambda xs: int(''.join(str(x - data.FIRST_SYMBOL) for x in xs))
   for src, tgt, n in zip(d.extrapolate['inputs'], d.extrapolate['targets'], d.extrapolate['length']):
     s, t = list(src[:list(src).index(data.EOS)]), list(tgt[:list(tgt).index(data.EOS)])
@@ -117,7 +117,7 @@ def test_cifar10_and_cifar100_fixtures(tmp_path):
   assert data.cifar(str(c100)).info['num_classes'] == 100
   config = tiny_config('cifar', steps=2, eval_every=2, checkpoint_every=2)
   config.data.dir = str(c10)
-  summary, _ = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  summary, _ = train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['steps'] == 2
 
 

@@ -11,7 +11,7 @@ import pytest
 import tx
 from tx import decoding
 
-SMALL = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, max_len=12)
+SMALL = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, num_positions=12)
 EOS, BOS, PAD = 2, 1, 0
 
 
@@ -31,7 +31,7 @@ def _seq2seq(posemb='rope'):
                                          for p in ('learn', 'sinusoidal', 'rope', 'none')])
 def test_cached_decoding_equals_recomputing_the_full_pass(kind, posemb):
   model, params, inputs = _lm(posemb) if kind == 'lm' else _seq2seq(posemb)
-  common = dict(max_len=12 if kind == 'lm' else 11, eos_id=EOS, return_logits=True,
+  common = dict(max_new_tokens=8 if kind == 'lm' else 11, eos_id=EOS, return_logits=True,
                 bos_id=None if kind == 'lm' else BOS)
   cached = tx.generate(model, params, inputs, **common)
   recomputed = tx.generate(model, params, inputs, use_cache=False, **common)
@@ -48,14 +48,14 @@ def test_cached_decoding_equals_recomputing_the_full_pass(kind, posemb):
 
 def test_sampling_with_the_cache_equals_recomputing_and_keys_decide():
   model, params, prompt = _lm('rope')
-  common = dict(max_len=12, rng=jax.random.key(7), temperature=1.3, top_k=8, top_p=0.9)
+  common = dict(max_new_tokens=8, rng=jax.random.key(7), temperature=1.3, top_k=8, top_p=0.9)
   cached = tx.generate(model, params, prompt, **common)
   np.testing.assert_array_equal(cached.tokens, tx.generate(model, params, prompt,
                                                            use_cache=False, **common).tokens)
   np.testing.assert_array_equal(cached.tokens, tx.generate(model, params, prompt, **common).tokens)
   other = tx.generate(model, params, prompt, **dict(common, rng=jax.random.key(8)))
   assert not np.array_equal(cached.tokens, other.tokens)
-  greedy = tx.generate(model, params, prompt, max_len=12)
+  greedy = tx.generate(model, params, prompt, max_new_tokens=8)
   for narrow in (dict(top_k=1, top_p=None), dict(top_k=None, top_p=1e-6)):  # one token left
     np.testing.assert_array_equal(tx.generate(model, params, prompt, **{**common, **narrow}).tokens,
                                   greedy.tokens)
@@ -85,7 +85,7 @@ def test_filter_logits_matches_numpy(top_k, top_p):
 def test_sampled_frequencies_follow_the_filtered_softmax():
   model, params, prompt = _lm('rope')
   prompt = jnp.tile(prompt[:1], (4000, 1))
-  out = tx.generate(model, params, prompt, max_len=5, rng=jax.random.key(0), temperature=1.5,
+  out = tx.generate(model, params, prompt, max_new_tokens=1, rng=jax.random.key(0), temperature=1.5,
                     top_k=6, top_p=0.9, return_logits=True)
   probs = jax.nn.softmax(_filter_reference(out.logits[:1, 4], 1.5, 6, 0.9), axis=-1)[0]
   counts = np.bincount(np.asarray(out.tokens[:, 4]), minlength=20) / 4000
@@ -95,8 +95,8 @@ def test_sampled_frequencies_follow_the_filtered_softmax():
 
 def test_rows_finish_independently_at_eos():
   model, params, prompt = _lm('sinusoidal', vocab=6)  # a small vocabulary: eos comes early
-  free = np.asarray(tx.generate(model, params, prompt[:, :2] % 6, max_len=12).tokens)
-  stopped = np.asarray(tx.generate(model, params, prompt[:, :2] % 6, max_len=12, eos_id=EOS,
+  free = np.asarray(tx.generate(model, params, prompt[:, :2] % 6, max_new_tokens=10).tokens)
+  stopped = np.asarray(tx.generate(model, params, prompt[:, :2] % 6, max_new_tokens=10, eos_id=EOS,
                                    pad_id=5).tokens)
   finished = 0
   for row_free, row in zip(free, stopped):
@@ -112,19 +112,36 @@ def test_rows_finish_independently_at_eos():
 
 
 def test_prompts_of_different_lengths_equal_each_prompt_alone():
+  """The buffer is P + max_new_tokens wide for every row: a row with a prompt of n < P
+  tokens generates P - n more, as the same prompt alone with P - n + max_new_tokens."""
   model, params, prompt = _lm('learn')
   lengths = np.array([4, 2, 3])
   padded = np.where(np.arange(4) < lengths[:, None], prompt, 0)
-  batch = tx.generate(model, params, padded, max_len=10, prompt_lengths=lengths)
+  batch = tx.generate(model, params, padded, max_new_tokens=6, prompt_lengths=lengths)
+  assert batch.tokens.shape == (3, 4 + 6)
   for i, n in enumerate(lengths):
-    alone = tx.generate(model, params, padded[i:i + 1, :n], max_len=10)
+    alone = tx.generate(model, params, padded[i:i + 1, :n], max_new_tokens=4 - n + 6)
     np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+
+
+@pytest.mark.parametrize('kind', ['lm', 'seq2seq'])
+def test_max_new_tokens_counts_the_tokens_after_the_prompt_or_bos(kind):
+  model, params, inputs = _lm('rope') if kind == 'lm' else _seq2seq('rope')
+  given = inputs.shape[1] if kind == 'lm' else 0  # the LM output keeps its prompt
+  kw = dict(max_new_tokens=5, bos_id=None if kind == 'lm' else BOS)
+  decoded = tx.generate(model, params, inputs, return_logits=True, **kw)
+  assert decoded.tokens.shape == (3, given + 5)
+  assert decoded.logits.shape == (3, given + 5, 20)
+  if kind == 'lm':
+    np.testing.assert_array_equal(decoded.tokens[:, :given], inputs)
+  beams = tx.beam_search(model, params, inputs, beam_size=2, **kw)
+  assert beams.tokens.shape == (3, 2, given + 5)
 
 
 @pytest.mark.parametrize('kind', ['lm', 'seq2seq'])
 def test_beam_search_of_one_beam_is_greedy(kind):
   model, params, inputs = _lm('rope') if kind == 'lm' else _seq2seq('learn')
-  common = dict(max_len=12 if kind == 'lm' else 11, eos_id=EOS,
+  common = dict(max_new_tokens=8 if kind == 'lm' else 11, eos_id=EOS,
                 bos_id=None if kind == 'lm' else BOS)
   greedy = tx.generate(model, params, inputs, **common)
   for alpha in (0.0, 0.6):
@@ -135,11 +152,11 @@ def test_beam_search_of_one_beam_is_greedy(kind):
 
 def test_beam_search_with_enough_beams_is_exhaustive_search():
   """Vocabulary 4, 3 generated tokens: 16 beams keep every prefix, so the best beam is the
-  best of all outputs (ending at eos or at max_len) under the length-penalised score."""
+  best of all outputs (ending at eos or after 3 tokens) under the length-penalised score."""
   model, params, prompt = _lm('rope', vocab=4)
   prompt = prompt[:2, :2] % 4
   alpha = 0.8
-  beams = tx.beam_search(model, params, prompt, beam_size=16, max_len=5, eos_id=EOS,
+  beams = tx.beam_search(model, params, prompt, beam_size=16, max_new_tokens=3, eos_id=EOS,
                          length_penalty_alpha=alpha)
   tails = sorted({tuple(t[:t.index(EOS) + 1] if EOS in t else t)
                   for t in map(list, itertools.product(range(4), repeat=3))})
@@ -157,7 +174,7 @@ def test_beam_search_with_enough_beams_is_exhaustive_search():
 
 def test_cached_beam_search_equals_recomputing():
   model, params, source = _seq2seq('sinusoidal')
-  common = dict(beam_size=3, max_len=8, eos_id=EOS, bos_id=BOS)
+  common = dict(beam_size=3, max_new_tokens=8, eos_id=EOS, bos_id=BOS)
   cached = tx.beam_search(model, params, source, **common)
   recomputed = tx.beam_search(model, params, source, use_cache=False, **common)
   np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
@@ -165,13 +182,14 @@ def test_cached_beam_search_equals_recomputing():
 
 
 def test_one_compiled_loop_whatever_the_length():
-  """A lax.while_loop: the compiled program does not grow with max_len (no Python loop per
-  token, one trace)."""
+  """A lax.while_loop: the compiled program does not grow with max_new_tokens (no Python loop
+  per token, one trace)."""
   model, params, prompt = _lm('rope')
   programs = []
-  for max_len in (6, 12):
+  for max_new_tokens in (2, 8):
     lowered = decoding._generate.lower(
-        model, params, prompt, jax.random.key(0), None, max_len=max_len, temperature=0.0,
+        model, params, prompt, jax.random.key(0), None, max_new_tokens=max_new_tokens,
+        temperature=0.0,
         top_k=None, top_p=None, eos_id=EOS, pad_id=PAD, bos_id=None, first=None,
         use_cache=True, return_logits=False)
     programs.append(lowered.as_text())
@@ -181,38 +199,19 @@ def test_one_compiled_loop_whatever_the_length():
 
 def test_bad_decoding_arguments_are_one_clear_error():
   model, params, prompt = _lm('rope')
-  cases = [(dict(max_len=12, temperature=1.0), 'needs an explicit rng'),
-           (dict(max_len=4), 'must exceed the prompt length'),
-           (dict(max_len=12, top_p=1.5, rng=jax.random.key(0), temperature=1.0), 'top_p=1.5'),
-           (dict(max_len=12, temperature=-1.0), 'temperature=-1.0'),
-           (dict(max_len=12, prompt_lengths=[0, 1, 2]), 'prompt_lengths')]
+  cases = [(dict(max_new_tokens=8, temperature=1.0), 'needs an explicit rng'),
+           (dict(max_new_tokens=0), 'max_new_tokens=0; it must be a positive integer'),
+           (dict(max_new_tokens=8, top_p=1.5, rng=jax.random.key(0), temperature=1.0),
+            'top_p=1.5'),
+           (dict(max_new_tokens=8, temperature=-1.0), 'temperature=-1.0'),
+           (dict(max_new_tokens=8, prompt_lengths=[0, 1, 2]), 'prompt_lengths')]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
       tx.generate(model, params, prompt, **kwargs)
+  with pytest.raises(ValueError, match=r'inputs has shape \(3, 0\); .* P >= 1'):
+    tx.generate(model, params, prompt[:, :0], max_new_tokens=4)
   s2s, s2s_params, source = _seq2seq()
   with pytest.raises(ValueError, match='bos_id is required'):
-    tx.generate(s2s, s2s_params, source, max_len=5)
+    tx.generate(s2s, s2s_params, source, max_new_tokens=5)
   with pytest.raises(ValueError, match='beam_size=0'):
-    tx.beam_search(model, params, prompt, beam_size=0, max_len=12)
-
-
-def test_decoded_exact_match_equals_teacher_forced_example_by_example(tmp_path):
-  """experiments.analysis reports exact match of real greedy decoding; on a partly trained
-  model (some outputs right, some wrong) it agrees with teacher forcing on every example."""
-  from experiments import analysis, tasks, trainer
-  from tests.test_runner import tiny_config
-  config = tiny_config('seq2seq', 'quick,task=copy,max_len=4', steps=150)
-  config.data.update(train_size=2000, test_size=200)
-  config.optimizer.lr = 3e-3
-  _, state = trainer.train_and_evaluate(config, str(tmp_path), stop_after=150)
-  run = trainer.setup(config)
-  test = run.dataset.test
-  (decoded,) = analysis.exact_match_by_length(run, jax.tree.map(lambda x: x[None], state.params),
-                                              [run.model.beta_scale])
-  logits = run.model.apply({'params': state.params}, test['inputs'],
-                           tx.shift_right(test['targets'], BOS))
-  forced = np.asarray(tasks.exact_match(logits.argmax(-1) == test['targets'],
-                                        test['targets'] != PAD), np.float64)
-  by_length = {int(n): float(forced[test['length'] == n].mean()) for n in np.unique(test['length'])}
-  assert {n: decoded['by_length'][n] for n in by_length} == by_length  # lengths 1-4 of 1-8
-  assert 0.0 < forced.mean() < 1.0, 'the test needs some right and some wrong outputs'
+    tx.beam_search(model, params, prompt, beam_size=0, max_new_tokens=8)

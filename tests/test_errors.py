@@ -42,9 +42,10 @@ def test_image_not_divisible_by_patch():
 
 
 def test_sequence_longer_than_learned_table():
-  lm = tx.DecoderLM(vocab_size=5, posemb='learn', max_len=4, num_layers=1, d_model=8,
+  lm = tx.DecoderLM(vocab_size=5, posemb='learn', num_positions=4, num_layers=1, d_model=8,
                     num_heads=2, d_ff=8)
-  with pytest.raises(ValueError, match=r'sequence length 6 exceeds .*max_len=4'):
+  with pytest.raises(ValueError, match=r'sequence length 6 exceeds the learned posemb table '
+                                       r'\(num_positions=4\); use a larger num_positions'):
     lm.init(KEY, jnp.zeros((1, 6), jnp.int32))
 
 
@@ -88,3 +89,20 @@ def test_fused_limits_are_explicit():
   with pytest.raises(ValueError, match='supports score="dot" only'):
     tx.MultiHeadAttention(num_heads=2, score='cosine', implementation='fused').init(
         KEY, jnp.zeros((1, 3, 8)))
+
+
+@pytest.mark.parametrize('dtype', [np.complex64, np.int32, np.bool_])
+@pytest.mark.parametrize('name', ['q', 'k', 'v'])
+def test_attention_on_complex_or_integer_inputs(name, dtype):
+  """Attention is defined on real vectors: nothing is silently cast (a complex input would
+  lose its imaginary part)."""
+  qkv = dict(q=Q, k=Q, v=Q)
+  qkv[name] = Q.astype(dtype)
+  match = rf'^{name} has dtype {np.dtype(dtype).name}; allowed: real floating point'
+  with pytest.raises(ValueError, match=match):
+    tx.dot_product_attention(**qkv)
+  scores, v = np.zeros((2, 3, 4, 4), np.float32), np.zeros((2, 4, 4, 8), np.float32)
+  with pytest.raises(ValueError, match=rf'^scores has dtype {np.dtype(dtype).name}; allowed'):
+    tx.attend(scores.astype(dtype), v)
+  with pytest.raises(ValueError, match=rf'^v has dtype {np.dtype(dtype).name}; allowed'):
+    tx.attend(scores, v.astype(dtype))

@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import generate, trainer
-from experiments.bench import decoding as bench
+from experiments import generate
+from experiments.train import train_and_evaluate
+from experiments.bench import kv_cache as bench
 from experiments.data import symbol_names
 from tests.test_runner import ROOT, tiny_config
 
@@ -15,7 +16,7 @@ from tests.test_runner import ROOT, tiny_config
 @pytest.fixture(scope='module')
 def seq2seq_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('seq2seq'))
-  trainer.train_and_evaluate(tiny_config('seq2seq', steps=4), workdir)
+  train_and_evaluate(tiny_config('seq2seq', steps=4), workdir)
   return workdir
 
 

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from experiments import inspect, trainer
+import tx
+
+from experiments.inspect import head_stats, inspection, streams
+from experiments.train import train_and_evaluate
 from tests.test_runner import ROOT, tiny_config
 
 DPI = 100
@@ -27,12 +30,12 @@ def _check_png(path, width_in, height_in):
 @pytest.fixture(scope='module')
 def vit_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('vit'))
-  trainer.train_and_evaluate(tiny_config('vit', steps=6), workdir)
+  train_and_evaluate(tiny_config('vit', steps=6), workdir)
   return workdir
 
 
 def test_inspect_a_vit_run(vit_run, tmp_path):
-  paths = inspect.inspect_run(vit_run, str(tmp_path), examples=2, stat_examples=32)
+  paths = inspection.inspect_run(vit_run, str(tmp_path), examples=2, stat_examples=32)
   names = sorted(os.path.basename(p) for p in paths)
   assert names == ['attention_example0.png', 'attention_example1.png', 'head_statistics.png',
                    'inspection.json', 'offset_profiles.png', 'position_content.png',
@@ -55,9 +58,9 @@ def test_inspect_a_vit_run(vit_run, tmp_path):
 
 def test_inspect_a_seq2seq_run_shows_cross_attention(tmp_path):
   workdir = str(tmp_path / 'run')
-  trainer.train_and_evaluate(tiny_config('seq2seq', steps=4), workdir)
+  train_and_evaluate(tiny_config('seq2seq', steps=4), workdir)
   out = tmp_path / 'inspect'
-  inspect.inspect_run(workdir, str(out), examples=3, stat_examples=16)
+  inspection.inspect_run(workdir, str(out), examples=3, stat_examples=16)
   # 1 encoder block, 1 decoder block: enc self, dec self, dec cross (in call order), 2 heads.
   _check_png(out / 'attention_example0.png', 2 * 2.3 + 0.6, 3 * 2.3 + 0.6)
   _check_png(out / 'cross_attention.png', 3.0 + 0.6, 3 * 3.0 + 0.6)
@@ -73,9 +76,9 @@ def test_inspect_a_seq2seq_run_shows_cross_attention(tmp_path):
 
 def test_inspect_a_language_model_run_crops_causal_heatmaps(tmp_path):
   workdir = str(tmp_path / 'run')
-  trainer.train_and_evaluate(tiny_config('lm', steps=4), workdir)
+  train_and_evaluate(tiny_config('lm', steps=4), workdir)
   out = tmp_path / 'inspect'
-  inspect.inspect_run(workdir, str(out), examples=1, stat_examples=8, max_tokens=32)
+  inspection.inspect_run(workdir, str(out), examples=1, stat_examples=8, max_tokens=32)
   panel = 0.11 * 32  # 128 tokens cropped to 32: causal, so the crop is exact.
   _check_png(out / 'attention_example0.png', 2 * panel + 0.6, panel + 0.6)
   with open(out / 'inspection.json') as f:
@@ -85,10 +88,13 @@ def test_inspect_a_language_model_run_crops_causal_heatmaps(tmp_path):
   assert all(0 <= d < 127 / 2 for d in layer['mean_distance'])
 
 
+CROSS = tx.AttentionLayer(('decoder', 'block_0', 'cross_attention'))
+
+
 def _layer(path, weights):
-  stream = inspect.Stream([[]] * len(weights), np.ones(weights.shape[:1] + weights.shape[-1:], bool),
+  stream = streams.Stream([[]] * len(weights), np.ones(weights.shape[:1] + weights.shape[-1:], bool),
                           np.arange(weights.shape[-1])[:, None], np.zeros(weights.shape[-1], bool))
-  return inspect.Layer(path, weights, stream, stream, causal=False, is_self=False)
+  return streams.Layer(path, weights, stream, stream, causal=False, is_self=False)
 
 
 def test_alignment_mass_is_one_for_the_exact_alignment():
@@ -100,11 +106,11 @@ def test_alignment_mass_is_one_for_the_exact_alignment():
       eye[i, :, j, j] = 1.0
       mirror[i, :, j, n - 1 - j if j < n else n] = 1.0
   for task, right, wrong in (('copy', eye, mirror), ('reverse', mirror, eye)):
-    got = inspect.alignment_mass(task, [_layer('decoder/block_0/cross_attention', right)], lengths)
+    got = head_stats.alignment_mass(task, [_layer(CROSS, right)], lengths)
     assert got == {'decoder/block_0/cross_attention': 1.0}
-    got = inspect.alignment_mass(task, [_layer('decoder/block_0/cross_attention', wrong)], lengths)
+    got = head_stats.alignment_mass(task, [_layer(CROSS, wrong)], lengths)
     assert got['decoder/block_0/cross_attention'] < 1.0
-  assert inspect.alignment_mass('sort', [_layer('decoder/block_0/cross_attention', eye)],
+  assert head_stats.alignment_mass('sort', [_layer(CROSS, eye)],
                                 lengths) == {}
 
 

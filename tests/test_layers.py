@@ -8,7 +8,7 @@ import pytest
 import reference
 import tx
 
-SMALL = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, max_len=12)
+SMALL = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, num_positions=12)
 
 
 def _project(x, p):
@@ -68,7 +68,7 @@ def test_mha_sows_attention_weights():
 @pytest.mark.parametrize('score', ['general', 'additive', 'cosine', 'location'])
 def test_every_score_trains_a_gradient(score):
   x = jax.random.normal(jax.random.key(1), (2, 6, 16))
-  mha = tx.MultiHeadAttention(num_heads=2, score=score, max_len=6)
+  mha = tx.MultiHeadAttention(num_heads=2, score=score, location_keys=6)
   params = mha.init(jax.random.key(0), x)['params']
   g = jax.grad(lambda p: (mha.apply({'params': p}, x, mask=tx.causal_mask(6)) ** 2).sum())(params)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(g))
@@ -211,6 +211,64 @@ def test_bfloat16_compute_float32_params():
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
   w = state['intermediates']['decoder']['block_0']['self_attention']['attention_weights'][0]
   assert w.dtype == jnp.float32
+
+
+def _recording(calls):
+  """An attention_fn that records how it is called and delegates to tx.dot_product_attention."""
+  def attention_fn(q, k, v, **kwargs):
+    calls.append(dict(kwargs, shapes=(q.shape, k.shape, v.shape)))
+    return tx.dot_product_attention(q, k, v, **kwargs)
+  return attention_fn
+
+
+def test_models_call_the_attention_fn_they_are_given():
+  source, target = jnp.array([[3, 4, 5, 0]]), jnp.array([[1, 6, 7]])
+  model = tx.EncoderDecoder(vocab_size=20, **SMALL)
+  variables = model.init(jax.random.key(0), source, target)
+  calls = []
+  given = model.clone(attention_fn=_recording(calls))
+  np.testing.assert_array_equal(given.apply(variables, source, target),
+                                model.apply(variables, source, target))
+  assert len(calls) == 6  # 2 encoder self-attentions, 2 × (self, cross) in the decoder
+  assert {c['shapes'][0][1] for c in calls[:2]} == {4} and calls[3]['shapes'][1][1] == 4
+  assert all(c['implementation'] is None and not c['return_weights'] for c in calls)
+  calls.clear()  # weights asked for: attention_fn returns them (on the xla path) to be sown
+  weights = tx.attention_weights(given, variables, source, target)
+  assert len(calls) == 6 and len(weights) == 6
+  assert all(c['implementation'] == 'xla' and c['return_weights'] for c in calls)
+  calls.clear()
+  lm = tx.DecoderLM(vocab_size=20, **SMALL)
+  prompt = jnp.array([[3, 4]])
+  params = lm.init(jax.random.key(0), prompt)['params']
+  decoded = tx.generate(lm.clone(attention_fn=_recording(calls)), params, prompt,
+                        max_new_tokens=3)
+  np.testing.assert_array_equal(decoded.tokens,
+                                tx.generate(lm, params, prompt, max_new_tokens=3).tokens)
+  assert calls  # the cached decoding steps run it too
+  calls.clear()  # other scores compute score(q, k) and attend: attention_fn is for 'dot'
+  other = tx.Encoder(score='general', attention_fn=_recording(calls), **SMALL)
+  other.init(jax.random.key(0), jnp.ones((1, 4, 16)))
+  assert not calls
+
+
+def jax_nn_attention(q, k, v, *, mask=None, bias=None, beta=None, implementation=None,
+                     return_weights=False, dropout_rate=0.0, dropout_rng=None):
+  """jax.nn.dot_product_attention behind the attention_fn interface (no weights, no dropout)."""
+  assert not return_weights and dropout_rng is None
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=beta)
+
+
+@pytest.mark.parametrize('kind', ['lm', 'vit'])
+def test_a_jax_nn_attention_fn_gives_the_default_output(kind):
+  if kind == 'lm':
+    model = tx.DecoderLM(vocab_size=20, posemb='rope', **SMALL)
+    inputs = jax.random.randint(jax.random.key(1), (2, 6), 0, 20)
+  else:
+    model = tx.ViT(num_classes=3, patch_size=2, **SMALL)
+    inputs = jax.random.normal(jax.random.key(1), (2, 4, 4, 1))
+  variables = model.init(jax.random.key(0), inputs)
+  np.testing.assert_allclose(model.clone(attention_fn=jax_nn_attention).apply(variables, inputs),
+                             model.apply(variables, inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_needs_rng_and_changes_output_in_training():

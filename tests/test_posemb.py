@@ -65,7 +65,7 @@ def test_resample_posemb():
 
 
 def test_learned_posemb_module():
-  module = tx.AddPositionEmbs('learn', max_len=10)
+  module = tx.AddPositionEmbs('learn', num_positions=10)
   x = jnp.zeros((2, 6, 4))
   params = module.init(jax.random.key(0), x)['params']
   assert params['pos_embedding'].shape == (10, 4)

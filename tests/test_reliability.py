@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import trainer
+from experiments import steps
+from experiments.train import train_and_evaluate
 from experiments.checkpoints import Checkpoints
 from experiments.metrics import read_metrics
 from experiments.restore import load_run
@@ -67,7 +68,7 @@ def final_params(workdir):
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
   """The parameters of the same command run in-process, uninterrupted."""
-  _, state = trainer.train_and_evaluate(parse(*FLAGS), str(tmp_path_factory.mktemp('straight')))
+  _, state = train_and_evaluate(parse(*FLAGS), str(tmp_path_factory.mktemp('straight')))
   assert int(state.step) == STEPS
   return state.params
 
@@ -149,14 +150,14 @@ CORRUPTED = tiny_config('vit', steps=12, checkpoint_every=4, eval_every=12, keep
 
 @pytest.fixture(scope='module')
 def straight_12(tmp_path_factory):
-  return trainer.train_and_evaluate(CORRUPTED, str(tmp_path_factory.mktemp('straight12')))[1]
+  return train_and_evaluate(CORRUPTED, str(tmp_path_factory.mktemp('straight12')))[1]
 
 
 @pytest.mark.parametrize('how', ['truncate', 'flip', 'record', 'crc'])
 def test_a_corrupted_checkpoint_is_skipped_and_never_loaded(tmp_path, how, capfd, straight_12):
   config = CORRUPTED
   workdir = tmp_path / 'run'
-  trainer.train_and_evaluate(config, str(workdir), stop_after=9)  # saved 4 and 8.
+  train_and_evaluate(config, str(workdir), stop_after=9)  # saved 4 and 8.
   step_dir = workdir / 'checkpoints' / '8'
   if how == 'record':
     (step_dir / 'meta' / 'metadata').write_text('{"config": ')  # the JSON record, cut.
@@ -167,7 +168,7 @@ def test_a_corrupted_checkpoint_is_skipped_and_never_loaded(tmp_path, how, capfd
   else:
     _corrupt_array_data(step_dir, how)
   capfd.readouterr()
-  _, resumed = trainer.train_and_evaluate(config, str(workdir))
+  _, resumed = train_and_evaluate(config, str(workdir))
   out, err = capfd.readouterr()
   assert 'warning: checkpoint step 8 is unusable' in err and 'Resumed from step 4' in out
   assert (workdir / 'checkpoints_corrupt' / '8').is_dir()  # kept aside, not deleted.
@@ -180,11 +181,11 @@ def test_divergence_names_the_step_and_metric_and_keeps_the_last_good_checkpoint
   config.optimizer.update(lr=1e12, grad_clip=0.0, warmup_steps=0, schedule='constant')
   with pytest.raises(FloatingPointError, match=r'(loss|grad_norm)=(nan|inf) at step (\d+): the '
                      r'run diverged; the last checkpoint, step \d+, is kept') as e:
-    trainer.train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
   bad_step = int(str(e.value).split(' at step ')[1].split(':')[0])
   ckpt = Checkpoints(str(tmp_path))
   assert ckpt.latest_step() == bad_step - 1
-  state, _ = ckpt.restore(trainer.init_state(trainer.setup(config)))
+  state, _ = ckpt.restore(steps.init_state(steps.setup(config)))
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -194,18 +195,18 @@ def test_debug_nans_is_turned_on_for_the_run(tmp_path):
   config.optimizer.update(lr=1e12, grad_clip=0.0, warmup_steps=0, schedule='constant')
   # JAX's own message: tx's per-step check would say 'loss=nan at step'.
   with pytest.raises(FloatingPointError, match=r'invalid value \(nan\) encountered'):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
   assert not jax.config.jax_debug_nans  # off again after the run.
 
 
 def test_restoring_into_another_shape_names_the_parameter(tmp_path):
   config = tiny_config('vit', steps=2)
-  trainer.train_and_evaluate(config, str(tmp_path))
+  train_and_evaluate(config, str(tmp_path))
   config.model.d_ff = 64
   with pytest.raises(ValueError, match=r"checkpoint step 2 in .* does not fit the model: "
                      r"\.params\['encoder'\]\['block_0'\]\['ffn'\]\['hidden'\]\['bias'\] is "
                      r"\(32,\) float32 there and \(64,\) float32 in the model"):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
   assert latest_step(tmp_path) == 2  # nothing moved or deleted.
 
 
@@ -213,7 +214,7 @@ def test_the_same_seed_gives_identical_metrics(tmp_path):
   config = tiny_config('vit', steps=6, log_every=1, eval_every=3)
   records = []
   for name in ('a', 'b'):
-    trainer.train_and_evaluate(config, str(tmp_path / name))
+    train_and_evaluate(config, str(tmp_path / name))
     records.append([{k: v for k, v in r.items() if k != 'time'}
                     for r in read_metrics(str(tmp_path / name))])
   assert records[0] == records[1] and len(records[0]) == 8

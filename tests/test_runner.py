@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import trainer
+from experiments.train import train_and_evaluate
 from experiments.checkpoints import Checkpoints
 from experiments.metrics import read_metrics
 
@@ -54,7 +54,7 @@ def test_config_variants_and_overrides():
 
 @pytest.mark.parametrize('name', ['vit', 'mnist1d', 'seq2seq', 'lm'])
 def test_smoke_run_writes_the_workdir(name, tmp_path):
-  summary, state = trainer.train_and_evaluate(tiny_config(name), str(tmp_path))
+  summary, state = train_and_evaluate(tiny_config(name), str(tmp_path))
   assert int(state.step) == 4 and summary['steps'] == 4
   for f in ('config.json', 'metrics.jsonl', 'summary.json', 'learning_curves.png'):
     assert (tmp_path / f).exists(), f
@@ -71,7 +71,7 @@ def _train_trajectory(tmp_path, tag, **overrides):
   config = tiny_config('vit', steps=20, log_every=1, batch_size=64, **overrides)
   config.optimizer.update(dict(lr=3e-3, warmup_steps=2))  # independent of the config's defaults.
   workdir = str(tmp_path / tag)
-  trainer.train_and_evaluate(config, workdir)
+  train_and_evaluate(config, workdir)
   records = [r for r in read_metrics(workdir) if r['split'] == 'train']
   return np.array([[r['loss'], r['grad_norm']] for r in records])
 
@@ -93,11 +93,11 @@ def test_single_device_pmap_jit_and_accumulation_agree(tmp_path):
 def test_resume_ends_with_the_same_parameters(tmp_path, parallel):
   config = tiny_config('vit', steps=20, checkpoint_every=10, eval_every=20, parallel=parallel)
   config.model.dropout = 0.1  # so that the restored RNG matters.
-  _, straight = trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
+  _, straight = train_and_evaluate(config, str(tmp_path / 'straight'))
   interrupted = str(tmp_path / 'interrupted')
-  _, partial = trainer.train_and_evaluate(config, interrupted, stop_after=15)  # "preempted".
+  _, partial = train_and_evaluate(config, interrupted, stop_after=15)  # "preempted".
   assert int(partial.step) == 15 and Checkpoints(interrupted).latest_step() == 10
-  _, resumed = trainer.train_and_evaluate(config, interrupted)  # same command again.
+  _, resumed = train_and_evaluate(config, interrupted)  # same command again.
   assert int(resumed.step) == 20
   jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
@@ -108,9 +108,9 @@ def test_best_checkpoint_survives_a_resume(tmp_path):
   config = tiny_config('vit', steps=12, eval_every=2, checkpoint_every=2, keep_checkpoints=1,
                        best_metric='loss', best_mode='max')
   config.optimizer.warmup_steps = 1
-  trainer.train_and_evaluate(config, str(tmp_path), stop_after=7)
+  train_and_evaluate(config, str(tmp_path), stop_after=7)
   assert sorted(Checkpoints(str(tmp_path)).manager.all_steps()) == [2, 6]
-  trainer.train_and_evaluate(config, str(tmp_path))
+  train_and_evaluate(config, str(tmp_path))
   assert sorted(Checkpoints(str(tmp_path)).manager.all_steps()) == [2, 12]
   steps = [(r['step'], r['split']) for r in read_metrics(str(tmp_path))]
   assert len(steps) == len(set(steps))  # no duplicate records after the resume.
@@ -119,17 +119,17 @@ def test_best_checkpoint_survives_a_resume(tmp_path):
 def test_early_stopping_and_rerunning_a_stopped_run(tmp_path):
   config = tiny_config('vit', steps=40, eval_every=5, early_stopping_patience=2)
   config.optimizer.lr = 0.0  # nothing improves after the first eval.
-  summary, state = trainer.train_and_evaluate(config, str(tmp_path))
+  summary, state = train_and_evaluate(config, str(tmp_path))
   assert summary['early_stopped'] and int(state.step) == 15
-  summary, state = trainer.train_and_evaluate(config, str(tmp_path))  # the same command again.
+  summary, state = train_and_evaluate(config, str(tmp_path))  # the same command again.
   assert summary['early_stopped'] and int(state.step) == 15 and 'eval/accuracy' in summary
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
   with pytest.raises(ValueError, match='config.batch_size=12 is not divisible by the 8 devices'):
-    trainer.train_and_evaluate(tiny_config('vit', batch_size=12), str(tmp_path))
+    train_and_evaluate(tiny_config('vit', batch_size=12), str(tmp_path))
   with pytest.raises(ValueError, match='config.eval_batch_size=60 is not divisible'):
-    trainer.train_and_evaluate(tiny_config('vit', eval_batch_size=60), str(tmp_path))
+    train_and_evaluate(tiny_config('vit', eval_batch_size=60), str(tmp_path))
 
 
 def run_cli(*args, env=None):
@@ -157,7 +157,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
 
 
 def test_tensorboard_event_files(tmp_path):
-  trainer.train_and_evaluate(tiny_config('vit', tensorboard=True), str(tmp_path))
+  train_and_evaluate(tiny_config('vit', tensorboard=True), str(tmp_path))
   events = os.listdir(tmp_path / 'tensorboard')
   assert any(f.startswith('events.out.tfevents') for f in events)
 

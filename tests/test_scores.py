@@ -44,13 +44,13 @@ def test_additive():
 
 
 def test_location_ignores_keys():
-  module = tx.LocationScore(max_len=8)
+  module = tx.LocationScore(num_keys=8)
   p = module.init(jax.random.key(0), Q, K)['params']
   ref = np.einsum('bqhd,hdl->bhql', q64, np.asarray(p['kernel'], np.float64))[..., :5]
   out = module.apply({'params': p}, Q, K)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(module.apply({'params': p}, Q, K * 0 + 3), out)
-  with pytest.raises(ValueError, match='max_len=8'):
+  with pytest.raises(ValueError, match='num_keys=8'):
     module.apply({'params': p}, Q, np.zeros((2, 9, 2, 4), np.float32))
 
 

@@ -14,7 +14,7 @@ import pytest
 import tx
 from tx import attention as attention_lib
 
-SMALL = dict(num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=12)
+SMALL = dict(num_layers=2, d_model=16, num_heads=2, d_ff=32, num_positions=12)
 
 
 # --- 1. fused attention where valid -------------------------------------------------------
@@ -236,7 +236,8 @@ def test_generate_with_a_scanned_model_equals_the_unscanned_one(kind):
   params = _init(model, *args)
   scanned, stacked = model.clone(scan_layers=True), tx.stack_layers(params)
   prompt = inputs[:, :3] if kind == 'lm' else inputs
-  common = dict(max_len=10, return_logits=True, bos_id=None if kind == 'lm' else 1)
+  common = dict(max_new_tokens=7 if kind == 'lm' else 10, return_logits=True,
+                bos_id=None if kind == 'lm' else 1)
   a = tx.generate(model, params, prompt, **common)
   b = tx.generate(scanned, stacked, prompt, **common)
   np.testing.assert_array_equal(b.tokens, a.tokens)
@@ -247,7 +248,7 @@ def test_beam_search_with_a_scanned_model_equals_the_unscanned_one():
   """Beam search reorders the cache rows: axis 1 of a scanned stack's [layers, batch, ...]."""
   model, tokens, args = _lm(posemb='rope')
   params = _init(model, *args)
-  common = dict(beam_size=3, max_len=10)
+  common = dict(beam_size=3, max_new_tokens=7)
   a = tx.beam_search(model, params, tokens[:, :3], **common)
   b = tx.beam_search(model.clone(scan_layers=True), tx.stack_layers(params), tokens[:, :3],
                      **common)

@@ -1,4 +1,4 @@
-"""Pieces of the trainer against their definitions: schedules, smoothed loss, checkpoint retention."""
+"""Pieces of training against their definitions: schedules, smoothed loss, checkpoint retention."""
 
 import zlib
 
@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import tasks, trainer
+from experiments import tasks
+from experiments.optimizer import make_schedule
 from experiments.checkpoints import Checkpoints
 
 
@@ -20,14 +21,14 @@ def test_rsqrt_schedule_is_vaswani():
   """lrate = d^-0.5 · min(s^-0.5, s · warmup^-1.5), with d^-0.5 · warmup^-0.5 folded into lr."""
   d, warmup = 512, 4000
   lr = d ** -0.5 * warmup ** -0.5
-  schedule = trainer.make_schedule(_optimizer_config('rsqrt', lr, warmup), 100000)
+  schedule = make_schedule(_optimizer_config('rsqrt', lr, warmup), 100000)
   for s in (1, 100, 3999, 4000, 4001, 20000, 99999):
     paper = d ** -0.5 * min(s ** -0.5, s * warmup ** -1.5)
     np.testing.assert_allclose(float(schedule(s)), paper, rtol=1e-5)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-  schedule = trainer.make_schedule(_optimizer_config('cosine', 2.0, 10), 110)
+  schedule = make_schedule(_optimizer_config('cosine', 2.0, 10), 110)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 60, 110)],
                              [0.0, 1.0, 2.0, 1.0, 0.0], atol=1e-6)
 

@@ -1,25 +1,37 @@
-"""--vectorize: runs that differ in β and seed, trained as one vmapped program, equal the
-sequential runs within 1e-4 (train losses, eval metrics, final parameters)."""
+"""--vectorize: runs that differ in β and seed, trained as one vmapped program by the same loop
+as a single run. They equal the sequential runs within 1e-4; an interrupted group (stopped,
+SIGTERM during training or during the end-of-run evaluation) resumes as the same program and
+ends bitwise equal to an uninterrupted one; a diverging member is marked and the others finish;
+early stopping works per member."""
 
+import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import trainer, vectorized
 from experiments.checkpoints import Checkpoints
 from experiments.metrics import read_metrics
-from tests.test_runner import tiny_config
+from experiments.train import check_group, train
+from tests.test_runner import ROOT, tiny_config
 
 MEMBERS = [dict(seed=0, beta_scale=0.5), dict(seed=1, beta_scale=0.5), dict(seed=0, beta_scale=2.0)]
 
 
-def _config(seed, beta_scale, learn_beta, name='vit'):
+def _config(seed, beta_scale, learn_beta=False, name='vit', steps=12):
   # seq2seq evaluates once (its greedy decoding is the slow part), ViT at steps 6 and 12.
-  c = tiny_config(name, steps=12, num_devices=1, log_every=3,
-                  eval_every=12 if name == 'seq2seq' else 6, checkpoint_every=6, seed=seed)
+  c = tiny_config(name, steps=steps, num_devices=1, log_every=3,
+                  eval_every=steps if name == 'seq2seq' else 6, checkpoint_every=6, seed=seed)
   c.model.update(beta_scale=beta_scale, learn_beta=learn_beta, dropout=0.1)
+  if 'exact_match_by_length' in c.evals:  # greedy decoding is slow; teacher forcing stays.
+    del c.evals['exact_match_by_length']
   return c
 
 
@@ -30,6 +42,11 @@ def _final_params(workdir):
   return state['params']
 
 
+def _summary(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
 # ViT with a learned β (its own parameter tree), seq2seq with fixed β (a traced β in every layer).
 @pytest.mark.parametrize('name,learn_beta', [('vit', True), ('seq2seq', False)])
 def test_vectorized_equals_sequential(tmp_path, name, learn_beta):
@@ -38,8 +55,8 @@ def test_vectorized_equals_sequential(tmp_path, name, learn_beta):
   seq_dirs = [str(tmp_path / f'seq{i}') for i in range(len(configs))]
   vec_dirs = [str(tmp_path / f'vec{i}') for i in range(len(configs))]
   for c, d in zip(configs, seq_dirs):
-    trainer.train_and_evaluate(c, d)
-  summaries = vectorized.train_group(configs, vec_dirs, str(tmp_path / 'group'))
+    train([c], [d])
+  summaries, _ = train(configs, vec_dirs, vectorize=True)
   for seq, vec, summary in zip(seq_dirs, vec_dirs, summaries):
     a, b = read_metrics(seq), read_metrics(vec)
     assert [(r['step'], r['split']) for r in a] == [(r['step'], r['split']) for r in b]
@@ -47,33 +64,201 @@ def test_vectorized_equals_sequential(tmp_path, name, learn_beta):
       for key in ('loss', 'grad_norm', 'accuracy', 'exact_match'):
         if key in ra:
           np.testing.assert_allclose(rb[key], ra[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    with open(f'{seq}/summary.json') as f:
-      expected = json.load(f)
-    for key, value in expected.items():
+    for key, value in _summary(seq).items():
       if key.startswith('eval/'):
         np.testing.assert_allclose(summary[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     # atol 1e-4: the key bias has a zero gradient in exact arithmetic (softmax is shift
     # invariant), so Adam turns rounding noise into steps of ±lr whose sign can differ.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4),
                  _final_params(seq), _final_params(vec))
+    assert Checkpoints(vec).latest_step() == 12 and summary['vectorized_with'] == len(configs)
   # Members really differ (different seeds or β), so the comparison above is not vacuous.
   losses = [read_metrics(d)[-2]['loss'] for d in vec_dirs]
   assert len(set(np.round(losses, 6))) == len(losses)
 
 
-def test_interrupted_group_resumes_to_the_same_result(tmp_path):
-  configs = [_config(**m, learn_beta=False) for m in MEMBERS[:2]]
-  full = vectorized.train_group(configs, [str(tmp_path / f'a{i}') for i in range(2)],
-                                str(tmp_path / 'ga'))
+def test_a_stopped_group_resumes_bitwise_also_with_members_a_checkpoint_apart(tmp_path, capfd):
+  """Stopped as a crash would, after two members' saves that a kill left one checkpoint apart:
+  both go back to the older one, and the group ends as an uninterrupted one, bit for bit."""
+  configs = [_config(**m) for m in MEMBERS[:2]]
+  for c in configs:
+    c.checkpoint_every = 3
+  full = [str(tmp_path / f'a{i}') for i in range(2)]
+  train(configs, full, vectorize=True)
   dirs = [str(tmp_path / f'b{i}') for i in range(2)]
-  assert vectorized.train_group(configs, dirs, str(tmp_path / 'gb'), stop_after=8) is None
-  resumed = vectorized.train_group(configs, dirs, str(tmp_path / 'gb'))  # from step 6.
-  for x, y in zip(full, resumed):
-    assert x['eval/accuracy'] == y['eval/accuracy'] and x['eval/loss'] == y['eval/loss']
+  train(configs, dirs, vectorize=True, stop_after=10)
+  assert [Checkpoints(d).latest_step() for d in dirs] == [9, 9]
+  ckpt = Checkpoints(dirs[1])
+  ckpt.manager.delete(9)
+  ckpt.close()
+  capfd.readouterr()
+  train(configs, dirs, vectorize=True)
+  out, err = capfd.readouterr()
+  assert all(f'Resumed from step 6 in {d}' in out for d in dirs) and 'warning' not in err
+  for a, b in zip(full, dirs):
+    assert read_metrics(a) == read_metrics(b)
+    assert ({k: v for k, v in _summary(a).items() if k != 'wall_time_s'} ==
+            {k: v for k, v in _summary(b).items() if k != 'wall_time_s'})
+    jax.tree.map(np.testing.assert_array_equal, _final_params(a), _final_params(b))
 
 
 def test_groups_must_differ_only_in_seed_and_beta():
-  a, b = _config(0, 1.0, False), _config(0, 1.0, False)
+  a, b = _config(0, 1.0), _config(0, 1.0)
   b.model.posemb = 'none'
   with pytest.raises(ValueError, match='runs differ in model.posemb; only seed, model.beta_scale'):
-    vectorized.check_group([a, b])
+    check_group([a, b])
+
+
+def test_a_diverging_member_is_marked_and_the_others_finish(tmp_path):
+  """An infinite β (which check_config refuses; train() is called directly) makes the attention
+  gradients inf · 0 = NaN at the first step. That member's workdir records it, and its partner
+  trains on as it would alone."""
+  configs = [_config(0, 1.0), _config(0, float('inf'))]
+  dirs = [str(tmp_path / 'ok'), str(tmp_path / 'bad')]
+  summaries, _ = train(configs, dirs, vectorize=True)
+  ok, bad = summaries
+  assert 'diverged' not in ok and ok['steps'] == 12 and np.isfinite(ok['eval/loss'])
+  assert bad['diverged_at_step'] == 1 and bad['steps'] == 0
+  assert 'at step 1: the run diverged; nothing was saved' in bad['diverged']
+  assert _summary(dirs[1])['diverged'] == bad['diverged']
+  assert Checkpoints(dirs[1]).latest_step() is None and read_metrics(dirs[1]) == []
+  alone = str(tmp_path / 'alone')
+  train([configs[0]], [alone])
+  for ra, rb in zip(read_metrics(alone), read_metrics(dirs[0])):
+    np.testing.assert_allclose(rb['loss'], ra['loss'], rtol=1e-4)
+
+
+def test_early_stopping_per_member(tmp_path):
+  configs = [_config(**m, steps=40) for m in MEMBERS[:2]]
+  for c in configs:
+    c.update(eval_every=5, checkpoint_every=5, early_stopping_patience=2)
+    c.optimizer.lr = 1e-12  # nothing improves after the first eval.
+  dirs = [str(tmp_path / f'm{i}') for i in range(2)]
+  summaries, states = train(configs, dirs, vectorize=True)
+  for s, state, d in zip(summaries, states, dirs):
+    assert s['early_stopped'] and s['steps'] == int(state.step) == 15
+    assert Checkpoints(d).latest_step() == 15 and read_metrics(d)[-1]['step'] == 15
+  again, _ = train(configs, [str(tmp_path / 'n0'), str(tmp_path / 'n1')], vectorize=True)
+  assert [s['eval/accuracy'] for s in again] == [s['eval/accuracy'] for s in summaries]
+
+
+# --- SIGTERM to a real `python -m experiments.sweep --vectorize` --------------------------------
+
+PAUSE = """
+import os, time
+
+def evaluate(context):
+  '''Waits at the end of a run while $PAUSE_FILE does not exist, once it wrote $READY_FILE.'''
+  if os.environ.get('READY_FILE'):
+    open(os.environ['READY_FILE'], 'w').close()
+    while not os.path.exists(os.environ['PAUSE_FILE']):
+      time.sleep(0.05)
+  return [{'paused': False} for _ in context.betas]
+"""
+GRID = """
+from configs import common, vit
+
+def get_config(arg=None):
+  c = common.ablation_config(vit, 'quick')
+  c.update(dict(total_steps=20, eval_every=10, checkpoint_every=10, log_every=1))
+  c.evals.pause = dict(type='pausing.pause', at='end')
+  return c
+
+def sweep(add, arg=None):
+  for beta in (0.5, 2.0):
+    for seed in (0, 1):
+      add(**{'model.beta_scale': beta, 'seed': seed})
+"""
+
+
+@pytest.fixture(scope='module')
+def grid(tmp_path_factory):
+  """A 4-member ablation grid whose runs end with an evaluator that can be held waiting."""
+  root = tmp_path_factory.mktemp('grid')
+  (root / 'pausing').mkdir()
+  (root / 'pausing' / '__init__.py').write_text('')
+  (root / 'pausing' / 'pause.py').write_text(textwrap.dedent(PAUSE))
+  (root / 'grid.py').write_text(textwrap.dedent(GRID))
+  return root
+
+
+def _sweep(grid, workdir, **env):
+  """The sweep command in a subprocess; its output goes to workdir.log, read by _output."""
+  env = dict(os.environ, PYTHONPATH=f'{ROOT}{os.pathsep}{grid}', **env)
+  log = open(f'{workdir}.log', 'w')
+  return subprocess.Popen([sys.executable, '-m', 'experiments.sweep', f'--config={grid}/grid.py',
+                           f'--workdir={workdir}', '--vectorize'], cwd=ROOT, env=env,
+                          stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _output(workdir) -> str:
+  with open(f'{workdir}.log') as f:
+    return f.read()
+
+
+def _wait(proc, done, timeout=300):
+  """Polls until done() or the process ends."""
+  start = time.time()
+  while not done() and proc.poll() is None:
+    assert time.time() - start < timeout
+    time.sleep(0.05)
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, 'results.csv')) as f:
+    return [{k: v for k, v in row.items() if k not in ('wall_time_s', 'workdir')}
+            for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(grid, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted') / 'sweep')
+  _sweep(grid, workdir).wait(timeout=300)
+  assert 'wrote results.csv' in _output(workdir), _output(workdir)[-3000:]
+  for plot in ('accuracy_vs_beta.png', 'entropy_vs_beta.png', 'entropy_by_layer_vs_beta.png'):
+    assert os.path.getsize(os.path.join(workdir, plot)) > 10_000, plot
+  return _results(workdir)
+
+
+def _rerun_equals(grid, workdir, uninterrupted, resumed_from):
+  os.rename(f'{workdir}.log', f'{workdir}.first.log')
+  _sweep(grid, workdir).wait(timeout=300)
+  out = _output(workdir)
+  assert 'wrote results.csv' in out and '4 runs as one program (4 to finish)' in out, out[-3000:]
+  assert out.count(f'Resumed from step {resumed_from} in') == 4, out[-3000:]
+  assert _results(workdir) == uninterrupted  # every value but the wall time, bit for bit.
+
+
+def _steps_seen(workdir) -> int:
+  lines = [l for l in _output(workdir).splitlines() if l.startswith('step ')]
+  return int(lines[-1].split()[1].split('/')[0]) if lines else 0
+
+
+def test_sigterm_during_training_saves_every_member_and_resumes_the_same_group(
+    grid, uninterrupted, tmp_path):
+  workdir = tmp_path / 'sweep'
+  proc = _sweep(grid, workdir)
+  _wait(proc, lambda: _steps_seen(workdir) >= 12)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  out = _output(workdir)
+  assert proc.returncode == 143 and 'Traceback' not in out, out[-3000:]
+  saved = {Checkpoints(str(d)).latest_step() for d in workdir.iterdir()
+           if (d / 'checkpoints').is_dir()}
+  (step,) = saved  # every member at the same step: the current one.
+  assert 12 <= step < 20 and f'SIGTERM: saved step {step} of 20 in 4 workdirs' in out, out
+  _rerun_equals(grid, workdir, uninterrupted, resumed_from=step)
+
+
+def test_sigterm_during_the_end_of_run_evaluation_resumes_the_same_group(
+    grid, uninterrupted, tmp_path):
+  workdir, ready = tmp_path / 'sweep', tmp_path / 'ready'
+  proc = _sweep(grid, workdir, READY_FILE=str(ready), PAUSE_FILE=str(tmp_path / 'never'))
+  _wait(proc, ready.exists)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  out = _output(workdir)
+  assert proc.returncode == 143 and 'Traceback' not in out, out[-3000:]
+  assert 'SIGTERM: training had finished' in out, out[-3000:]
+  assert not any((d / 'summary.json').exists() for d in workdir.iterdir())
+  _rerun_equals(grid, workdir, uninterrupted, resumed_from=20)

@@ -7,7 +7,7 @@ classifier and ViT. Decoding: greedy, sampling and beam search over a KV cache. 
 flax and numpy.
 """
 
-from tx.analysis import (attention_entropy, attention_rollout, attention_weights,
+from tx.analysis import (AttentionLayer, attention_entropy, attention_rollout, attention_weights,
                          mean_attention_distance, position_content_shares)
 from tx.attention import attend, dot_product_attention, fused_is_valid, softargmax_beta
 from tx.decoding import Beams, Decoded, beam_search, generate, length_penalty

@@ -7,12 +7,83 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from tx.models import unstack_layers
+from tx.models import Decoder, Encoder, unstack_layers
+
+_SHORT = {'encoder': 'enc', 'decoder': 'dec'}
+
+
+class AttentionLayer(str):
+  """One attention layer of a model: a `str` whose value is its '/'-joined module path
+  ('decoder/block_1/cross_attention'), so it works as a dict key, sorts and serialises as
+  that string, with the parts of the path as attributes, so that no caller parses it.
+
+  Built from `scope`, the module names from the model's root to the layer (the keys of
+  Flax's 'intermediates', after `tx.unstack_layers`):
+    scope      ('decoder', 'block_1', 'cross_attention')
+    name       scope[-1]: 'self_attention', 'cross_attention', ...
+    block      i of the innermost enclosing 'block_<i>', or None
+    stack      the module holding that block: 'encoder' or 'decoder' in tx models; '' when
+               there is no block, or when the block sits at the root and `stack` is not
+               given (`attention_weights` gives it for a bare tx.Encoder or tx.Decoder)
+    is_cross   name == 'cross_attention': queries from the decoder, keys from the encoder
+    is_causal  a decoder's self-attention, which every tx model masks causally
+    label      a short name for plots: 'dec 1 cross', 'enc 0 self'
+    call_order a sort key in the order tx models call their layers (encoder before decoder,
+               blocks by index, self- before cross-attention): `jax.jit` returns a dict
+               with its keys sorted as strings, and sorted(weights, key=lambda l:
+               l.call_order) restores the order.
+  """
+  __slots__ = ('scope', 'stack', 'block', 'name')
+
+  def __new__(cls, scope, stack: str | None = None):
+    scope = tuple(scope)
+    if not scope or not all(isinstance(n, str) and n for n in scope):
+      raise ValueError(f'scope={scope!r}; allowed: a non-empty tuple of module names')
+    self = super().__new__(cls, '/'.join(scope))
+    self.scope, self.name = scope, scope[-1]
+    blocks = [i for i, n in enumerate(scope[:-1])
+              if n.startswith('block_') and n[len('block_'):].isdigit()]
+    self.block = int(scope[blocks[-1]][len('block_'):]) if blocks else None
+    if stack is None:
+      stack = scope[blocks[-1] - 1] if blocks and blocks[-1] > 0 else ''
+    self.stack = stack
+    return self
+
+  def __reduce__(self):  # copy and pickle rebuild it from its parts, not from the string.
+    return AttentionLayer, (self.scope, self.stack)
+
+  @property
+  def is_cross(self) -> bool:
+    return self.name == 'cross_attention'
+
+  @property
+  def is_causal(self) -> bool:
+    return self.stack == 'decoder' and self.name == 'self_attention'
+
+  @property
+  def label(self) -> str:
+    kind = self.name[:-len('_attention')] if self.name.endswith('_attention') else self.name
+    block = '' if self.block is None else str(self.block)
+    return ' '.join(x for x in (_SHORT.get(self.stack, self.stack), block, kind) if x)
+
+  @property
+  def call_order(self) -> tuple:
+    return (self.stack == 'decoder', -1 if self.block is None else self.block, self.is_cross,
+            self.scope)
+
+
+_BARE = ('attention',)  # the scope of a bare MultiHeadAttention, which sows at the root.
 
 
 def attention_weights(model, variables, *args, method=None, **kwargs) -> dict:
   """Runs `model.apply(variables, *args, **kwargs)` and returns the attention weights of
-  every attention layer, {'path/of/layer': weights [batch..., H, Tq, Tk]}, in call order.
+  every attention layer, {AttentionLayer: weights [batch..., H, Tq, Tk]}, in call order.
+
+  The keys compare equal to their paths ('encoder/block_0/self_attention', ...) and carry
+  stack, block, name, is_cross, is_causal and label. A bare `MultiHeadAttention` (whose
+  weights have no enclosing scope) gives one entry, AttentionLayer(('attention',)). Under
+  `jax.jit` the keys stay AttentionLayers but come back sorted as strings; sort them by
+  `call_order` to restore the call order.
 
   The weights are what `MultiHeadAttention` sows into 'intermediates'. A model
   configured with implementation='fused' or None (auto, which may pick the fused
@@ -23,9 +94,13 @@ def attention_weights(model, variables, *args, method=None, **kwargs) -> dict:
   if getattr(model, 'implementation', 'xla') != 'xla':
     model = model.clone(implementation='xla')
   _, state = model.apply(variables, *args, method=method, mutable=['intermediates'], **kwargs)
-  flat = flax.traverse_util.flatten_dict(unstack_layers(state.get('intermediates', {})), sep='/')
-  suffix = '/attention_weights'
-  return _call_order({k[:-len(suffix)]: v[0] for k, v in flat.items() if k.endswith(suffix)})
+  flat = flax.traverse_util.flatten_dict(unstack_layers(state.get('intermediates', {})))
+  # A bare Encoder or Decoder holds its blocks at the root, which has no name of its own.
+  root = next((name for cls, name in ((Decoder, 'decoder'), (Encoder, 'encoder'))
+               if isinstance(model, cls)), None)
+  layers = {AttentionLayer(path[:-1] or _BARE, root): value[0] for path, value in flat.items()
+            if path[-1] == 'attention_weights'}
+  return _call_order(layers)
 
 
 def _call_order(weights: dict) -> dict:
@@ -35,12 +110,11 @@ def _call_order(weights: dict) -> dict:
   each block's sown values sorted by name (cross < self), which this undoes. Blocks keep
   their order of first appearance.
   """
-  block = lambda key: key.rpartition('/')[0]
   first = {}
-  for key in weights:
-    first.setdefault(block(key), len(first))
-  rank = lambda key: (first[block(key)], key.endswith('cross_attention'))
-  return {key: weights[key] for key in sorted(weights, key=rank)}
+  for layer in weights:
+    first.setdefault(layer.scope[:-1], len(first))
+  rank = lambda layer: (first[layer.scope[:-1]], layer.is_cross)
+  return {layer: weights[layer] for layer in sorted(weights, key=rank)}
 
 
 def attention_entropy(weights, query_mask=None):

@@ -86,12 +86,21 @@ def _check_qkv(q, k, v):
   return tuple(batch) + (q.shape[-2], q.shape[-3], k.shape[-3])
 
 
+def _check_real(**arrays):
+  """Attention is defined on real vectors: a complex input's imaginary part would be dropped by
+  the float32 softmax, and integers are not vectors to compare."""
+  for name, x in arrays.items():
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'{name} has dtype {jnp.dtype(x.dtype).name}; allowed: real floating '
+                       'point (float16, bfloat16, float32, float64)')
+
+
 @jax.custom_jvp
 def _finite(logits):
   """Clips float32 logits to ±max: a huge β (or a −∞ bias) must not overflow to ±∞, whose
   difference in the softmax is NaN. Its derivative is taken as 1 everywhere (exact wherever
   the logits are finite): clip's own derivative is a select over the [T, T] logits, which
-  made the backward pass of attention 2× slower on CPU (docs/performance.md)."""
+  makes the backward pass of attention about 2× slower on CPU (docs/performance.md)."""
   big = jnp.finfo(jnp.float32).max
   return jnp.clip(logits, -big, big)
 
@@ -114,7 +123,11 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
 
   Returns:
     (out [batch..., Tq, H, Dv] in v.dtype, weights [batch..., H, Tq, Tk] float32).
+
+  scores and v must be real floating point; anything else is a ValueError.
   """
+  scores, v = jnp.asarray(scores), jnp.asarray(v)
+  _check_real(scores=scores, v=v)
   _check_mask(mask, scores.shape)
   _check_mask(bias, scores.shape, 'bias')
   logits = jnp.asarray(scores, jnp.float32) * _beta_for_logits(beta, scores.shape[-3])
@@ -141,7 +154,8 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
   Args:
     q: [batch..., Tq, H, Dk] queries.
     k: [batch..., Tk, H, Dk] keys.
-    v: [batch..., Tk, H, Dv] values.
+    v: [batch..., Tk, H, Dv] values; q, k, v are real floating point (a complex or
+      integer input is a ValueError).
     mask: boolean, broadcastable to [batch..., H, Tq, Tk]; True = may attend.
       Masked keys get weight exactly 0; a query with no attendable key outputs 0.
     bias: additive logit bias, broadcastable to [batch..., H, Tq, Tk].
@@ -151,9 +165,9 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
       returns the value of the argmax key.
     return_weights: also return the float32 weights [batch..., H, Tq, Tk].
     implementation: 'xla' for this einsum path; 'fused' for
-      `jax.nn.dot_product_attention` (cuDNN on GPU for bf16/fp16 when it
-      supports the shapes, XLA otherwise), which cannot return weights;
-      None (default) chooses: 'fused' where `fused_is_valid`, else 'xla'.
+      `jax.nn.dot_product_attention` (cuDNN where `fused_is_valid`, jax.nn's XLA
+      path otherwise), which cannot return weights; None (default) chooses: 'fused'
+      where `fused_is_valid`, else 'xla'. This is the one place None is resolved.
     dropout_rate, dropout_rng: attention-weight dropout, as in `attend`.
 
   Returns:
@@ -161,6 +175,7 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
   """
   check_choice('implementation', implementation, IMPLEMENTATIONS)
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_real(q=q, k=k, v=v)
   logits_shape = _check_qkv(q, k, v)
   _check_mask(mask, logits_shape)
   _check_mask(bias, logits_shape, 'bias')
@@ -194,7 +209,10 @@ FUSED_MAX_HEAD_DIM = 128
 def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
                    dropout: bool = False, return_weights: bool = False,
                    backend: str | None = None) -> bool:
-  """Whether implementation=None (auto) takes the fused cuDNN kernel for this call.
+  """Whether the fused cuDNN kernel runs this call: the one rule for choosing the kernel.
+
+  `dot_product_attention` takes it for implementation=None (auto), and `_fused` (under
+  implementation='fused') to decide whether to try cuDNN at all.
 
   True only when all of these hold (the limits of cuDNN flash attention in
   jax/_src/cudnn/fused_attention_stablehlo.py: check_layout and check_is_flash_attention;
@@ -203,11 +221,11 @@ def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
     - q, k, v share one dtype, bfloat16 or float16;
     - the head dims are equal (Dk == Dv), a multiple of 8 and <= 128 (cuDNN allows 256
       on Hopper and later; 128 holds on every GPU);
-    - Tq and Tk are even: cuDNN's backward pass rejects odd lengths "with a bias", and
-      its fwd rule always sees one (an empty placeholder stands in for a missing bias),
-      so every odd-length gradient fails (seen on an H100, jax 0.11.2, also without a
-      mask). Whether a gradient will be taken is not known here, and under `nn.scan`
-      or `jax.checkpoint` the error comes where no fallback can catch it;
+    - Tq and Tk are even: cuDNN's backward pass rejects odd sequence lengths whenever a
+      bias is present, and its forward rule always passes one (an empty placeholder
+      stands in for a missing bias), so the gradient of any odd-length call fails, with
+      or without a mask. Whether a gradient will be taken is not known here, and under
+      `nn.scan` or `jax.checkpoint` that error is raised where no fallback can catch it;
     - β is None, a scalar or per head ([H], [1], [H, 1, 1]): what `_fused` can fold in;
     - score is 'dot' (the kernel computes q·k only);
     - no attention-weight dropout is in use (the kernel has none);
@@ -246,15 +264,13 @@ def _fused(q, k, v, mask, bias, beta, logits_shape):
     q = (q.astype(jnp.float32) * (b[..., 0] if b.ndim else b)).astype(q.dtype)
   args = (flat(q), flat(k), flat(v), as4d(bias), as4d(mask))
   out = None
-  # cuDNN's backward pass rejects odd lengths where no fallback can catch the error (under
-  # nn.scan or jax.checkpoint), so those go to XLA up front; its other refusals come at trace
+  # The rule sees q with β folded in, as cuDNN will; cuDNN's remaining refusals come at trace
   # time and are caught here.
-  if (jax.default_backend() == 'gpu' and q.dtype in FUSED_DTYPES
-      and q.shape[-3] % 2 == 0 and k.shape[-3] % 2 == 0):
+  if fused_is_valid(q, k, v):
     try:
       out = jax.nn.dot_product_attention(*args, scale=scale, implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError):
-      out = None  # shape/dtype cuDNN does not support: fall back to XLA below.
+      out = None  # shapes or a layout cuDNN does not support: jax.nn's XLA path below.
   if out is None:
     out = jax.nn.dot_product_attention(*args, scale=scale, implementation='xla')
   out = out.reshape(batch + out.shape[-3:])

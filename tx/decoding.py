@@ -5,13 +5,20 @@ penalty. Each is one jit-compiled program: a prefill of the prompt, then a `lax.
 that feeds one token per step through a KV cache preallocated for the whole output (or, with
 use_cache=False, recomputes the full forward pass at every step: the reference the cache is
 tested against). Rows finish independently at `eos_id`; later positions hold `pad_id`.
+
+Both count `max_new_tokens` the same way, as the tokens generated after what is given: for a
+`DecoderLM` after the prompt [batch, P] (the output has P + max_new_tokens positions), for an
+`EncoderDecoder` after <bos> (the output has max_new_tokens positions; <bos> is dropped).
+The loops keep their state in named dataclasses, `GenerateState` and `BeamState`.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,14 +29,40 @@ NEG_INF = -1e30  # finite, so that masked scores stay ordered and never make NaN
 
 
 class Decoded(NamedTuple):
+  """What `generate` returns; length = P + max_new_tokens (DecoderLM, P the prompt width) or
+  max_new_tokens (EncoderDecoder)."""
   tokens: Any  # [batch, length] int32: the prompt then the generated tokens (LM), or the output
   logits: Any  # [batch, length, vocab] float32: the logits each position was chosen from (0
   #              before the prompt's end), or None without return_logits
 
 
 class Beams(NamedTuple):
+  """What `beam_search` returns; length as in `Decoded`."""
   tokens: Any  # [batch, beam_size, length] int32, best first
   scores: Any  # [batch, beam_size] float32: Σ log p / length_penalty(generated length)
+
+
+@flax.struct.dataclass
+class GenerateState:
+  """The `lax.while_loop` state of `generate` before choosing position t (rows = batch)."""
+  t: Any  # [] int32: the position chosen next
+  buffer: Any  # [rows, width] int32: the tokens so far (pad_id after t)
+  cache: Any  # the KV cache after feeding positions < t (None with use_cache=False)
+  logits: Any  # [rows, vocab] float32: the prediction for position t
+  done: Any  # [rows] bool: the row has produced eos_id
+  record: Any  # [rows, width, vocab] float32: the logits of every position, or None
+
+
+@flax.struct.dataclass
+class BeamState:
+  """The `lax.while_loop` state of `beam_search` before extending position t."""
+  t: Any  # [] int32: the position extended next
+  seqs: Any  # [batch, beam_size, width] int32: each beam's tokens so far
+  cache: Any  # the KV cache, rows = batch · beam_size, in the order of `seqs`
+  logits: Any  # [batch · beam_size, vocab] float32: each beam's prediction for position t
+  score: Any  # [batch, beam_size] float32: Σ log p of each beam's generated tokens
+  length: Any  # [batch, beam_size] int32: generated tokens, frozen when the beam finished
+  done: Any  # [batch, beam_size] bool: the beam has produced eos_id
 
 
 class _Model(NamedTuple):
@@ -40,23 +73,27 @@ class _Model(NamedTuple):
   step: Any  # (cache, buffer, t) -> (cache, logits [rows, V] predicting position t + 1)
 
 
-def _runner(model, params, inputs, max_len: int, first: int | None, bos_id, pad_id,
+def _runner(model, params, inputs, max_new_tokens: int, first: int | None, bos_id, pad_id,
             use_cache: bool, repeat: int = 1) -> tuple[_Model, Any]:
-  """(_Model, initial buffer [rows, width]) for `model`; rows = batch · repeat (beams)."""
+  """(_Model, initial buffer [rows, width]) for `model`; rows = batch · repeat (beams).
+
+  width = P + max_new_tokens for a DecoderLM (prompt width P), 1 + max_new_tokens for an
+  EncoderDecoder (<bos> first)."""
   if isinstance(model, EncoderDecoder):
     if bos_id is None:
       raise ValueError('bos_id is required to decode an EncoderDecoder')
     source = jnp.repeat(inputs, repeat, axis=0)
     memory = model.apply({'params': params}, source, method=EncoderDecoder.encode)
     extra, method = (memory, source), EncoderDecoder.decode_logits
-    width, first = max_len + 1, 1  # <bos>, then max_len output tokens
+    width, first = max_new_tokens + 1, 1  # <bos>, then max_new_tokens output tokens
     buffer = jnp.full((source.shape[0], width), pad_id, jnp.int32).at[:, 0].set(bos_id)
   elif isinstance(model, DecoderLM):
     prompt = jnp.repeat(jnp.asarray(inputs, jnp.int32), repeat, axis=0)
-    width, first = max_len, prompt.shape[1] if first is None else first
-    if not 1 <= first < width or prompt.shape[1] > width:
-      raise ValueError(f'max_len={max_len} must exceed the prompt length {prompt.shape[1]} '
-                       '(and the prompt must have at least 1 token)')
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+      raise ValueError(f'inputs has shape {prompt.shape}; a DecoderLM prompt must be '
+                       '[batch, P] with P >= 1 tokens')
+    width = prompt.shape[1] + max_new_tokens
+    first = prompt.shape[1] if first is None else first
     buffer = jnp.full((prompt.shape[0], width), pad_id, jnp.int32).at[:, :prompt.shape[1]].set(prompt)
     extra, method = (), None
   else:
@@ -101,59 +138,62 @@ def _filter_logits(logits, temperature: float, top_k: int | None, top_p: float |
   return logits
 
 
-def _check(max_len, temperature, top_k, top_p):
-  if not isinstance(max_len, int) or max_len < 1:
-    raise ValueError(f'max_len={max_len!r}; it must be a positive integer')
+def _check(max_new_tokens, temperature, top_k, top_p) -> int:
+  """Raises ValueError for a bad option; returns max_new_tokens as a Python int (a static
+  argument of the jit program)."""
+  if (not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool)
+      or max_new_tokens < 1):
+    raise ValueError(f'max_new_tokens={max_new_tokens!r}; it must be a positive integer')
   if temperature < 0:
     raise ValueError(f'temperature={temperature}; it must be >= 0 (0 = greedy)')
   if top_k is not None and top_k < 0:
     raise ValueError(f'top_k={top_k}; it must be >= 0 (0 or None = no top-k)')
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f'top_p={top_p}; it must be in (0, 1]')
+  return int(max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_len', 'temperature', 'top_k', 'top_p',
-                                             'eos_id', 'pad_id', 'bos_id', 'first', 'use_cache',
-                                             'return_logits'))
-def _generate(model, params, inputs, rng, prompt_lengths, *, max_len, temperature, top_k, top_p,
-              eos_id, pad_id, bos_id, first, use_cache, return_logits):
-  m, buffer = _runner(model, params, inputs, max_len, first, bos_id, pad_id, use_cache)
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+                                             'top_p', 'eos_id', 'pad_id', 'bos_id', 'first',
+                                             'use_cache', 'return_logits'))
+def _generate(model, params, inputs, rng, prompt_lengths, *, max_new_tokens, temperature, top_k,
+              top_p, eos_id, pad_id, bos_id, first, use_cache, return_logits):
+  m, buffer = _runner(model, params, inputs, max_new_tokens, first, bos_id, pad_id, use_cache)
   rows = buffer.shape[0]
   prompt_lengths = jnp.full((rows,), m.first) if prompt_lengths is None else prompt_lengths
 
-  def choose(state):
-    t, buffer, cache, logits, done, record = state
+  def choose(s: GenerateState) -> GenerateState:
+    """Writes position t: the row's prompt token while inside it, else the chosen token
+    (pad_id once the row is done)."""
     if temperature == 0:
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      token = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
     else:
-      filtered = _filter_logits(logits, temperature, top_k, top_p)
-      token = jax.random.categorical(jax.random.fold_in(rng, t), filtered).astype(jnp.int32)
-    forced = t < prompt_lengths  # still inside this row's prompt
-    token = jnp.where(forced, buffer[:, t], jnp.where(done, pad_id, token))
-    if eos_id is not None:
-      done = done | (~forced & (token == eos_id))
-    if record is not None:
-      record = record.at[:, t].set(logits)
-    return t, buffer.at[:, t].set(token), cache, logits, done, record
+      filtered = _filter_logits(s.logits, temperature, top_k, top_p)
+      token = jax.random.categorical(jax.random.fold_in(rng, s.t), filtered).astype(jnp.int32)
+    forced = s.t < prompt_lengths  # still inside this row's prompt
+    token = jnp.where(forced, s.buffer[:, s.t], jnp.where(s.done, pad_id, token))
+    done = s.done if eos_id is None else s.done | (~forced & (token == eos_id))
+    record = None if s.record is None else s.record.at[:, s.t].set(s.logits)
+    return s.replace(buffer=s.buffer.at[:, s.t].set(token), done=done, record=record)
 
-  def body(state):
-    t, buffer, cache, logits, done, record = choose(state)
-    cache, logits = m.step(cache, buffer, t)
-    return t + 1, buffer, cache, logits, done, record
+  def body(s: GenerateState) -> GenerateState:
+    s = choose(s)
+    cache, logits = m.step(s.cache, s.buffer, s.t)
+    return s.replace(t=s.t + 1, cache=cache, logits=logits)
 
-  def cond(state):
-    t, _, _, _, done, _ = state
-    return (t < m.width - 1) & ~jnp.all(done)
+  def cond(s: GenerateState):
+    return (s.t < m.width - 1) & ~jnp.all(s.done)
 
   cache, logits = m.prefill(buffer)
   record = jnp.zeros((rows, m.width, logits.shape[-1]), jnp.float32) if return_logits else None
-  state = (jnp.asarray(m.first), buffer, cache, logits, jnp.zeros((rows,), bool), record)
-  _, buffer, _, _, _, record = choose(jax.lax.while_loop(cond, body, state))
+  state = GenerateState(t=jnp.asarray(m.first), buffer=buffer, cache=cache, logits=logits,
+                        done=jnp.zeros((rows,), bool), record=record)
+  state = choose(jax.lax.while_loop(cond, body, state))
   skip = 1 if isinstance(model, EncoderDecoder) else 0  # drop <bos>
-  return Decoded(buffer[:, skip:], None if record is None else record[:, skip:])
+  return Decoded(state.buffer[:, skip:], None if state.record is None else state.record[:, skip:])
 
 
-def generate(model, params, inputs, *, max_len: int, rng=None, temperature: float = 0.0,
+def generate(model, params, inputs, *, max_new_tokens: int, rng=None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              pad_id: int = 0, bos_id: int | None = None, prompt_lengths=None,
              use_cache: bool = True, return_logits: bool = False) -> Decoded:
@@ -165,19 +205,23 @@ def generate(model, params, inputs, *, max_len: int, rng=None, temperature: floa
   where filter keeps the top_k largest logits, then the smallest set of tokens whose
   probability mass reaches top_p (nucleus sampling; Holtzman et al., 2020).
 
-  model: a `DecoderLM` (inputs = prompt tokens [batch, P]; the output keeps the prompt and has
-    max_len tokens in all) or an `EncoderDecoder` (inputs = source [batch, S], padded with
-    the model's pad_id; bos_id starts the output, which has max_len tokens).
-  prompt_lengths: [batch] real lengths of right-padded prompts (concrete, e.g. NumPy); default
-    all P. Positions before a row's length are forced to its prompt.
+  model: a `DecoderLM` (inputs = prompt tokens [batch, P]) or an `EncoderDecoder` (inputs =
+    source [batch, S], padded with the model's pad_id; bos_id starts the output).
+  max_new_tokens: N, the tokens generated after what is given. DecoderLM: the output keeps
+    the prompt, tokens [batch, P + N] with positions P ... P + N − 1 generated; the model
+    sees positions 0 ... P + N − 2 (a learned posemb needs num_positions ≥ P + N − 1).
+    EncoderDecoder: tokens [batch, N] after <bos> (dropped); the decoder sees N positions.
+  prompt_lengths: [batch] real lengths n_b ≤ P of right-padded prompts (concrete, e.g.
+    NumPy); default all P. The buffer stays P + N wide: positions t < n_b are forced to row
+    b's prompt and every later one is generated, so row b generates up to P − n_b + N tokens.
   eos_id: a row stops at its first generated eos_id; every later position is pad_id. None:
-    every row runs to max_len.
+    every row runs to the end of the buffer.
   use_cache: False recomputes the full forward pass at every step instead of the KV cache
     (the same tokens and logits, much slower; a reference).
   Returns Decoded(tokens, logits); logits [batch, length, vocab] with return_logits.
   The same rng gives the same output.
   """
-  _check(max_len, temperature, top_k, top_p)
+  max_new_tokens = _check(max_new_tokens, temperature, top_k, top_p)
   if temperature > 0 and rng is None:
     raise ValueError('sampling (temperature > 0) needs an explicit rng, e.g. jax.random.key(0)')
   first = None
@@ -188,7 +232,7 @@ def generate(model, params, inputs, *, max_len: int, rng=None, temperature: floa
       raise ValueError(f'prompt_lengths must be in [1, {np.shape(inputs)[1]}]; got '
                        f'{prompt_lengths.tolist()}')
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, params, inputs, rng, prompt_lengths, max_len=max_len,
+  return _generate(model, params, inputs, rng, prompt_lengths, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=top_k or None, top_p=top_p,
                    eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, first=first,
                    use_cache=use_cache, return_logits=return_logits)
@@ -199,29 +243,29 @@ def length_penalty(length, alpha: float):
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_len', 'eos_id', 'pad_id',
-                                             'bos_id', 'alpha', 'use_cache'))
-def _beam_search(model, params, inputs, *, beam_size, max_len, eos_id, pad_id, bos_id, alpha,
-                 use_cache):
+@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_new_tokens', 'eos_id',
+                                             'pad_id', 'bos_id', 'alpha', 'use_cache'))
+def _beam_search(model, params, inputs, *, beam_size, max_new_tokens, eos_id, pad_id, bos_id,
+                 alpha, use_cache):
   k = beam_size
-  m, buffer = _runner(model, params, inputs, max_len, None, bos_id, pad_id, use_cache, repeat=k)
+  m, buffer = _runner(model, params, inputs, max_new_tokens, None, bos_id, pad_id, use_cache,
+                      repeat=k)
   batch, width = buffer.shape[0] // k, m.width
 
-  def select(state):
+  def select(s: BeamState) -> BeamState:
     """Extends every beam by every token at position t and keeps the k best by normalised
     score; a finished beam has one extension, <pad> at log-probability 0 (it stays as it is)."""
-    t, seqs, cache, logits, score, length, done = state
-    vocab = logits.shape[-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
+    vocab = s.logits.shape[-1]
+    logp = jax.nn.log_softmax(s.logits.astype(jnp.float32)).reshape(batch, k, vocab)
     stay = jnp.full((vocab,), NEG_INF, jnp.float32).at[pad_id].set(0.0)
-    total = score[..., None] + jnp.where(done[..., None], stay, logp)  # [batch, k, vocab]
-    grown = jnp.where(done, length, t + 1 - m.first)  # generated tokens after this step
+    total = s.score[..., None] + jnp.where(s.done[..., None], stay, logp)  # [batch, k, vocab]
+    grown = jnp.where(s.done, s.length, s.t + 1 - m.first)  # generated tokens after this step
     ranked = total / length_penalty(grown, alpha)[..., None]
     _, pick = jax.lax.top_k(ranked.reshape(batch, k * vocab), k)
     origin, token = pick // vocab, (pick % vocab).astype(jnp.int32)
     take = lambda x: jnp.take_along_axis(x, origin, axis=1)
-    was_done = take(done)
-    seqs = jnp.take_along_axis(seqs, origin[..., None], axis=1).at[:, :, t].set(
+    was_done = take(s.done)
+    seqs = jnp.take_along_axis(s.seqs, origin[..., None], axis=1).at[:, :, s.t].set(
         jnp.where(was_done, pad_id, token))
     score = jnp.take_along_axis(total.reshape(batch, k * vocab), pick, axis=1)
     done = was_done | ((token == eos_id) if eos_id is not None else False)
@@ -229,31 +273,31 @@ def _beam_search(model, params, inputs, *, beam_size, max_len, eos_id, pad_id, b
     # Reorder the cache's batch rows: axis 0, or 1 behind the layer axis of a scanned stack
     # (whose per-layer cache_index [layers] has no batch axis, like a scalar index).
     axis = 1 if model.scan_layers else 0
-    cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=axis) if x.ndim > axis else x, cache)
-    return t, seqs, cache, logits, score, take(grown), done
+    cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=axis) if x.ndim > axis else x,
+                         s.cache)
+    return s.replace(seqs=seqs, cache=cache, score=score, length=take(grown), done=done)
 
-  def body(state):
-    t, seqs, cache, logits, score, length, done = select(state)
-    cache, logits = m.step(cache, seqs.reshape(batch * k, width), t)
-    return t + 1, seqs, cache, logits, score, length, done
+  def body(s: BeamState) -> BeamState:
+    s = select(s)
+    cache, logits = m.step(s.cache, s.seqs.reshape(batch * k, width), s.t)
+    return s.replace(t=s.t + 1, cache=cache, logits=logits)
 
-  def cond(state):
-    t, *_, done = state
-    return (t < width - 1) & ~jnp.all(done)
+  def cond(s: BeamState):
+    return (s.t < width - 1) & ~jnp.all(s.done)
 
   cache, logits = m.prefill(buffer)
   score = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
   zeros = jnp.zeros((batch, k), jnp.int32)
-  state = (jnp.asarray(m.first), buffer.reshape(batch, k, width), cache, logits, score, zeros,
-           zeros.astype(bool))
-  _, seqs, _, _, score, length, _ = select(jax.lax.while_loop(cond, body, state))
+  state = BeamState(t=jnp.asarray(m.first), seqs=buffer.reshape(batch, k, width), cache=cache,
+                    logits=logits, score=score, length=zeros, done=zeros.astype(bool))
+  state = select(jax.lax.while_loop(cond, body, state))
   skip = 1 if isinstance(model, EncoderDecoder) else 0
-  return Beams(seqs[:, :, skip:], score / length_penalty(length, alpha))
+  return Beams(state.seqs[:, :, skip:], state.score / length_penalty(state.length, alpha))
 
 
-def beam_search(model, params, inputs, *, beam_size: int, max_len: int, eos_id: int | None = None,
-                length_penalty_alpha: float = 0.6, pad_id: int = 0, bos_id: int | None = None,
-                use_cache: bool = True) -> Beams:
+def beam_search(model, params, inputs, *, beam_size: int, max_new_tokens: int,
+                eos_id: int | None = None, length_penalty_alpha: float = 0.6, pad_id: int = 0,
+                bos_id: int | None = None, use_cache: bool = True) -> Beams:
   """Beam search with the GNMT length penalty, batched, in one jit program.
 
   Each step extends each of the `beam_size` beams by every token and keeps the beam_size
@@ -261,16 +305,17 @@ def beam_search(model, params, inputs, *, beam_size: int, max_len: int, eos_id: 
     score(y) = Σ_t log p(y_t | y_<t) / lp(|y|),   lp(n) = ((5 + n) / 6)^α   (α = length_penalty_alpha),
   with |y| the generated length. A beam that has produced eos_id is finished: it stays in
   the beam unchanged (extended only by pad at log-probability 0) while better extensions may
-  replace it. A row stops when all its beams are finished, or at max_len. α = 0 ranks by total
-  log-probability; larger α favours longer outputs. With beam_size=1 this is greedy decoding
-  for any α (every candidate of a step has the same length). Inputs as for `generate`
-  (prompts of one length; beam_size ≤ vocabulary size). Returns Beams(tokens [batch,
-  beam_size, length], scores [batch, beam_size]) sorted best first; positions after eos_id
-  hold pad_id.
+  replace it. A row stops when all its beams are finished, or after max_new_tokens. α = 0
+  ranks by total log-probability; larger α favours longer outputs. With beam_size=1 this is
+  greedy decoding for any α (every candidate of a step has the same length). Inputs and
+  max_new_tokens as for `generate` (prompts of one length P; beam_size ≤ vocabulary size). Returns
+  Beams(tokens [batch, beam_size, length], scores [batch, beam_size]) sorted best first,
+  length = P + max_new_tokens (DecoderLM) or max_new_tokens (EncoderDecoder); positions
+  after eos_id hold pad_id.
   """
-  _check(max_len, 0.0, None, None)
+  max_new_tokens = _check(max_new_tokens, 0.0, None, None)
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f'beam_size={beam_size!r}; it must be a positive integer')
-  return _beam_search(model, params, inputs, beam_size=beam_size, max_len=max_len, eos_id=eos_id,
-                      pad_id=pad_id, bos_id=bos_id, alpha=float(length_penalty_alpha),
-                      use_cache=use_cache)
+  return _beam_search(model, params, inputs, beam_size=beam_size, max_new_tokens=max_new_tokens,
+                      eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
+                      alpha=float(length_penalty_alpha), use_cache=use_cache)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tx import scores as scores_lib
-from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention, fused_is_valid
+from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention
 from tx.masks import combine_masks
 from tx.posemb import rope as apply_rope
 from tx.validate import check_beta, check_choice, concrete
@@ -36,12 +36,19 @@ class MultiHeadAttention(nn.Module):
   The logits are β·score(q, k) with β = beta_scale / sqrt(d_head), fixed, or
   learned per head (`learn_beta`, parametrised as log β so that β stays > 0).
   The attention weights [batch..., H, Tq, Tk] are sown into 'intermediates'
-  as 'attention_weights' on the 'xla' path only.
+  as 'attention_weights' whenever they are computed.
+
+  score='dot' runs `attention_fn` (as Flax's `MultiHeadDotProductAttention(attention_fn=...)`:
+  the module never chooses the kernel), called as
+    attention_fn(q, k, v, mask=, bias=, beta=, implementation=, return_weights=,
+                 dropout_rate=, dropout_rng=) -> out, or (out, weights) with return_weights
+  with the signature and meaning of `tx.dot_product_attention`, the default, which chooses
+  the kernel for implementation=None. The weights are requested whenever 'intermediates' is
+  mutable and implementation is not 'fused', so under None they are always sown when asked
+  for (which means the einsum path). Other scores compute score(q, k) and `tx.attend`.
 
   implementation: 'xla' (einsum, weights sown), 'fused' (`jax.nn.dot_product_attention`,
-  cuDNN on GPU; score='dot' only, no weights), or None (default): 'fused' where
-  `tx.attention.fused_is_valid` holds, else 'xla'. Under None the weights count as
-  requested whenever 'intermediates' is mutable, so they are always sown when asked for.
+  cuDNN on GPU; score='dot' only, no weights), or None (default): chosen by `attention_fn`.
 
   decode=True (self-attention only) keeps keys and values in a 'cache'
   collection, sized by the input given to `init`; each call appends its T
@@ -56,10 +63,11 @@ class MultiHeadAttention(nn.Module):
   learn_beta: bool = False
   score: str = 'dot'
   implementation: str | None = None
+  attention_fn: Callable = dot_product_attention  # score='dot' only.
   dropout_rate: float = 0.0  # attention-weight dropout.
   rope: bool = False  # rotary position embedding on q and k (self-attention only).
   rope_base: float = 10000.0
-  max_len: int = 512  # key positions for score='location'.
+  location_keys: int = 512  # key positions the score='location' kernel is built for.
   decode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -85,7 +93,7 @@ class MultiHeadAttention(nn.Module):
       return scores_lib.GeneralScore(**kw)(q, k)
     if self.score == 'additive':
       return scores_lib.AdditiveScore(**kw)(q, k)
-    return scores_lib.LocationScore(self.max_len, **kw)(q, k)
+    return scores_lib.LocationScore(self.location_keys, **kw)(q, k)
 
   def _decode_step(self, q, k, v, mask):
     """Writes this call's k, v into the cache at `cache_index`; returns full-cache k, v, mask."""
@@ -141,19 +149,19 @@ class MultiHeadAttention(nn.Module):
       dropout_rng = self.make_rng('dropout')
     common = dict(mask=mask, bias=bias, beta=beta, dropout_rate=self.dropout_rate,
                   dropout_rng=dropout_rng)
-    implementation = self.implementation
-    if implementation is None:
-      valid = fused_is_valid(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, beta=beta, score=self.score,
-                             dropout=dropout_rng is not None,
-                             return_weights=self.is_mutable_collection('intermediates'))
-      implementation = 'fused' if valid else 'xla'
-    if implementation == 'fused':
-      out_BxTxHxD = dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD,
-                                          implementation='fused', **common)
+    weights_BxHxTxS = None
+    if self.score == 'dot':
+      want_weights = (self.is_mutable_collection('intermediates')
+                      and self.implementation != 'fused')
+      out_BxTxHxD = self.attention_fn(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD,
+                                      implementation=self.implementation,
+                                      return_weights=want_weights, **common)
+      if want_weights:
+        out_BxTxHxD, weights_BxHxTxS = out_BxTxHxD
     else:
-      scores_BxHxTxS = (scores_lib.dot_score(q_BxTxHxD, k_BxSxHxD) if self.score == 'dot'
-                        else self._scores(q_BxTxHxD, k_BxSxHxD))
-      out_BxTxHxD, weights_BxHxTxS = attend(scores_BxHxTxS, v_BxSxHxD, **common)
+      out_BxTxHxD, weights_BxHxTxS = attend(self._scores(q_BxTxHxD, k_BxSxHxD), v_BxSxHxD,
+                                            **common)
+    if weights_BxHxTxS is not None:
       self.sow('intermediates', 'attention_weights', weights_BxHxTxS)
     return nn.DenseGeneral(self.out_features or inputs_q.shape[-1], axis=(-2, -1),
                            dtype=self.dtype, param_dtype=self.param_dtype,
@@ -188,9 +196,10 @@ class BlockHParams(nn.Module):
   learn_beta: bool = False
   score: str = 'dot'
   implementation: str | None = None
+  attention_fn: Callable = dot_product_attention  # a library-only hook: see MultiHeadAttention.
   norm: str = 'post'  # 'post': LN(x + f(x)) (Vaswani); 'pre': x + f(LN(x)) (ViT, GPT-2).
   activation: str = 'relu'
-  max_len: int = 512  # learned posemb rows and location-score keys.
+  num_positions: int = 512  # rows of a learned posemb table; keys of score='location'.
   decode: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -208,9 +217,9 @@ class _Block(BlockHParams, kw_only=True):
   def attention(self, name: str, self_attention: bool):
     return MultiHeadAttention(
         num_heads=self.num_heads, beta_scale=self.beta_scale, learn_beta=self.learn_beta,
-        score=self.score, implementation=self.implementation,
+        score=self.score, implementation=self.implementation, attention_fn=self.attention_fn,
         dropout_rate=self.attention_dropout, rope=self.rope and self_attention,
-        max_len=self.max_len, decode=self.decode and self_attention, dtype=self.dtype,
+        location_keys=self.num_positions, decode=self.decode and self_attention, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
 
   def sublayer(self, x, f: Callable, name: str, deterministic: bool):

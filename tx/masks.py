@@ -33,9 +33,10 @@ def local_window_mask(length: int, window: int | tuple[int, int]):
   return (offset >= -left) & (offset <= right)
 
 
-def valid_from_lengths(lengths, max_len: int):
-  """valid[..., t] = t < lengths[...]: which of max_len positions hold real tokens."""
-  return jnp.arange(max_len) < jnp.asarray(lengths)[..., None]
+def valid_from_lengths(lengths, length: int):
+  """valid[..., t] = t < lengths[...] for t < length: which of `length` positions hold real
+  tokens. Shape [batch..., length]."""
+  return jnp.arange(length) < jnp.asarray(lengths)[..., None]
 
 
 def valid_from_tokens(tokens, pad_id: int = 0):

@@ -123,7 +123,7 @@ class Encoder(ModelHParams):
 
   @nn.compact
   def __call__(self, x, mask=None, *, deterministic: bool = True):
-    x = AddPositionEmbs(self.posemb, self.max_len, param_dtype=self.param_dtype,
+    x = AddPositionEmbs(self.posemb, self.num_positions, param_dtype=self.param_dtype,
                         name='posemb')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     call = lambda block, x, mask: block(x, mask, deterministic=deterministic)
@@ -144,7 +144,7 @@ class Decoder(ModelHParams):
   @nn.compact
   def __call__(self, x, memory=None, *, mask=None, cross_mask=None,
                deterministic: bool = True):
-    x = AddPositionEmbs(self.posemb, self.max_len, decode=self.decode,
+    x = AddPositionEmbs(self.posemb, self.num_positions, decode=self.decode,
                         param_dtype=self.param_dtype, name='posemb')(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))

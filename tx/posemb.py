@@ -103,15 +103,15 @@ def resample_posemb(posemb, new_grid: tuple[int, int], num_prefix_tokens: int = 
 class AddPositionEmbs(nn.Module):
   """x [batch..., T, D] + PE[offset : offset + T] for a 1-D sequence.
 
-  posemb: 'learn' (a trained table of `max_len` rows, N(0, 0.02) init),
+  posemb: 'learn' (a trained table of `num_positions` rows, N(0, 0.02) init),
     'sinusoidal' (`sinusoidal_1d`, any length), or 'rope'/'none' (identity here;
     rope is applied to q and k inside attention).
   decode: positions continue from a counter in the 'cache' collection, one
-    call per generated chunk. Positions past max_len are not checked at run
-    time (the index is traced): the decoding loop must stop at max_len.
+    call per generated chunk. Positions past num_positions are not checked at
+    run time (the index is traced): the decoding loop must stop there.
   """
   posemb: str = 'sinusoidal'
-  max_len: int = 512
+  num_positions: int = 512  # rows of the learned table.
   base: float = 10000.0
   decode: bool = False
   param_dtype: Any = jnp.float32
@@ -131,9 +131,10 @@ class AddPositionEmbs(nn.Module):
         index.value = offset + t
     if self.posemb == 'sinusoidal':
       return x + sinusoidal_1d(t, d, self.base, offset).astype(x.dtype)
-    if t > self.max_len:
-      raise ValueError(f'sequence length {t} exceeds the learned posemb table (max_len='
-                       f'{self.max_len}); use a larger max_len or posemb="sinusoidal"/"rope"')
+    if t > self.num_positions:
+      raise ValueError(f'sequence length {t} exceeds the learned posemb table (num_positions='
+                       f'{self.num_positions}); use a larger num_positions or '
+                       'posemb="sinusoidal"/"rope"')
     table = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
-                       (self.max_len, d), self.param_dtype)
+                       (self.num_positions, d), self.param_dtype)
     return x + jax.lax.dynamic_slice_in_dim(table, offset, t).astype(x.dtype)

@@ -82,20 +82,21 @@ class AdditiveScore(nn.Module):
 class LocationScore(nn.Module):
   """s_ij = (W_h q_i)_j: the alignment is predicted from the query alone (Luong et al.).
 
-  W_h is [D, max_len] per head, so keys longer than `max_len` are an error.
+  W_h is [D, num_keys] per head: one output per key position j < num_keys, so more
+  keys than `num_keys` are an error.
   """
-  max_len: int
+  num_keys: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, q, k):
     tk = k.shape[-3]
-    if tk > self.max_len:
-      raise ValueError(f'score="location" was built for max_len={self.max_len} keys; got {tk}')
+    if tk > self.num_keys:
+      raise ValueError(f'score="location" was built for num_keys={self.num_keys} keys; got {tk}')
     h, d = q.shape[-2], q.shape[-1]
     w = self.param('kernel', nn.initializers.lecun_normal(batch_axis=(0,)),
-                   (h, d, self.max_len), self.param_dtype)
+                   (h, d, self.num_keys), self.param_dtype)
     s = jnp.einsum('...qhd,hdl->...hql', q.astype(self.dtype), w.astype(self.dtype),
                    preferred_element_type=jnp.float32)
     return s[..., :tk]

@@ -34,7 +34,7 @@ class PatchEmbedding(nn.Module):
 
   which is a stride-p, p×p, VALID convolution (`nn.Conv`'s parameters, names and init, so
   checkpoints of either load), computed as a reshape and one matrix product: XLA's CPU
-  backward pass of that convolution took 10% of a ViT train step, the product under 1%.
+  backward pass of that convolution costs about 10% of a ViT train step, the product under 1%.
   """
   features: int
   patch_size: int
@@ -98,7 +98,7 @@ class ViT(ModelHParams, kw_only=True):
     if self.posemb == 'learn':
       x = x + self._learned_posemb(x.shape[-2])[0].astype(x.dtype)
     encoder_args = dict(hparams(self, ModelHParams), posemb='rope' if self.posemb == 'rope'
-                        else 'none', max_len=x.shape[-2])
+                        else 'none', num_positions=x.shape[-2])
     x = Encoder(**encoder_args, name='encoder')(x, deterministic=deterministic)
     pooled = x[..., 0, :] if self.pool == 'cls' else x.mean(axis=-2)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,

@@ -6,7 +6,8 @@
 The base is configs/vit.py (the default ViT on digits, ~80 s a run), so the
 default grid is 15 runs, about 20 minutes on a 2-core CPU. `:quick` shrinks the
 model and the schedule (60 steps) and uses 2 seeds to check the machinery end
-to end; its numbers are not results. `:seeds=N` changes the number of seeds.
+to end; its numbers are not results. `:seeds=N` changes the number of seeds, and
+`:quick,steps=N` the length of the smoke runs.
 """
 
 from configs import common, vit
@@ -16,8 +17,9 @@ POSEMBS = ('none', 'learn', 'sinusoidal', 'sincos2d', 'rope')
 
 def get_config(arg=None):
   c = vit.get_config()  # the full default schedule (4,500 steps), not ablation_config's.
-  if common.ablation_arg(arg).quick:
-    common.make_quick(c)
+  arg = common.ablation_arg(arg)
+  if arg.quick:
+    common.make_quick(c, arg.steps or 60)
   return c
 
 

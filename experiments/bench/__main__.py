@@ -1,4 +1,4 @@
-"""The benchmark suite: python -m experiments.bench [--quick] [--out=DIR] [--sections=...]
+"""The benchmark suite: python -m experiments.bench [--quick] [--workdir=DIR] [--sections=...]
 
 Sections (all by default, in this order):
   matmul      the n×n matmul rate in float32 and bfloat16: the peak MFU is measured against
@@ -17,8 +17,9 @@ Models: CPU hosts time specs.CPU_SPECS; GPU hosts specs.GPU_SPECS (ViT-Ti/S/B/16
 runs everything on toy shapes in about a minute (the end-to-end test). Every number is a
 median over repeats after a warm-up, with the device blocked on (timing.py).
 
-Writes DIR/bench.json (every measurement, the environment, the command), DIR/bench.md (the
-tables printed), DIR/attention.png and DIR/throughput.png.
+Writes WORKDIR/bench.json (every measurement, the environment, the command), WORKDIR/bench.md
+(the tables printed), WORKDIR/attention.png and WORKDIR/throughput.png (--out is the older
+spelling of --workdir).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.bench import attention, plots, report, specs, train
+from experiments.bench import attention_kernels, plots, report, specs, step_time
 from experiments.bench.timing import environment
 
 SECTIONS = ('matmul', 'train', 'peer', 'attention', 'parallel', 'vectorized')
@@ -73,12 +74,12 @@ def run_module(module: str, *args: str, env: dict | None = None) -> dict:
 
 
 def run_parallel(spec_name: str, repeats: int) -> dict:
-  """experiments.bench.parallel in a subprocess; on a CPU host with 8 simulated devices."""
+  """experiments.bench.pmap_vs_jit in a subprocess; on a CPU host with 8 simulated devices."""
   env = dict(os.environ)
   if jax.default_backend() == 'cpu':
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                         f' --xla_force_host_platform_device_count={SIMULATED_DEVICES}').strip()
-  return run_module('experiments.bench.parallel', f'--spec={spec_name}', f'--repeats={repeats}',
+  return run_module('experiments.bench.pmap_vs_jit', f'--spec={spec_name}', f'--repeats={repeats}',
                     env=env)
 
 
@@ -102,72 +103,25 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
   p = plan(mode, jax.default_backend())
   results = {'mode': mode, 'command': ' '.join(sys.argv), 'environment': environment(),
              'sections': list(sections)}
-  measure_matmul = lambda: [train.matmul_rate(d, p['matmul_sizes'], p['repeats'] + 2)
-                            for d in p['dtypes']]
-  if 'matmul' in sections or 'train' in sections:  # MFU needs the matmul rate
-    results['matmul'] = measure_matmul()
-    for m in results['matmul']:
-      log(f'matmul {m["dtype"]} n={m["n"]}: {m["flop_per_s"] / 1e9:.1f} GFLOP/s')
-  save(results, out)
   timers = {}  # spec name -> its compiled tx step in the peer's dtype, timed again by 'peer'
+  if 'matmul' in sections or 'train' in sections:  # MFU needs the matmul rate
+    results['matmul'] = _matmul(p, log)
+  save(results, out)
   if 'train' in sections:
-    results['train'] = []
-    for spec in p['specs']:
-      for dtype in p['dtypes']:
-        timer = train.step_timer(spec, dtype)
-        r = timer(p['repeats'])
-        if dtype == p['peer_dtype'] and 'peer' in sections:
-          timers[spec.name] = timer
-        results['train'].append(dict(r, model=spec.name, dtype=dtype, batch=spec.batch))
-        log(f'tx {spec.name} {dtype}: {r["median_s"] * 1e3:.1f} ms/step, '
-            f'{r["examples_per_s"]:.1f} examples/s')
+    results['train'] = _train(p, 'peer' in sections, timers, log)
     # Measured again after the models: the faster of the two is the rate MFU divides by.
-    results['matmul'] = [train.best_rate(before, after) for before, after in
-                         zip(results['matmul'], measure_matmul())]
-    for m in results['matmul']:
-      log(f'matmul {m["dtype"]} again: best {m["flop_per_s"] / 1e9:.1f} GFLOP/s')
+    results['matmul'] = [step_time.best_rate(before, after) for before, after in
+                         zip(results['matmul'], _matmul(p, log, 'again'))]
   save(results, out)
   if 'peer' in sections:
-    # The peer runs in its own processes (see peer.main); this one never imports torch.
-    reason = None if importlib.util.find_spec('torch') else 'torch is not installed'
-    # JAX (imported there through specs) stays on the CPU: on a GPU its first op would
-    # preallocate most of the device's memory under torch.
-    peer_env = dict(os.environ, JAX_PLATFORMS='cpu')
-    results['peer'] = {'unavailable': reason} if reason else {'rows': [], 'dtype': p['peer_dtype']}
-    for spec in p['specs'] if not reason else ():
-      runs = [('tx', False), ('tx', True)] if p['compile_peer'] else [('tx', False)]
-      if jax.default_backend() == 'gpu' and spec.kind == 'ViT':
-        runs.append(('timm', True))  # timm's VisionTransformer under torch.compile
-      for impl, compiled in runs:
-        row = dict(model=spec.name, dtype=p['peer_dtype'], compiled=compiled, impl=impl)
-        # tx again right before and right after its peer: the ratio compares timings from
-        # the same minutes, not the train section's, which the host's drifting speed (tens
-        # of percent over minutes on a shared 2-core VM) can leave far behind.
-        if spec.name not in timers:
-          timers[spec.name] = train.step_timer(spec, p['peer_dtype'])
-        tx_before = timers[spec.name](p['repeats'])
-        try:  # a failed peer is reported, not fatal: tx's numbers stand on their own.
-          row.update(run_module('experiments.bench.peer', f'--spec={spec.name}',
-                                f'--compile={compiled}', f'--impl={impl}',
-                                f'--dtype={p["peer_dtype"]}',
-                                f'--repeats={p["repeats"]}', '--warmup=2', env=peer_env))
-        except RuntimeError as e:
-          row['error'] = str(e)
-          log(f'torch {impl} {spec.name} failed: {e}')
-        tx_after = timers[spec.name](p['repeats'])
-        row['tx_adjacent'] = train.around(tx_before, tx_after, spec.batch)
-        if 'error' not in row:
-          log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
-              f'{row["step_s_median"] * 1e3:.1f} ms/step (tx around it: '
-              f'{row["tx_adjacent"]["median_s"] * 1e3:.1f} ms/step)')
-        results['peer']['rows'].append(row)
+    results['peer'] = _peer(p, timers, log)
   save(results, out)
   if 'attention' in sections:
     batch, heads, head_dim = p['attention_shape']
     dtype = jnp.bfloat16 if jax.default_backend() == 'gpu' else jnp.float32
-    results['attention'] = attention.bench(p['lengths'], batch=batch, heads=heads,
-                                           head_dim=head_dim, dtype=dtype, repeats=p['repeats'],
-                                           log=log)
+    results['attention'] = attention_kernels.bench(
+        p['lengths'], batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+        repeats=p['repeats'], log=log)
   save(results, out)
   if 'parallel' in sections:
     results['parallel'] = run_parallel(p['parallel_spec'], p['repeats'])
@@ -175,13 +129,74 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
         f'jit {results["parallel"]["jit"]["median_s"] * 1e3:.1f} ms per step')
   save(results, out)
   if 'vectorized' in sections:
-    results['vectorized'] = dict(train.time_vectorized(p['vectorized_spec'], p['members'],
-                                                       repeats=p['repeats']),
+    results['vectorized'] = dict(step_time.time_vectorized(p['vectorized_spec'], p['members'],
+                                                           repeats=p['repeats']),
                                  model=p['vectorized_spec'].name)
     log(f'vectorized: {results["vectorized"]["speedup"]:.2f}x sequential')
   results['wall_s'] = round(time.time() - start, 1)
   results['markdown'] = save(results, out)
   return results
+
+
+def _matmul(p: dict, log, when: str = '') -> list[dict]:
+  rates = [step_time.matmul_rate(d, p['matmul_sizes'], p['repeats'] + 2) for d in p['dtypes']]
+  for m in rates:
+    log(f'matmul {m["dtype"]} n={m["n"]}{" " + when if when else ""}: '
+        f'{m["flop_per_s"] / 1e9:.1f} GFLOP/s')
+  return rates
+
+
+def _train(p: dict, keep_for_peer: bool, timers: dict, log) -> list[dict]:
+  """The tx train step of every model and dtype; the peer's dtype's timers are kept."""
+  rows = []
+  for spec in p['specs']:
+    for dtype in p['dtypes']:
+      timer = step_time.step_timer(spec, dtype)
+      r = timer(p['repeats'])
+      if dtype == p['peer_dtype'] and keep_for_peer:
+        timers[spec.name] = timer
+      rows.append(dict(r, model=spec.name, dtype=dtype, batch=spec.batch))
+      log(f'tx {spec.name} {dtype}: {r["median_s"] * 1e3:.1f} ms/step, '
+          f'{r["examples_per_s"]:.1f} examples/s')
+  return rows
+
+
+def _peer(p: dict, timers: dict, log) -> dict:
+  """The PyTorch peer of each model, each in its own process (see peer.main; this one never
+  imports torch), with tx's step timed again right before and right after it: the ratio
+  compares timings from the same minutes, not the train section's, which a host's drifting
+  speed (tens of percent over minutes on a shared 2-core VM) can leave far behind."""
+  if not importlib.util.find_spec('torch'):
+    return {'unavailable': 'torch is not installed'}
+  # JAX (imported there through specs) stays on the CPU: on a GPU its first op would
+  # preallocate most of the device's memory under torch.
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = {'rows': [], 'dtype': p['peer_dtype']}
+  for spec in p['specs']:
+    runs = [('tx', False), ('tx', True)] if p['compile_peer'] else [('tx', False)]
+    if jax.default_backend() == 'gpu' and spec.kind == 'ViT':
+      runs.append(('timm', True))  # timm's VisionTransformer under torch.compile
+    for impl, compiled in runs:
+      row = dict(model=spec.name, dtype=p['peer_dtype'], compiled=compiled, impl=impl)
+      if spec.name not in timers:
+        timers[spec.name] = step_time.step_timer(spec, p['peer_dtype'])
+      tx_before = timers[spec.name](p['repeats'])
+      try:  # a failed peer is reported, not fatal: tx's numbers stand on their own.
+        row.update(run_module('experiments.bench.peer', f'--spec={spec.name}',
+                              f'--compile={compiled}', f'--impl={impl}',
+                              f'--dtype={p["peer_dtype"]}', f'--repeats={p["repeats"]}',
+                              '--warmup=2', env=env))
+      except RuntimeError as e:
+        row['error'] = str(e)
+        log(f'torch {impl} {spec.name} failed: {e}')
+      row['tx_adjacent'] = step_time.around(tx_before, timers[spec.name](p['repeats']),
+                                            spec.batch)
+      if 'error' not in row:
+        log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
+            f'{row["step_s_median"] * 1e3:.1f} ms/step (tx around it: '
+            f'{row["tx_adjacent"]["median_s"] * 1e3:.1f} ms/step)')
+      out['rows'].append(row)
+  return out
 
 
 def main(argv):
@@ -195,16 +210,17 @@ def main(argv):
   if unknown or (f.quick and f.tiny):
     raise app.UsageError(f'--sections={f.sections!r}; allowed: {", ".join(SECTIONS)}'
                          if unknown else '--quick and --tiny exclude each other')
-  results = run('tiny' if f.tiny else 'quick' if f.quick else 'full', f.out, sections)
+  results = run('tiny' if f.tiny else 'quick' if f.quick else 'full', f.workdir, sections)
   print(results['markdown'])
-  written = sorted(n for n in os.listdir(f.out) if n.startswith(('bench.', 'attention.',
-                                                                  'throughput.')))
-  print(f'wrote {", ".join(written)} in {f.out} ({results["wall_s"]:.0f} s)')
+  written = sorted(n for n in os.listdir(f.workdir) if n.startswith(('bench.', 'attention.',
+                                                                      'throughput.')))
+  print(f'wrote {", ".join(written)} in {f.workdir} ({results["wall_s"]:.0f} s)')
 
 
 if __name__ == '__main__':
   flags.DEFINE_bool('quick', False, 'Fewer models, lengths and repeats: ≤ 10 minutes on 2 CPU cores.')
   flags.DEFINE_bool('tiny', False, 'Toy shapes, one repeat: the end-to-end test (about a minute).')
-  flags.DEFINE_string('out', 'runs/bench', 'Directory for bench.json, bench.md and the plots.')
+  flags.DEFINE_string('workdir', 'runs/bench', 'Directory for bench.json, bench.md and the plots.')
+  flags.DEFINE_alias('out', 'workdir')
   flags.DEFINE_string('sections', ','.join(SECTIONS), 'Comma-separated sections to run.')
   app.run(main)

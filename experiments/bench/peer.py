@@ -63,6 +63,7 @@ import types
 
 import numpy as np
 
+from experiments import tasks
 from experiments.bench import specs as specs_lib
 
 try:
@@ -160,11 +161,11 @@ class Block(nn.Module):
 
 
 class LearnedPosemb(nn.Module):
-  """x + P[:T], a trained table of max_len rows (tx.AddPositionEmbs, posemb='learn')."""
+  """x + P[:T], a trained table of num_positions rows (tx.AddPositionEmbs, posemb='learn')."""
 
-  def __init__(self, max_len: int, d_model: int):
+  def __init__(self, num_positions: int, d_model: int):
     super().__init__()
-    self.pos_embedding = nn.Parameter(torch.empty(max_len, d_model))
+    self.pos_embedding = nn.Parameter(torch.empty(num_positions, d_model))
 
   def forward(self, x):
     return x + self.pos_embedding[:x.shape[-2]]
@@ -184,9 +185,9 @@ def sinusoid_table(length: int, d_model: int, base: float = 10000.0) -> np.ndarr
 class SinusoidalPosemb(nn.Module):
   """x + PE[:T], a fixed buffer (not a parameter, not in the state dict)."""
 
-  def __init__(self, max_len: int, d_model: int):
+  def __init__(self, num_positions: int, d_model: int):
     super().__init__()
-    self.register_buffer('table', torch.from_numpy(sinusoid_table(max_len, d_model)),
+    self.register_buffer('table', torch.from_numpy(sinusoid_table(num_positions, d_model)),
                          persistent=False)
 
   def forward(self, x):
@@ -400,7 +401,7 @@ def torch_batch(spec: specs_lib.Spec, batch: dict, device='cpu') -> tuple:
   EncoderDecoder's decoder input is tx.shift_right(targets, BOS) (teacher forcing).
   """
   _require_torch()
-  args = [np.asarray(a) for a in specs_lib.model_inputs(spec, batch)]
+  args = [np.asarray(a) for a in tasks.model_inputs(spec.task, batch)]
   if spec.kind == 'ViT':
     inputs = (torch.from_numpy(np.ascontiguousarray(args[0].transpose(0, 3, 1, 2))),)
   else:

@@ -26,73 +26,94 @@ def _ratio(a, b) -> str:
 
 
 def markdown(results: dict) -> str:
-  env = results['environment']
-  parts = [f'Device: {env["device_kind"]} ({env["backend"]}, {env["cpu"]}, {env["cpu_count"]} '
-           f'cores); jax {env["jax"]}, flax {env["flax"]}, optax {env["optax"]}, '
-           f'python {env["python"]}; mode {results["mode"]}.']
-  peer = results.get('peer', {})
+  """The report: the environment, then a table per section that was run."""
+  sections = (_environment, _matmul, _train, _attention, _parallel, _vectorized)
+  return '\n\n'.join(part for section in sections for part in section(results))
+
+
+def _environment(results: dict) -> list[str]:
+  env, peer = results['environment'], results.get('peer', {})
+  line = (f'Device: {env["device_kind"]} ({env["backend"]}, {env["cpu"]}, {env["cpu_count"]} '
+          f'cores); jax {env["jax"]}, flax {env["flax"]}, optax {env["optax"]}, '
+          f'python {env["python"]}; mode {results["mode"]}.')
   if peer.get('rows'):
-    first = peer['rows'][0]
-    parts[0] += f' PyTorch {first.get("torch")} with {first.get("threads")} threads.'
+    line += f' PyTorch {peer["rows"][0].get("torch")} with {peer["rows"][0].get("threads")} threads.'
   elif 'unavailable' in peer:
-    parts[0] += f' PyTorch peer not run: {peer["unavailable"]}'
-  if 'matmul' in results:
-    parts.append(_table(['matmul', 'n', 'GFLOP/s'], [
-        [m['dtype'], m['n'], f'{m["flop_per_s"] / 1e9:.1f}'] for m in results['matmul']]))
-  if 'train' in results:
-    peak = {m['dtype']: m['flop_per_s'] for m in results.get('matmul', [])}
-    timm = any(r.get('impl') == 'timm' for r in results.get('peer', {}).get('rows', []))
-    rows = []
-    for r in results['train']:
-      (eager, to_eager), (compiled, to_compiled), (timm_rate, to_timm) = (
-          _peer(results, r, False), _peer(results, r, True), _peer(results, r, True, 'timm'))
-      fp32 = r['dtype'] == results.get('peer', {}).get('dtype', 'float32')  # the peer's dtype
-      rows.append([r['model'], r['dtype'], r['batch'], f'{r["median_s"] * 1e3:.1f}',
-                   f'{r["examples_per_s"]:.1f}', f'{r["flop_per_s"] / 1e9:.1f}',
-                   f'{r["flop_per_s"] / peak[r["dtype"]]:.0%}' if r['dtype'] in peak else 'n/a',
-                   f'{eager:.1f}' if fp32 and eager else '', to_eager if fp32 else '',
-                   f'{compiled:.1f}' if fp32 and compiled else '', to_compiled if fp32 else ''])
-      if timm:
-        rows[-1] += [f'{timm_rate:.1f}' if timm_rate else '', to_timm]
-    parts.append(_table(['model', 'dtype', 'batch', 'tx ms/step', 'tx examples/s', 'GFLOP/s',
-                         'MFU', 'torch eager ex/s', 'tx/eager', 'torch.compile ex/s',
-                         'tx/compile'] + (['timm compile ex/s', 'tx/timm'] if timm else []),
-                        rows))
-    if any('tx_adjacent' in r for r in results.get('peer', {}).get('rows', [])):
-      parts.append('tx/peer divides tx\'s examples/s, timed again right before and right after '
-                   'each peer run (the mean of the two medians), by the peer\'s, so that both '
-                   'come from the same minutes; the tx columns are the train section\'s.')
-    failed = [r for r in results.get('peer', {}).get('rows', []) if 'error' in r]
-    parts += [f'Peer {r["impl"]} {r["model"]} (compile={r["compiled"]}) failed: {r["error"]}'
-              for r in failed]
-  if 'attention' in results:
-    by_length = {}
-    for r in results['attention']:
-      by_length.setdefault(r['length'], {})[r['implementation']] = r
-    rows = []
-    for length, impl in by_length.items():
-      ours, fused = impl['xla'], impl['fused']
-      mib = lambda r: f'{r["peak_bytes"] / 2**20:.0f}' if r['peak_bytes'] is not None else 'n/a'
-      rows.append([length, f'{ours["median_s"] * 1e3:.2f}', f'{fused["median_s"] * 1e3:.2f}',
-                   _ratio(ours['median_s'], fused['median_s']), mib(ours), mib(fused)])
-    first = results['attention'][0]
-    parts.append(f'Attention forward + backward, batch {first["batch"]}, {first["heads"]} heads '
-                 f'of {first["head_dim"]}, {first["dtype"]}:\n\n' + _table(
-                     ['T', 'ours ms', 'fused ms', 'fused speedup', 'ours peak MiB',
-                      'fused peak MiB'], rows))
-  if 'parallel' in results:
-    p = results['parallel']
-    parts.append(f'Data parallel, {p["spec"]}, global batch {p["batch"]} over {p["devices"]} '
-                 f'{p["device_kind"]} devices:\n\n' + _table(
-                     ['runner', 'ms/step', 'examples/s', 'first call s'],
-                     [[m, f'{p[m]["median_s"] * 1e3:.1f}', f'{p[m]["examples_per_s"]:.0f}',
-                       f'{p[m]["first_s"]:.1f}'] for m in ('pmap', 'jit')]))
-  if 'vectorized' in results:
-    v = results['vectorized']
-    parts.append(f'Sweep of {v["members"]} {v["model"]} runs differing in β:\n\n' + _table(
-        ['', 'member-steps/s', 'first call s'],
-        [['sequential', f'{v["sequential_member_steps_per_s"]:.1f}',
-          f'{v["sequential"]["first_s"]:.1f}'],
-         ['vectorized (vmap)', f'{v["vectorized_member_steps_per_s"]:.1f}',
-          f'{v["vectorized"]["first_s"]:.1f}']]) + f'\n\nvectorized/sequential: {v["speedup"]:.2f}x')
-  return '\n\n'.join(parts)
+    line += f' PyTorch peer not run: {peer["unavailable"]}'
+  return [line]
+
+
+def _matmul(results: dict) -> list[str]:
+  if 'matmul' not in results:
+    return []
+  return [_table(['matmul', 'n', 'GFLOP/s'], [
+      [m['dtype'], m['n'], f'{m["flop_per_s"] / 1e9:.1f}'] for m in results['matmul']])]
+
+
+def _train(results: dict) -> list[str]:
+  if 'train' not in results:
+    return []
+  peak = {m['dtype']: m['flop_per_s'] for m in results.get('matmul', [])}
+  peer_rows = results.get('peer', {}).get('rows', [])
+  timm = any(r.get('impl') == 'timm' for r in peer_rows)
+  rows = []
+  for r in results['train']:
+    (eager, to_eager), (compiled, to_compiled), (timm_rate, to_timm) = (
+        _peer(results, r, False), _peer(results, r, True), _peer(results, r, True, 'timm'))
+    fp32 = r['dtype'] == results.get('peer', {}).get('dtype', 'float32')  # the peer's dtype
+    rows.append([r['model'], r['dtype'], r['batch'], f'{r["median_s"] * 1e3:.1f}',
+                 f'{r["examples_per_s"]:.1f}', f'{r["flop_per_s"] / 1e9:.1f}',
+                 f'{r["flop_per_s"] / peak[r["dtype"]]:.0%}' if r['dtype'] in peak else 'n/a',
+                 f'{eager:.1f}' if fp32 and eager else '', to_eager if fp32 else '',
+                 f'{compiled:.1f}' if fp32 and compiled else '', to_compiled if fp32 else ''])
+    if timm:
+      rows[-1] += [f'{timm_rate:.1f}' if timm_rate else '', to_timm]
+  parts = [_table(['model', 'dtype', 'batch', 'tx ms/step', 'tx examples/s', 'GFLOP/s', 'MFU',
+                   'torch eager ex/s', 'tx/eager', 'torch.compile ex/s', 'tx/compile'] +
+                  (['timm compile ex/s', 'tx/timm'] if timm else []), rows)]
+  if any('tx_adjacent' in r for r in peer_rows):
+    parts.append('tx/peer divides tx\'s examples/s, timed again right before and right after '
+                 'each peer run (the mean of the two medians), by the peer\'s, so that both '
+                 'come from the same minutes; the tx columns are the train section\'s.')
+  return parts + [f'Peer {r["impl"]} {r["model"]} (compile={r["compiled"]}) failed: {r["error"]}'
+                  for r in peer_rows if 'error' in r]
+
+
+def _attention(results: dict) -> list[str]:
+  if 'attention' not in results:
+    return []
+  by_length = {}
+  for r in results['attention']:
+    by_length.setdefault(r['length'], {})[r['implementation']] = r
+  mib = lambda r: f'{r["peak_bytes"] / 2**20:.0f}' if r['peak_bytes'] is not None else 'n/a'
+  rows = [[length, f'{impl["xla"]["median_s"] * 1e3:.2f}', f'{impl["fused"]["median_s"] * 1e3:.2f}',
+           _ratio(impl['xla']['median_s'], impl['fused']['median_s']), mib(impl['xla']),
+           mib(impl['fused'])] for length, impl in by_length.items()]
+  first = results['attention'][0]
+  return [f'Attention forward + backward, batch {first["batch"]}, {first["heads"]} heads '
+          f'of {first["head_dim"]}, {first["dtype"]}:\n\n' + _table(
+              ['T', 'ours ms', 'fused ms', 'fused speedup', 'ours peak MiB', 'fused peak MiB'],
+              rows)]
+
+
+def _parallel(results: dict) -> list[str]:
+  if 'parallel' not in results:
+    return []
+  p = results['parallel']
+  return [f'Data parallel, {p["spec"]}, global batch {p["batch"]} over {p["devices"]} '
+          f'{p["device_kind"]} devices:\n\n' + _table(
+              ['runner', 'ms/step', 'examples/s', 'first call s'],
+              [[m, f'{p[m]["median_s"] * 1e3:.1f}', f'{p[m]["examples_per_s"]:.0f}',
+                f'{p[m]["first_s"]:.1f}'] for m in ('pmap', 'jit')])]
+
+
+def _vectorized(results: dict) -> list[str]:
+  if 'vectorized' not in results:
+    return []
+  v = results['vectorized']
+  return [f'Sweep of {v["members"]} {v["model"]} runs differing in β:\n\n' + _table(
+      ['', 'member-steps/s', 'first call s'],
+      [['sequential', f'{v["sequential_member_steps_per_s"]:.1f}',
+        f'{v["sequential"]["first_s"]:.1f}'],
+       ['vectorized (vmap)', f'{v["vectorized_member_steps_per_s"]:.1f}',
+        f'{v["vectorized"]["first_s"]:.1f}']]) + f'\n\nvectorized/sequential: {v["speedup"]:.2f}x']

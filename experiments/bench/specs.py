@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tx
-from experiments.data import BOS, PAD
+from experiments.data import PAD
 
 KINDS = ('ViT', 'EncoderDecoder', 'DecoderLM')
 TASK_OF_KIND = {'ViT': 'classify', 'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
@@ -63,10 +63,10 @@ def tx_model(spec: Spec, dtype=jnp.float32, **overrides):
               pool='cls', norm='pre', activation='gelu')
     return tx.ViT(**dict(kw, **overrides))
   if spec.kind == 'EncoderDecoder':
-    kw = dict(common, vocab_size=spec.vocab_size, max_len=spec.seq_len, posemb='sinusoidal',
-              norm='post', activation='relu', pad_id=PAD)
+    kw = dict(common, vocab_size=spec.vocab_size, num_positions=spec.seq_len,
+              posemb='sinusoidal', norm='post', activation='relu', pad_id=PAD)
     return tx.EncoderDecoder(**dict(kw, **overrides))
-  kw = dict(common, vocab_size=spec.vocab_size, max_len=spec.seq_len, posemb='learn',
+  kw = dict(common, vocab_size=spec.vocab_size, num_positions=spec.seq_len, posemb='learn',
             norm='pre', activation='gelu')
   return tx.DecoderLM(**dict(kw, **overrides))
 
@@ -90,13 +90,6 @@ def synthetic_batch(spec: Spec, seed: int = 0) -> dict:
     stream = rng.integers(0, spec.vocab_size, (b, spec.seq_len + 1)).astype(np.int32)
     inputs, targets = stream[:, :-1], stream[:, 1:]
   return {'inputs': inputs, 'targets': targets, 'weight': np.ones(b, np.float32)}
-
-
-def model_inputs(spec: Spec, batch: dict) -> tuple:
-  """The positional arguments of the tx model for `batch`."""
-  if spec.kind == 'EncoderDecoder':
-    return batch['inputs'], tx.shift_right(batch['targets'], BOS)
-  return (batch['inputs'],)
 
 
 # CPU sizes: small images and short sequences, from overhead-bound to matmul-bound.

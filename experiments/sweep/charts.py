@@ -115,7 +115,7 @@ def against_length(rows: list[dict], keys: list[str], path: str):
       if any(np.isnan(mean)):
         label += ' (gap: beyond its learned table)'
       ax.plot(lengths, mean, marker='o', label=label)
-    trained = max(r.get('train_max_len', 0) for r in members)
+    trained = max(r.get('train_max_length', 0) for r in members)
     if trained:
       ax.axvspan(trained + 0.5, max(lengths) + 0.5, color='grey', alpha=0.15,
                  label='longer than any training sequence')
@@ -127,7 +127,11 @@ def against_length(rows: list[dict], keys: list[str], path: str):
 
 
 def plot_sweep(rows: list[dict], keys: list[str], sweepdir: str) -> list[str]:
-  """Writes every plot that this sweep's keys and results support; returns the file names."""
+  """Writes every plot that this sweep's keys and results support (runs that diverged are
+  left out); returns the file names."""
+  rows = [r for r in rows if 'diverged' not in r]
+  if not rows:
+    return []
   written = ['learning_curves.png']
   learning_curves(rows, keys, f'{sweepdir}/learning_curves.png')
   metric = next((m for m in ('eval/accuracy', 'eval/exact_match') if m in rows[0]), None)

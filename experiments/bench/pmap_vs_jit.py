@@ -1,6 +1,6 @@
 """pmap against jit on several devices: the trainer's train step under each runner.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench.parallel \\
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench.pmap_vs_jit \\
       --spec=vit-digits --repeats=5
 
 The device count is fixed when jax starts, so `experiments.bench` runs this module in a
@@ -13,36 +13,31 @@ line: per runner, the first-call and median step times.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
 from absl import app, flags
 
-from experiments import parallel as parallel_lib
-from experiments import trainer
-from experiments.bench import specs, train
+from experiments import runners
+from experiments.bench import specs, step_time
 from experiments.bench.timing import measure
 
 
 def bench(spec: specs.Spec, repeats: int) -> dict:
   devices = jax.devices()
-  model = specs.tx_model(spec)
-  step = train.step_fn(spec, model)
-  state = jax.jit(functools.partial(train.init_state, spec, model))()
+  run = step_time.run_of(spec, specs.tx_model(spec))
   batch = specs.synthetic_batch(spec)
-  eval_step = functools.partial(trainer.eval_step, eval_fn=lambda p, b: {})
   out = {'devices': len(devices), 'device_kind': devices[0].device_kind, 'spec': spec.name,
          'batch': spec.batch}
-  for mode in parallel_lib.PARALLEL:
-    runner = parallel_lib.make_runner(mode, devices, step, eval_step)
-    carry = {'state': runner.put_state(jax.device_get(state))}
+  for mode in runners.PARALLEL:
+    runner = runners.make_runner(mode, devices, run)
+    carry = {'state': runner.put_state(runner.init(run, [0]))}
 
-    def run():
-      carry['state'], metrics = runner.train_step(carry['state'], batch)
+    def one_step():
+      carry['state'], metrics = runner.train_step(carry['state'], [batch])
       return carry['state'], metrics
 
-    t = measure(run, repeats=repeats, warmup=2)
+    t = measure(one_step, repeats=repeats, warmup=2)
     out[mode] = dict(t, examples_per_s=spec.batch / t['median_s'])
   return out
 

@@ -1,4 +1,5 @@
-"""The PNG plots of experiments.inspect, each drawn from attention layers or their statistics."""
+"""The PNG plots of experiments.inspect, each drawn from attention layers (streams.Layer) or their
+statistics; layers are named by their tx.AttentionLayer label ('dec 1 cross')."""
 
 from __future__ import annotations
 
@@ -8,15 +9,6 @@ from experiments.metrics import pyplot, save_figure
 
 MAX_TICKS = 40  # tokens labelled per axis; longer axes label every k-th token.
 MAX_OFFSET = 32  # offset profiles of long sequences are shown for |k − q| up to this.
-
-
-def _short(path: str) -> str:
-  """'decoder/block_1/cross_attention' → 'dec 1 cross'."""
-  parts = path.split('/')
-  stack = {'encoder': 'enc', 'decoder': 'dec'}.get(parts[0], parts[0])
-  block = parts[1].replace('block_', '') if len(parts) > 1 else ''
-  kind = parts[-1].replace('_attention', '') if len(parts) > 2 else ''
-  return ' '.join(x for x in (stack, block, kind) if x)
 
 
 def _ticks(ax, labels_x, labels_y, panel: float):
@@ -58,7 +50,7 @@ def attention_grid(path: str, layers, i: int, title: str, max_tokens: int) -> st
       if h >= layer.weights.shape[1]:
         ax.axis('off')
         continue
-      _heatmap(ax, layer.weights[i, h, :len(q), :len(k)], k, q, f'{_short(layer.path)} head {h}',
+      _heatmap(ax, layer.weights[i, h, :len(q), :len(k)], k, q, f'{layer.path.label} head {h}',
                panel)
   fig.suptitle(f'{title}{cropped}\nrows: queries, columns: keys', fontsize=10)
   save_figure(fig, path)
@@ -101,7 +93,7 @@ def cross_alignment(path: str, layers, outputs) -> str:
     for ax, layer in zip(axes[i], layers):
       q, k = outputs.labels[i], layer.key.labels[i]
       _heatmap(ax, layer.weights[i].mean(0)[:len(q), :len(k)], k, q,
-               f'example {i}, {_short(layer.path)} (head mean)', 3.0)
+               f'example {i}, {layer.path.label} (head mean)', 3.0)
       ax.set_xlabel('source', fontsize=7)
       ax.set_ylabel('output', fontsize=7)
   save_figure(fig, path)
@@ -122,7 +114,7 @@ def head_statistics(path: str, stats: dict, unit: str) -> str:
       for h, v in enumerate(values):
         ax.annotate(str(h), (x, v), xytext=(4, 0), textcoords='offset points', fontsize=6)
     ax.set_xticks([x for x, _ in shown])
-    ax.set_xticklabels([_short(names[x]) for x, _ in shown], rotation=30, fontsize=8)
+    ax.set_xticklabels([names[x].label for x, _ in shown], rotation=30, fontsize=8)
     ax.set(ylabel=label, title=label.split(' (')[0] + ' per head (dots labelled by head)')
     ax.set_ylim(bottom=0)
   save_figure(fig, path)
@@ -148,7 +140,7 @@ def position_content(path: str, stats: dict) -> str:
              label=label if n == names[0] else None)
       bottom += values
     ticks.append(x + (h - 1) / 2)
-    tick_labels.append(_short(n))
+    tick_labels.append(n.label)
     x += h + 1
   ax.set_xticks(ticks)
   ax.set_xticklabels(tick_labels, rotation=30, fontsize=8)
@@ -180,7 +172,7 @@ def offset_profiles(path: str, stats: dict) -> str:
           grid[o[0] - lo[0], o[1] - lo[1]] = m[h]
         ax.imshow(grid, cmap='viridis', extent=(lo[1] - 0.5, lo[1] + size[1] - 0.5,
                                                 lo[0] + size[0] - 0.5, lo[0] - 0.5))
-        ax.set_title(f'{_short(n)} head {h}', fontsize=8)
+        ax.set_title(f'{n.label} head {h}', fontsize=8)
         ax.tick_params(labelsize=6)
     fig.suptitle('mean attention by patch offset (dy down, dx right; centre = self)', fontsize=10)
   else:
@@ -194,7 +186,7 @@ def offset_profiles(path: str, stats: dict) -> str:
       values = np.array([profile[n][o] for o in offsets])  # [offsets, H]
       for h in range(values.shape[1]):
         ax.plot([o[0] for o in offsets], values[:, h], label=f'head {h}', lw=1)
-      ax.set(title=_short(n), xlabel='offset k − q')
+      ax.set(title=n.label, xlabel='offset k − q')
       ax.title.set_fontsize(9)
       xs = [o[0] for o in offsets]
       if max(xs) - min(xs) > 2 * MAX_OFFSET:

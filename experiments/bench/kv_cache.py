@@ -1,6 +1,6 @@
 """Per-token cost of KV-cache decoding against recomputing the full forward pass at every step.
 
-  python -m experiments.bench.decoding [--lengths=64,256,1024] [--batch=1] [--repeats=3] [--out=DIR]
+  python -m experiments.bench.kv_cache [--lengths=64,256,1024] [--batch=1] [--repeats=3] [--workdir=DIR]
 
 The model is configs/lm.py's DecoderLM (2 layers, d_model 128, 4 heads, rotary, vocabulary
 96) with random weights: the cost does not depend on what was learned. Each length L generates
@@ -8,53 +8,35 @@ L − 1 tokens greedily after a 1-token prompt, with no <eos>, so every run does
 Both paths are one compiled lax.while_loop (tx.generate); the recompute path runs the model on
 the whole preallocated buffer at each step (static shapes), as a fixed-shape program must. The
 first call compiles and is not timed; the median of `repeats` timed calls is reported. Writes
-a markdown table to stdout and decoding.json to --out.
+a markdown table to stdout and kv_cache.json to --workdir (--out: the older spelling).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 import tx
+from experiments.bench.timing import environment, measure
 
 VOCAB = 96
 
 
 def model_for(length: int) -> tx.DecoderLM:
   return tx.DecoderLM(vocab_size=VOCAB, num_layers=2, d_model=128, num_heads=4, d_ff=512,
-                      max_len=length, posemb='rope', norm='pre', activation='gelu')
+                      num_positions=length, posemb='rope', norm='pre', activation='gelu')
 
 
 def time_generation(model, params, prompt, length: int, use_cache: bool, repeats: int) -> dict:
   """Compile once, then the median wall time of `repeats` blocked calls."""
-  run = lambda: jax.block_until_ready(
-      tx.generate(model, params, prompt, max_len=length, use_cache=use_cache).tokens)
-  start = time.perf_counter()
-  run()
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return {'first_call_s': compile_s, 'median_s': median, 'times_s': times,
-          'ms_per_token': 1e3 * median / (length - 1)}
-
-
-def environment() -> dict:
-  import flax
-  return {'device': str(jax.devices()[0]), 'device_kind': jax.devices()[0].device_kind,
-          'jax': jax.__version__, 'flax': flax.__version__, 'python': platform.python_version(),
-          'cpu_count': os.cpu_count(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  run = lambda: tx.generate(model, params, prompt, max_new_tokens=length - prompt.shape[1],
+                            use_cache=use_cache).tokens
+  t = measure(run, repeats=repeats)
+  return dict(t, ms_per_token=1e3 * t['median_s'] / (length - 1))
 
 
 def bench(lengths, batch: int, repeats: int) -> list[dict]:
@@ -88,8 +70,8 @@ def main(argv):
     raise app.UsageError('--lengths must be >= 2, --batch and --repeats >= 1')
   rows = bench(lengths, f.batch, f.repeats)
   print(markdown(rows))
-  os.makedirs(f.out, exist_ok=True)
-  path = os.path.join(f.out, 'decoding.json')
+  os.makedirs(f.workdir, exist_ok=True)
+  path = os.path.join(f.workdir, 'kv_cache.json')
   with open(path, 'w') as fh:
     json.dump({'environment': environment(), 'rows': rows}, fh, indent=1)
   print(f'wrote {path}')
@@ -99,5 +81,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('lengths', '64,256,1024', 'Sequence lengths, comma-separated.')
   flags.DEFINE_integer('batch', 1, 'Sequences decoded together.')
   flags.DEFINE_integer('repeats', 3, 'Timed calls per measurement (median reported).')
-  flags.DEFINE_string('out', 'runs/bench', 'Output directory for decoding.json.')
+  flags.DEFINE_string('workdir', 'runs/bench', 'Output directory for kv_cache.json.')
+  flags.DEFINE_alias('out', 'workdir')
   app.run(main)

@@ -1,6 +1,6 @@
 """Train-step throughput of tx models and the matmul rate that MFU is measured against.
 
-The step is the trainer's own `experiments.trainer.train_step` (forward, backward,
+The step is the trainer's own (`experiments.steps.train_step`: forward, backward,
 global-norm clipping, AdamW with decay on matrices, the metrics it logs) on one device,
 under `jax.jit` with the state donated, as `experiments.run` runs it. The batch is placed
 on the device once, as the PyTorch peer's is.
@@ -14,7 +14,6 @@ on the device once, as the PyTorch peer's is.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,39 +21,33 @@ import optax
 
 from configs import common
 from experiments import data as data_lib
-from experiments import tasks, trainer
+from experiments import steps
+from experiments.optimizer import make_optimizer
 from experiments.bench import flops, specs
 from experiments.bench.timing import measure
+from experiments.runners import VmapRunner
 from experiments.tasks import DTYPES
 
 
-def optimizer():
-  """(optimizer, schedule): configs/common.py's AdamW at a constant learning rate."""
+def run_of(spec: specs.Spec, model) -> steps.Run:
+  """The trainer's Run for `model` on spec's task: configs/common.py's AdamW at a constant
+  learning rate, and one synthetic example to initialise from."""
   config = common.training()
   schedule = optax.constant_schedule(config.optimizer.lr)
-  return trainer.make_optimizer(config, schedule), schedule
+  sample = specs.synthetic_batch(dataclasses.replace(spec, batch=1))
+  dataset = data_lib.Dataset(sample, {}, {'bos_id': data_lib.BOS, 'pad_id': data_lib.PAD})
+  return steps.Run(config, dataset, spec.task, model, 1, schedule,
+                   make_optimizer(config, schedule))
 
 
 def step_fn(spec: specs.Spec, model):
   """The trainer's train_step(state, batch) -> (state, metrics) for `model` on spec's task."""
-  opt, schedule = optimizer()
-
-  def loss_fn(params, batch, rng):
-    return tasks.loss_and_metrics(spec.task, model, params, batch, rng=jax.random.wrap_key_data(rng),
-                                  train=True, bos_id=data_lib.BOS, pad_id=data_lib.PAD)
-
-  return functools.partial(trainer.train_step, loss_fn=loss_fn, schedule=schedule, optimizer=opt,
-                           count_fn=lambda b: tasks.loss_weights(spec.task, b, data_lib.PAD).sum(),
-                           accum_steps=1)
+  return steps.step_functions(run_of(spec, model))[0]
 
 
-def init_state(spec: specs.Spec, model, seed=0) -> trainer.TrainState:
-  """Parameters and AdamW state of `model` from `seed` (may be traced, for vmap)."""
-  init_rng, train_rng = jax.random.split(jax.random.key(seed))
-  batch = specs.synthetic_batch(dataclasses.replace(spec, batch=1))
-  params = model.init(init_rng, *specs.model_inputs(spec, batch))['params']
-  return trainer.TrainState(jnp.zeros((), jnp.int32), params, optimizer()[0].init(params),
-                            jax.random.key_data(train_rng))
+def init_state(spec: specs.Spec, model, seed=0) -> steps.TrainState:
+  """Parameters and AdamW state of `model` from `seed`."""
+  return steps.init_state(run_of(spec, model), seed)
 
 
 def stepper(step, state, batch):
@@ -81,7 +74,7 @@ def step_timer(spec: specs.Spec, dtype: str = 'float32', **model_overrides):
   compiling again."""
   model = specs.tx_model(spec, DTYPES[dtype], **model_overrides)
   run = stepper(jax.jit(step_fn(spec, model), donate_argnums=(0,)),
-                jax.jit(functools.partial(init_state, spec, model))(),
+                init_state(spec, model),
                 jax.device_put(specs.synthetic_batch(spec)))
 
   def timer(repeats: int, warmup: int = 2) -> dict:
@@ -103,33 +96,26 @@ def around(before: dict, after: dict, batch: int) -> dict:
 
 
 def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict:
-  """`members` runs differing in β (model.beta_scale), as `experiments.sweep --vectorize`
-  trains them: one jit(vmap(step)) call per step, against one jitted step per member per
-  step. Returns member-steps/s of both and their ratio (> 1: vectorising is faster)."""
-  base = specs.tx_model(spec)
-  betas = jnp.linspace(0.5, 2.0, members)
+  """`members` runs differing in seed and β (model.beta_scale), as `experiments.sweep
+  --vectorize` trains them (experiments.runners.VmapRunner: one jit(vmap(step)) call per
+  step over stacked states and batches), against one jitted step per member per step.
+  Returns member-steps/s of both and their ratio (> 1: vectorising is faster)."""
+  run = run_of(spec, specs.tx_model(spec))
+  betas = [float(b) for b in jnp.linspace(0.5, 2.0, members)]
+  batch = specs.synthetic_batch(spec)
+  vmapped = VmapRunner(run, betas)
+  states = vmapped.put_state(vmapped.init(run, range(members)))
+  together = time_steps(vmapped.train_step, states, [batch] * members, repeats=repeats)
 
-  def member_step(state, batch, beta):
-    return step_fn(spec, base.clone(beta_scale=beta))(state, batch)
-
-  def member_init(seed, beta):
-    return init_state(spec, base.clone(beta_scale=beta), seed)
-
-  batch = jax.device_put(specs.synthetic_batch(spec))
-  seeds = jnp.arange(members)
-  states = jax.jit(jax.vmap(member_init))(seeds, betas)
-  vmapped = jax.jit(jax.vmap(member_step, in_axes=(0, None, 0)), donate_argnums=(0,))
-  together = time_steps(lambda s, b: vmapped(s, b, betas), states, batch, repeats=repeats)
-
-  single = jax.jit(member_step, donate_argnums=(0,))
-  member_betas = list(betas)  # sliced once, not inside the timed loop
-  states = [jax.jit(member_init)(i, beta) for i, beta in enumerate(member_betas)]
+  singles = [jax.jit(steps.step_functions(run, beta)[0], donate_argnums=(0,)) for beta in betas]
+  states = [steps.init_state(run, i, beta) for i, beta in enumerate(betas)]
+  device_batch = jax.device_put(batch)
 
   def one_step_of_each(states, batch):
-    out = [single(s, batch, beta) for s, beta in zip(states, member_betas)]
+    out = [step(s, batch) for step, s in zip(singles, states)]
     return [s for s, _ in out], [m for _, m in out]
 
-  apart = time_steps(one_step_of_each, states, batch, repeats=repeats)
+  apart = time_steps(one_step_of_each, states, device_batch, repeats=repeats)
   rate = lambda t: members / t['median_s']
   return {'members': members, 'vectorized': together, 'sequential': apart,
           'vectorized_member_steps_per_s': rate(together),

@@ -1,0 +1,1 @@
+"""python -m experiments.inspect: attention maps and head statistics of a trained run."""

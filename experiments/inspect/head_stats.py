@@ -1,0 +1,66 @@
+"""Statistics of attention layers: per-head entropy, distance and the position/content split,
+the seq2seq alignment mass, and the ViT rollout maps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import tx
+from experiments.inspect.streams import Layer
+
+
+def offset_groups(layer: Layer):
+  """(ids [Tq, Tk], offsets): relative-position group of each cell, and each group's offset
+  (k − q in grid units; a (dy, dx) pair for image patches)."""
+  dims = layer.query.grid.shape[1]
+  diff = layer.key.grid[None, :, :] - layer.query.grid[:, None, :]
+  offsets, ids = np.unique(diff.reshape(-1, dims), axis=0, return_inverse=True)
+  return ids.reshape(diff.shape[:2]), [tuple(int(v) for v in o) for o in offsets]
+
+
+def head_statistics(layer: Layer) -> dict:
+  """Per head: entropy (nats), mean attention distance (self-attention; input units), and the
+  relative-position / absolute-position / content shares, with the offset profile."""
+  w, queries = layer.weights, layer.query.valid
+  out = {'entropy': np.asarray(tx.attention_entropy(w, queries)).mean(0)}
+  keep_q, keep_k = ~layer.query.special, ~layer.key.special
+  if layer.is_self:
+    plain = w[:, :, keep_q][:, :, :, keep_k]
+    plain = plain / np.maximum(plain.sum(-1, keepdims=True), 1e-30)
+    positions = (layer.query.grid[keep_q] + 0.5) * layer.query.unit
+    out['mean_distance'] = np.asarray(tx.mean_attention_distance(
+        plain, positions, queries[:, keep_q])).mean(0)
+  ids, offsets = offset_groups(layer)
+  valid = layer.valid() & keep_q[None, :, None] & keep_k[None, None, :]
+  shares = tx.position_content_shares(w, ids, valid)
+  out.update({k: shares[k] for k in ('relative', 'absolute', 'content')})
+  out['profile'] = {offsets[i]: m for i, m in shares['profile'].items()}
+  return out
+
+
+def alignment_mass(data_task: str, layers: list[Layer], lengths) -> dict:
+  """copy / reverse: the mean head-averaged cross-attention each output position puts on the
+  source token it copies (position j, or n − 1 − j in reverse; </s> on </s> at n), per
+  cross-attention layer; {} for other tasks."""
+  if data_task not in ('copy', 'reverse'):
+    return {}
+  out = {}
+  for layer in layers:
+    if not layer.path.is_cross:
+      continue
+    mean = layer.weights.mean(1)  # [N, Tq, Tk]
+    hits = [mean[i, j, (n - 1 - j if data_task == 'reverse' else j) if j < n else n]
+            for i, n in enumerate(np.asarray(lengths)) for j in range(n + 1)]
+    out[layer.path] = float(np.mean(hits))
+  return out
+
+
+def rollout_maps(layers: list[Layer]) -> np.ndarray:
+  """[N, rows, cols]: the attention rollout (tx.attention_rollout) over the patch grid of the
+  output token: [CLS]'s row, or the mean of the patch rows with mean pooling."""
+  stream = layers[0].query
+  maps = np.asarray(tx.attention_rollout([layer.weights for layer in layers]))  # [N, T, T]
+  patches = ~stream.special
+  rows = maps[:, 0] if stream.special[0] else maps[:, patches].mean(1)
+  gh, gw = stream.grid[patches].max(0) + 1
+  return rows[:, patches].reshape(-1, gh, gw)

@@ -1,0 +1,117 @@
+"""The token streams attention layers read, and every attention layer of a run on a batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+import tx
+from experiments import tasks
+from experiments.data import BOS, PAD, symbol_names
+
+
+@dataclasses.dataclass
+class Stream:
+  """The tokens an attention layer reads on one side: labels and positions."""
+  labels: list  # per example, the labels of its real (non-pad) tokens
+  valid: np.ndarray  # [N, T] bool, real tokens
+  grid: np.ndarray  # [T, d] integer position (d = 2 for image patches)
+  special: np.ndarray  # [T] bool, tokens off the grid ([CLS])
+  unit: float = 1.0  # grid step in input units (pixels per patch, samples per token)
+  unit_name: str = 'tokens'  # what distances are measured in
+
+  def take(self, n: int) -> 'Stream':
+    """The first n examples."""
+    return dataclasses.replace(self, labels=self.labels[:n], valid=self.valid[:n])
+
+
+@dataclasses.dataclass
+class Layer:
+  """One attention layer's weights on the examples, and how to read them."""
+  path: tx.AttentionLayer  # where it sits in the model
+  weights: np.ndarray  # [N, H, Tq, Tk]
+  query: Stream
+  key: Stream
+  causal: bool
+  is_self: bool
+
+  def take(self, n: int) -> 'Layer':
+    """The first n examples."""
+    return dataclasses.replace(self, weights=self.weights[:n], query=self.query.take(n),
+                               key=self.key.take(n))
+
+  def valid(self) -> np.ndarray:
+    """[N, Tq, Tk]: cells that can carry attention (real query and key, causal order)."""
+    cells = self.query.valid[:, :, None] & self.key.valid[:, None, :]
+    return cells & np.tril(np.ones(cells.shape[1:], bool)) if self.causal else cells
+
+
+def _sequence_stream(ids, valid, label_of) -> Stream:
+  t = ids.shape[1]
+  return Stream([[label_of(x) for x, v in zip(row, ok) if v] for row, ok in zip(ids, valid)],
+                valid, np.arange(t)[:, None], np.zeros(t, bool))
+
+
+def _with_cls(stream: Stream, n: int) -> Stream:
+  """The stream with a [CLS] token in front (off the grid)."""
+  return Stream([['CLS'] + labels for labels in stream.labels],
+                np.concatenate([np.ones((n, 1), bool), stream.valid], 1),
+                np.concatenate([np.zeros((1, stream.grid.shape[1]), int), stream.grid]),
+                np.concatenate([[True], stream.special]), stream.unit, stream.unit_name)
+
+
+def streams(run, batch: dict) -> dict[str, Stream]:
+  """The token streams of `batch`: 'tokens' (classify, lm) or 'source' and 'target' (seq2seq),
+  plus 'output' labels for seq2seq (the target token each decoder position predicts)."""
+  x = np.asarray(batch['inputs'])
+  n = len(x)
+  if run.task == 'seq2seq':
+    label = symbol_names(run.config.data.task, run.dataset.info['vocab_size'])
+    pad, bos = run.dataset.info['pad_id'], run.dataset.info['bos_id']
+    targets = np.asarray(batch['targets'])
+    target_valid = targets != pad
+    source = _sequence_stream(x, x != pad, label.get)
+    target = _sequence_stream(np.asarray(tx.shift_right(targets, bos)), target_valid, label.get)
+    output = _sequence_stream(targets, target_valid, label.get)
+    return {'source': source, 'target': target, 'output': output}
+  if run.task == 'lm':
+    chars = run.dataset.info['chars']
+    shown = {' ': '␣', '\n': '\\n', '\t': '\\t'}
+    return {'tokens': _sequence_stream(x, np.ones(x.shape, bool),
+                                       lambda i: shown.get(chars[i], chars[i]))}
+  model = run.config.model
+  if x.ndim == 4:  # images: the patch grid, row-major.
+    p = model.patch_size
+    gh, gw = x.shape[1] // p, x.shape[2] // p
+    grid = np.array([(r, c) for r in range(gh) for c in range(gw)])
+    tokens = Stream([[f'{r},{c}' for r, c in grid]] * n, np.ones((n, gh * gw), bool), grid,
+                    np.zeros(gh * gw, bool), float(p), 'pixels')
+  elif x.ndim == 3:  # feature vectors, e.g. MNIST-1D patches of x.shape[2] samples.
+    tokens = _sequence_stream(np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]),
+                              np.ones(x.shape[:2], bool), str)
+    tokens.unit, tokens.unit_name = float(x.shape[2]), 'input samples'
+  else:  # token ids
+    pad = model.get('pad_id', PAD)
+    tokens = _sequence_stream(x, x != pad, str)
+  return {'tokens': _with_cls(tokens, n) if model.get('pool', 'cls') == 'cls' else tokens}
+
+
+def attention_layers(run, params, batch: dict) -> tuple[list[Layer], dict[str, Stream]]:
+  """Every attention layer of the run's model on `batch`, in call order, with its token
+  streams; and the streams (see `streams`)."""
+  inputs = tasks.model_inputs(run.task, batch, run.dataset.info.get('bos_id', BOS))
+  weights = jax.jit(lambda p, *a: tx.attention_weights(run.model, {'params': p}, *a))(
+      params, *inputs)
+  s = streams(run, batch)
+  layers = []
+  for path in sorted(weights, key=lambda layer: layer.call_order):  # jit sorts dict keys.
+    if run.task == 'seq2seq':
+      q = s['source'] if path.stack == 'encoder' else s['target']
+      k = s['target'] if path.is_causal else s['source']
+    else:
+      q = k = s['tokens']
+    layers.append(Layer(path, np.asarray(weights[path], np.float64), q, k, causal=path.is_causal,
+                        is_self=not path.is_cross))
+  return layers, s

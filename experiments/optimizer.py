@@ -1,0 +1,40 @@
+"""The learning-rate schedule and the optimizer of a run, from config.optimizer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ('cosine', 'rsqrt', 'constant')
+
+
+def make_schedule(config, total_steps: int):
+  """'cosine': linear warmup to lr, then cosine decay to 0 (Loshchilov & Hutter).
+  'rsqrt': lr · min(s/warmup, sqrt(warmup/s)), the inverse-square-root schedule of
+  Vaswani et al. (their d_model^-0.5 · warmup^-0.5 is folded into lr).
+  'constant': warmup, then lr."""
+  o = config.optimizer
+  warmup = o.warmup_steps
+  if o.schedule not in SCHEDULES:
+    raise ValueError(f'config.optimizer.schedule={o.schedule!r}; allowed: '
+                     f'{", ".join(map(repr, SCHEDULES))}')
+  if o.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, warmup + 1))
+  if o.schedule == 'rsqrt':
+    def rsqrt(step):
+      s = jnp.maximum(step, 1).astype(jnp.float32)
+      return o.lr * jnp.minimum(s / max(warmup, 1), jnp.sqrt(max(warmup, 1) / s))
+    return rsqrt
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup),
+                               optax.constant_schedule(o.lr)], [warmup])
+
+
+def make_optimizer(config, schedule):
+  """Global-norm clipping, then AdamW; weight decay on matrices only (not biases, norms, β)."""
+  o = config.optimizer
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+  chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*chain)

@@ -1,0 +1,1 @@
+"""python -m experiments.sweep: a grid of training runs, summarised as tables and plots."""

@@ -1,0 +1,39 @@
+"""Run a grid of `experiments.run` trainings and summarise them as tables and plots.
+
+  python -m experiments.sweep --config=configs/ablations/NAME.py[:ARG] [--workdir=DIR] [--vectorize]
+
+Each run trains in its own workdir under the sweep's workdir (default runs/sweep-<name>[-arg];
+--sweepdir is the older spelling of --workdir); rerunning the command skips finished runs and
+resumes interrupted ones. Writes results.csv (a row per run), results.md (mean ± std over
+seeds) and PNG plots. With --vectorize, runs that differ only in seed and model.beta_scale
+train together as one vmapped program (experiments/runners.py, VmapRunner).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from experiments.cli import fail_unless_verbose
+from experiments.sweep.grid import run_sweep
+
+_CONFIG = flags.DEFINE_string('config', None, 'An ablation config file[:arg].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; default runs/sweep-<name>[-arg].')
+flags.DEFINE_alias('sweepdir', 'workdir')
+_VECTORIZE = flags.DEFINE_bool('vectorize', False, 'Train runs that differ only in seed and '
+                                'model.beta_scale together, as one vmapped program.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if not _CONFIG.value:
+      raise ValueError('--config is required, e.g. --config=configs/ablations/posemb_vit.py:quick')
+    run_sweep(_CONFIG.value, _WORKDIR.value, _VECTORIZE.value)
+  except Exception as e:  # one line unless --verbose; a signal: saved, exit 128 + signal.
+    fail_unless_verbose(e, _VERBOSE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

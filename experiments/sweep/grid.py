@@ -1,0 +1,137 @@
+"""A sweep's grid: its points, their configs and workdirs, and training them.
+
+An ablation config file defines `get_config(arg)` (the base config) and `sweep(add, arg)`
+(the grid): each `add(**{'model.posemb': 'learn', 'seed': 0})` call is one run, keyed by
+dotted config paths. Each run trains in its own workdir under the sweep directory;
+rerunning skips finished runs (those with a summary.json) and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+from experiments.sweep import charts, tables
+
+VECTORIZED = ('seed', 'model.beta_scale')  # keys that may differ within one vmapped program
+
+
+def load(config_spec: str):
+  """'path.py:arg' -> (module, arg)."""
+  path, _, arg = config_spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={config_spec!r}: no such file {path!r}')
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'sweep'):
+    raise ValueError(f'{path} defines no sweep(add, arg) function; it is not an ablation config')
+  return module, arg or None
+
+
+def expand(module, arg) -> list[dict]:
+  """The grid points, in the order the config's sweep() adds them."""
+  points = []
+  module.sweep(lambda **overrides: points.append(dict(overrides)), arg)
+  return points
+
+
+def run_name(point: dict) -> str:
+  return ','.join(f'{k.split(".")[-1]}={v}' for k, v in point.items()).replace('/', '_')
+
+
+def configure(base, point: dict):
+  """A copy of the base config with the point's dotted overrides (unknown keys are errors)."""
+  config = base.copy_and_resolve_references()
+  for key, value in point.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'sweep key {key!r} is not a config field')
+    node[leaf] = value
+  return config
+
+
+def groups(points: list[dict], vectorize: bool) -> dict[str, list[dict]]:
+  """Points that train as one program: with `vectorize`, those equal but in VECTORIZED keys;
+  else each point alone. A group is the same whichever of its points are finished, so an
+  interrupted group resumes as the same program."""
+  out: dict[str, list[dict]] = {}
+  for point in points:
+    shared = {k: v for k, v in point.items() if not (vectorize and k in VECTORIZED)}
+    out.setdefault(run_name(shared if vectorize else point) or 'all', []).append(point)
+  return out
+
+
+def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = False) -> list[dict]:
+  """Trains every group with an unfinished point; returns one row per point."""
+  import jax  # imported here: after absl has parsed the flags.
+  from experiments.config_check import check_config
+  from experiments.train import train
+  if not jax.config.jax_compilation_cache_dir:
+    # The runs of a sweep compile the same programs (shapes agree; β is traced when
+    # vectorized): a persistent cache in the sweep directory compiles each once.
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweepdir, '.jax_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  base = module.get_config(arg)
+  for point in points:  # every run's config, before the first one trains.
+    try:
+      check_config(configure(base, point))
+    except ValueError as e:
+      raise ValueError(f'sweep point {run_name(point)}: {e}') from None
+  os.makedirs(sweepdir, exist_ok=True)
+  workdir = lambda point: os.path.join(sweepdir, run_name(point))
+  finished = lambda point: os.path.exists(os.path.join(workdir(point), 'summary.json'))
+  start, trained, done = time.time(), 0, 0
+  for name, group in groups(points, vectorize).items():
+    todo = [p for p in group if not finished(p)]
+    if not todo:
+      done += len(group)
+      print(f'[{done}/{len(points)}] {name}: done before, skipped', flush=True)
+      continue
+    eta = ''
+    if trained:
+      left = (time.time() - start) / trained * (len(points) - done)
+      eta = f'  (sweep ETA {time.strftime("%H:%M:%S", time.gmtime(left))})'
+    if len(group) == 1:
+      print(f'[{done + 1}/{len(points)}] {name}{eta}', flush=True)
+    else:
+      print(f'[{done + 1}-{done + len(group)}/{len(points)}] {len(group)} runs as one program '
+            f'({len(todo)} to finish): {name}{eta}', flush=True)
+    summaries, _ = train([configure(base, p) for p in group], [workdir(p) for p in group],
+                         vectorize=len(group) > 1)
+    for point, summary in zip(group, summaries):
+      if 'diverged' in summary and point in todo:
+        print(f'{run_name(point)}: {summary["diverged"]}', flush=True)
+    trained += len(todo)
+    done += len(group)
+  rows = []
+  for point in points:
+    with open(os.path.join(workdir(point), 'summary.json')) as f:
+      rows.append({**point, **json.load(f), 'workdir': workdir(point)})
+  return rows
+
+
+def summarize(rows: list[dict], points: list[dict], sweepdir: str, title: str) -> list[str]:
+  """results.csv, results.md and the plots; returns the names of the files written."""
+  keys = list(dict.fromkeys(k for p in points for k in p))
+  tables.write_csv(rows, os.path.join(sweepdir, 'results.csv'))
+  tables.write_markdown(tables.aggregate(rows, keys), os.path.join(sweepdir, 'results.md'), title)
+  return ['results.csv', 'results.md'] + charts.plot_sweep(rows, keys, sweepdir)
+
+
+def run_sweep(config_spec: str, sweepdir: str | None = None, vectorize: bool = False) -> str:
+  """Expands, trains (skipping finished runs) and summarises a sweep; returns its directory."""
+  module, arg = load(config_spec)
+  name = os.path.splitext(os.path.basename(config_spec.split(':')[0]))[0]
+  sweepdir = sweepdir or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
+  print(f'workdir: {sweepdir}', flush=True)
+  points = expand(module, arg)
+  rows = run_all(module, arg, points, sweepdir, vectorize)
+  written = summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
+  print(f'wrote {", ".join(written)} in {sweepdir}', flush=True)
+  return sweepdir

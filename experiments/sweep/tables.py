@@ -1,0 +1,57 @@
+"""A sweep's tables: results.csv (a row per run) and results.md (mean ± std over seeds)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+
+
+def write_csv(rows: list[dict], path: str):
+  """One row per run; nested results become columns 'name/key' (e.g. attention_entropy/<layer>)."""
+  flat = [{f'{k}/{sub}' if isinstance(v, dict) else k: x
+           for k, v in row.items() for sub, x in (v.items() if isinstance(v, dict) else [(k, v)])}
+          for row in rows]
+  columns = list(dict.fromkeys(k for row in flat for k in row))
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+
+
+def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
+  """Groups rows by every swept key except 'seed': mean and std of each eval metric over the
+  runs that did not diverge (n), and how many diverged when any did."""
+  group_keys = [k for k in keys if k != 'seed']
+  metrics = sorted({k for row in rows for k in row if k.startswith('eval/')})
+  any_diverged = any('diverged' in row for row in rows)
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+  out = []
+  for values, members in groups.items():
+    healthy = [r for r in members if 'diverged' not in r]
+    entry = dict(zip(group_keys, values), n=len(healthy))
+    if any_diverged:
+      entry['diverged'] = len(members) - len(healthy)
+    for m in metrics:
+      xs = np.array([r[m] for r in healthy if r.get(m) is not None], float)
+      entry[m] = (xs.mean(), xs.std(ddof=1) if len(xs) > 1 else 0.0) if len(xs) else None
+    out.append(entry)
+  return out
+
+
+def write_markdown(groups: list[dict], path: str, title: str):
+  if not groups:
+    return
+  metrics = [k for k in groups[0] if k.startswith('eval/')]
+  keys = [k for k in groups[0] if k not in metrics]
+  lines = [f'# {title}', '', 'Mean ± std over seeds (n runs per row); n/a: not evaluated '
+           '(see extrapolation_note in results.csv).', '',
+           '| ' + ' | '.join(keys + metrics) + ' |', '|' + ' --- |' * (len(keys) + len(metrics))]
+  for g in groups:
+    cells = [str(g[k]) for k in keys] + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' if g[m] else 'n/a'
+                                         for m in metrics]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')

@@ -1,0 +1,432 @@
+"""The training loop: one loop for a single run and for a vectorized group of runs.
+
+A run reads top to bottom: build it from the config, restore each member from its workdir
+(or initialise it), then step. On one schedule, small named actions run between steps:
+check the previous step (one step late, so the host never stalls the device), log it,
+evaluate and checkpoint, stop early; SIGTERM or SIGINT saves the current step and stops.
+At the end come the end-of-run evaluators and summary.json.
+
+A member is one run: its config, workdir, metrics writer, checkpoints and history. A plain
+run is one member under the jit or pmap runner; `experiments.sweep --vectorize` trains runs
+that differ only in seed and model.beta_scale as the members of one vmapped program, and
+each gets everything a plain run has: its own checkpoints (best one kept), early stopping,
+the per-step finite check, the preemption save. A member that diverges or stops early is
+frozen (its last good checkpoint kept, its summary written at the end) while the others go
+on; the program keeps its size, so the others compute what they would have computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+
+from experiments import data as data_lib
+from experiments import evaluators as evaluators_lib
+from experiments import metrics as metrics_lib
+from experiments import runners, steps
+from experiments.checkpoints import Checkpoints
+from experiments.preemption import Preempted, catch_stop_signals
+
+FINITE = ('loss', 'grad_norm', 'param_norm')  # checked after every step
+MAY_DIFFER = ('seed', 'model.beta_scale')  # within a vectorized group
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
+  """Trains, evaluates and checkpoints one run; resumes from the workdir's newest readable
+  checkpoint. Returns (summary, final host TrainState). A diverged run raises
+  FloatingPointError naming the step and the metric, after its summary.json says so.
+
+  stop_after: stop (without saving) after this many steps, as a crash would; for tests of
+  resume. config.debug_nans: JAX's NaN checking (jax_debug_nans), which re-runs a failing
+  program op by op and names the first op that made a NaN; slow.
+  """
+  (summary,), (state,) = train([config], [workdir], stop_after=stop_after)
+  if 'diverged' in summary:
+    raise FloatingPointError(summary['diverged'])
+  return summary, state
+
+
+def train(configs, workdirs, *, vectorize: bool = False, stop_after: int | None = None):
+  """Trains one config (the runner its config.parallel names), or with `vectorize` several
+  that differ only in MAY_DIFFER as one vmapped program. Returns (summaries, final host
+  states), one per member. Group members whose summary.json exists are left as they are
+  (they only keep the program's size)."""
+  if vectorize:
+    check_group(configs)
+  elif len(configs) != 1:
+    raise ValueError(f'{len(configs)} configs: train several together with vectorize=True')
+  with jax.debug_nans(bool(configs[0].get('debug_nans', False))):  # for this run only.
+    loop = _Loop(configs, workdirs, vectorize)
+    try:
+      return loop.train(stop_after)
+    finally:  # saves in flight are finished even when the run stops on an error.
+      loop.close()
+
+
+def check_group(configs):
+  """Raises ValueError unless the configs differ only in MAY_DIFFER and can run as one program."""
+  flat = lambda c: {k: v for k, v in flax.traverse_util.flatten_dict(c.to_dict(), sep='.').items()
+                    if k not in MAY_DIFFER}
+  a = flat(configs[0])
+  for c in configs[1:]:
+    b = flat(c)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+      raise ValueError(f'--vectorize: runs differ in {", ".join(diff)}; only '
+                       f'{", ".join(MAY_DIFFER)} may differ within one program')
+  if configs[0].model.get('learn_beta') and any(c.model.beta_scale <= 0 for c in configs):
+    raise ValueError('beta_scale=0 with learn_beta=True; a learned β starts from '
+                     'beta_scale/sqrt(d_head) and must be > 0')
+  if jax.process_count() > 1:
+    raise ValueError('--vectorize runs on one process; run multi-host jobs one at a time')
+
+
+@dataclasses.dataclass
+class Member:
+  """One run of the loop and what the loop keeps for it."""
+  config: Any
+  workdir: str
+  status: str = 'training'  # 'training' | 'done' (finished or stopped early) | 'diverged' | 'passive'
+  checkpoints: Any = None
+  writer: Any = None
+  history: dict = dataclasses.field(default_factory=lambda: fresh_history())
+  last_saved: int = 0
+  diverged: dict = dataclasses.field(default_factory=dict)  # message, step, metric
+  frozen: Any = None  # the host state it stopped with, while the others go on
+
+  @property
+  def active(self) -> bool:
+    return self.status == 'training'
+
+
+def fresh_history() -> dict:
+  """A member's record of its evals, saved in every checkpoint: the best value of
+  config.best_metric, evals since it, whether patience ran out, and the last eval."""
+  return {'best': None, 'evals_since_best': 0, 'stopped_early': False, 'last_eval': {}}
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action runs after `step`: every `every` steps and at the last one."""
+  return step == total or bool(every) and step % every == 0
+
+
+class _Loop:
+  """The state of one call of `train`; its methods are the loop's named actions."""
+
+  def __init__(self, configs, workdirs, vectorize: bool):
+    self.start_time = time.time()
+    self.config = c = configs[0]
+    self.run = steps.setup(c)
+    devices = runners.select_devices(c.num_devices)
+    if not vectorize:
+      runners.check_batch('batch_size', c.batch_size, len(devices), c.grad_accum_steps)
+      runners.check_batch('eval_batch_size', c.eval_batch_size or c.batch_size, len(devices), 1)
+    self.vectorized = vectorize
+    self.betas = [x.model.beta_scale for x in configs]
+    self.runner = runners.make_runner('vmap' if vectorize else c.parallel, devices, self.run,
+                                      self.betas)
+    self.evaluators = evaluators_lib.configured(c)
+    passive = lambda w: vectorize and os.path.exists(os.path.join(w, 'summary.json'))
+    self.members = [Member(x, w, 'passive' if passive(w) else 'training')
+                    for x, w in zip(configs, workdirs)]
+
+  # --- the story of a run ------------------------------------------------------------------
+
+  def train(self, stop_after):
+    c = self.config
+    state, first = self.restore()
+    total = self.run.total_steps
+    progress = metrics_lib.Progress(total, c.batch_size * len(self.members), first)
+    pending = unchecked = None  # the last step's metrics, to log and to check one step late
+    with catch_stop_signals() as stop:
+      for step in range(first, total if self.any_active() else first):
+        state, metrics = self.runner.train_step(state, self.batches(step))
+        if unchecked is not None:  # the previous step's, while this one runs.
+          self.check(*unchecked)
+        if pending is not None:
+          self.log(progress, *pending)
+        done = step + 1
+        unchecked = (done, {k: metrics[k] for k in FINITE})
+        pending = (done, metrics) if itstime(done, c.log_every, total) else None
+        if itstime(done, c.eval_every, total) or itstime(done, c.checkpoint_every, total):
+          self.check(*unchecked)  # nothing diverged is evaluated or saved.
+          unchecked = None
+          if pending is not None:
+            self.log(progress, *pending)
+            pending = None
+          evaluated = itstime(done, c.eval_every, total) and self.evaluate(state, done)
+          self.save(state, done, evaluated)
+        if not self.any_active() or (stop_after is not None and done - first >= stop_after):
+          break
+        if stop.should_stop(done):
+          self.preempt(state, done, progress, pending, unchecked, stop)
+      if unchecked is not None:
+        self.check(*unchecked)
+      if pending is not None:
+        self.log(progress, *pending)
+      finals = self.final_states(state)
+      if stop_after is not None:
+        return [self.summary(m, s) for m, s in zip(self.members, finals)], finals
+      if any(not m.history['last_eval'] for m in self.members if m.status in ('training', 'done')):
+        self.evaluate(state, None)  # restored from a checkpoint that holds no eval.
+      ends = self.end_of_run(state, stop)
+      summaries = [self.summary(m, s, e) for m, s, e in zip(self.members, finals, ends)]
+      for m, summary in zip(self.members, summaries):
+        if m.status != 'passive':
+          write_summary(m.workdir, summary)
+    return summaries, finals
+
+  # --- the named actions ---------------------------------------------------------------------
+
+  def restore(self):
+    """(device state, first step): each member from its newest readable checkpoint, or fresh."""
+    fresh = self.runner.init(self.run, [m.config.seed for m in self.members])
+    states = list(fresh)
+    for i, m in enumerate(self.members):
+      if m.status == 'passive':
+        continue
+      os.makedirs(m.workdir, exist_ok=True)
+      if metrics_lib.is_writer():
+        _write_atomically(os.path.join(m.workdir, 'config.json'), m.config.to_json(indent=2))
+      c = m.config
+      m.checkpoints = Checkpoints(m.workdir, c.keep_checkpoints, c.best_metric, c.best_mode)
+      restored = m.checkpoints.restore_latest(fresh[i])
+      if restored is not None:
+        states[i], meta = restored
+        m.history.update(meta['history'])
+        m.last_saved = int(states[i].step)
+    first = self._align(states, fresh)
+    for i, m in enumerate(self.members):
+      if m.status == 'passive':
+        continue
+      if m.last_saved:
+        print(f'Resumed from step {m.last_saved} in {m.workdir}', flush=True)
+      if m.history['stopped_early'] or m.last_saved >= self.run.total_steps:
+        m.status, m.frozen = 'done', states[i]
+      m.writer = metrics_lib.MetricsWriter(m.workdir, m.config.tensorboard, drop_after=m.last_saved)
+    return self.runner.put_state(states), first
+
+  def _align(self, states, fresh) -> int:
+    """The step the training members continue from. They were saved together, but a kill
+    between their saves can leave them one checkpoint apart: all go back to the older one."""
+    training = [i for i, m in enumerate(self.members) if m.status == 'training' and
+                not m.history['stopped_early'] and m.last_saved < self.run.total_steps]
+    first = min((self.members[i].last_saved for i in training), default=0)
+    for i in training:
+      m = self.members[i]
+      if m.last_saved == first:
+        continue
+      if first and first not in m.checkpoints.steps():
+        raise ValueError(f'the runs of this group were saved at different steps, and '
+                         f'{m.workdir} no longer has step {first}; run them without --vectorize')
+      states[i], meta = (m.checkpoints.restore(fresh[i], first) if first else (fresh[i], None))
+      m.history.update(meta['history'] if meta else fresh_history())
+      m.checkpoints.delete_after(first)  # those steps are trained and saved again.
+      m.last_saved = first
+    return first
+
+  def batches(self, step: int) -> list:
+    """Each member's batch; members with the same seed draw the same one, computed once."""
+    by_seed = {}
+    for m in self.members:
+      if m.config.seed not in by_seed:
+        by_seed[m.config.seed] = data_lib.train_batch(self.run.dataset, m.config, step)
+    return [by_seed[m.config.seed] for m in self.members]
+
+  def check(self, step: int, metrics):
+    """Marks every training member whose loss, gradient or parameter norm is not finite."""
+    for m, host in zip(self.members, self.runner.fetch(metrics)):
+      if not m.active:
+        continue
+      for name in FINITE:
+        value = float(host[name])
+        if not math.isfinite(value):
+          kept = (f'the last checkpoint, step {m.last_saved}, is kept' if m.last_saved else
+                  'nothing was saved')
+          message = (f'{name}={value} at step {step}: the run diverged; {kept}; lower '
+                     'config.optimizer.lr, enable config.optimizer.grad_clip, or find the first '
+                     'NaN with --config.debug_nans=True')
+          m.status, m.diverged = 'diverged', {'message': message, 'step': step, 'metric': name}
+          if self.vectorized:
+            print(f'{m.workdir}: {message}', flush=True)
+          break
+
+  def log(self, progress, step: int, metrics):
+    hosts = [{k: float(v) for k, v in h.items()} for h in self.runner.fetch(metrics)]
+    shown = [h for m, h in zip(self.members, hosts) if m.active]
+    for m, host in zip(self.members, hosts):
+      if m.active:
+        m.writer.write(step, 'train', host)
+    if len(shown) == 1:
+      progress.show(step, shown[0])
+    elif shown:
+      progress.show(step, {'loss': sum(h['loss'] for h in shown) / len(shown),
+                           'learning_rate': shown[0]['learning_rate']})
+
+  def evaluate(self, state, step: int | None) -> bool:
+    """The evaluators with at='eval'; with a step, each training member records its results,
+    updates its best metric, and may stop early. Returns True."""
+    context = evaluators_lib.Context(self.run, self.betas, self.runner, state)
+    results = [{} for _ in self.members]
+    for ev in self.evaluators:
+      if ev.at == 'eval':
+        for r, out in zip(results, ev.evaluate(context)):
+          r.update(out)
+    for m, r in zip(self.members, results):
+      if step is None:
+        m.history['last_eval'] = m.history['last_eval'] or r
+      elif m.active:
+        m.writer.write(step, 'eval', r)
+        update_history(m.history, r, m.config)
+    if step is not None:
+      self._print_eval(step, [r for m, r in zip(self.members, results) if m.active])
+    return True
+
+  def _print_eval(self, step: int, results: list[dict]):
+    if len(results) == 1 and not self.vectorized:
+      print(f'eval @ {step}: ' + '  '.join(f'{k} {v:.4f}' for k, v in results[0].items()
+                                          if isinstance(v, float)), flush=True)
+    elif results:
+      values = [r[self.config.best_metric] for r in results]
+      print(f'eval @ {step}: {self.config.best_metric} mean {sum(values) / len(values):.4f}, '
+            f'min {min(values):.4f}, max {max(values):.4f} over {len(values)} runs', flush=True)
+
+  def save(self, state, step: int, evaluated: bool):
+    """Checkpoints every training member at `step` (the caller checked them first); a member
+    whose patience ran out is then stopped early."""
+    hosts = None
+    for i, m in enumerate(self.members):
+      if not m.active:
+        continue
+      hosts = hosts or self.runner.fetch(state)
+      c = m.config
+      if m.last_saved != step:
+        eval_metrics = m.history['last_eval'] if evaluated else None
+        meta = {'config': c.to_dict(), 'data': {'seed': c.seed, 'position': step},
+                'history': m.history, 'metrics': eval_metrics}
+        m.checkpoints.save(step, hosts[i], json.loads(json.dumps(meta, default=str)),
+                           eval_metrics)
+        m.last_saved = step
+      if m.history['stopped_early']:
+        print(f'{m.workdir + ": " if self.vectorized else ""}Early stopping at step {step}: no '
+              f'{c.best_metric} improvement in {c.early_stopping_patience} evals', flush=True)
+        m.status, m.frozen = 'done', hosts[i]
+
+  def preempt(self, state, step: int, progress, pending, unchecked, stop):
+    """SIGTERM/SIGINT: checks and saves the current step of every training member, waits for
+    the saves, and raises Preempted (exit code 128 + the signal)."""
+    if unchecked is not None:
+      self.check(*unchecked)
+    if pending is not None:
+      self.log(progress, *pending)
+    self.save(state, step, evaluated=False)
+    self.close_saves()
+    raise Preempted(f'{stop.name}: saved step {step} of {self.run.total_steps} in '
+                    f'{self._where()}; run the same command again to resume', stop.signum)
+
+  def end_of_run(self, state, stop) -> list[dict]:
+    """The evaluators with at='end', per member; a signal between them stops the run after
+    its last checkpoint (training was complete), and the same command finishes the job."""
+    frozen = {i: m.frozen for i, m in enumerate(self.members) if m.frozen is not None}
+    context = evaluators_lib.Context(self.run, self.betas, self.runner, state, frozen)
+    ends = [{} for _ in self.members]
+    self.close_saves()  # from here on, a signal has nothing to save and stops the run at once.
+    stop.immediate = (f'training had finished (saved in {self._where()}); run the same command '
+                      'again for the end-of-run evaluation')
+    if stop.signum is not None:
+      raise Preempted(f'{stop.name}: {stop.immediate}', stop.signum)
+    if not any(m.status in ('training', 'done') for m in self.members):
+      return ends
+    for ev in self.evaluators:
+      if ev.at == 'end':
+        for e, out in zip(ends, ev.evaluate(context)):
+          e.update(out)
+    return ends
+
+  def summary(self, m: Member, state, ends: dict | None = None) -> dict:
+    """What summary.json records of a member."""
+    if m.status == 'diverged':
+      return {'diverged': m.diverged['message'], 'diverged_at_step': m.diverged['step'],
+              'steps': m.last_saved, 'total_steps': self.run.total_steps,
+              'wall_time_s': round(time.time() - self.start_time, 1)}
+    out = {f'eval/{k}': v for k, v in m.history['last_eval'].items()}
+    out.update(steps=int(state.step), total_steps=self.run.total_steps,
+               early_stopped=m.history['stopped_early'],
+               best={m.config.best_metric: m.history['best']})
+    if ends is not None:
+      out.update(ends)
+      out['wall_time_s'] = round(time.time() - self.start_time, 1)
+      if self.vectorized:
+        out['vectorized_with'] = len(self.members)
+    return out
+
+  # --- helpers ---------------------------------------------------------------------------------
+
+  def any_active(self) -> bool:
+    return any(m.active for m in self.members)
+
+  def final_states(self, state) -> list:
+    return [m.frozen if m.frozen is not None else s
+            for m, s in zip(self.members, self.runner.fetch(state))]
+
+  def _where(self) -> str:
+    dirs = [m.checkpoints.directory for m in self.members if m.checkpoints is not None]
+    return dirs[0] if len(dirs) == 1 else f'{len(dirs)} workdirs ({dirs[0]}, ...)'
+
+  def close_saves(self):
+    for m in self.members:
+      if m.checkpoints is not None:
+        m.checkpoints.wait()
+
+  def close(self):
+    for m in self.members:
+      if m.checkpoints is not None:
+        m.checkpoints.wait()
+        m.checkpoints.close()
+      if m.writer is not None:
+        m.writer.close()
+
+
+def update_history(history: dict, eval_metrics: dict, config):
+  """Records the eval, tracks the best eval metric, and sets history['stopped_early'] when
+  patience runs out."""
+  if config.best_metric not in eval_metrics:
+    raise ValueError(f'config.best_metric={config.best_metric!r} is not an eval metric; '
+                     f'allowed: {", ".join(map(repr, eval_metrics))}')
+  history['last_eval'] = eval_metrics
+  value = eval_metrics[config.best_metric]
+  better = (history['best'] is None or
+            (value > history['best'] if config.best_mode == 'max' else value < history['best']))
+  if better:
+    history['best'], history['evals_since_best'] = value, 0
+  else:
+    history['evals_since_best'] += 1
+  patience = config.early_stopping_patience
+  history['stopped_early'] = bool(patience) and history['evals_since_best'] >= patience
+
+
+def _write_atomically(path: str, text: str):
+  """Writes a temporary file and renames it: a kill leaves the old file or the new one."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def write_summary(workdir: str, summary: dict):
+  """summary.json (the sweep reads it; its presence marks the run finished) and the curves PNG."""
+  if not metrics_lib.is_writer():
+    return
+  for key in ('eval/exact_match_long', 'eval/attention_entropy'):
+    if key in summary:
+      print(f'{key[5:]}: {summary[key]:.4f}', flush=True)
+  if 'extrapolation_note' in summary:
+    print(summary['extrapolation_note'], flush=True)
+  _write_atomically(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
+  metrics_lib.plot_learning_curves(workdir)
