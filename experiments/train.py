@@ -98,7 +98,7 @@ class Member:
   writer: Any = None
   history: dict = dataclasses.field(default_factory=lambda: fresh_history())
   last_saved: int = 0
-  diverged: dict = dataclasses.field(default_factory=dict)  # message, step, metric
+  diverged: dict = dataclasses.field(default_factory=dict)  # message, step
   frozen: Any = None  # the host state it stopped with, while the others go on
 
   @property
@@ -140,37 +140,27 @@ class _Loop:
   # --- the story of a run ------------------------------------------------------------------
 
   def train(self, stop_after):
-    c = self.config
+    c, total = self.config, self.run.total_steps
     state, first = self.restore()
-    total = self.run.total_steps
-    progress = metrics_lib.Progress(total, c.batch_size * len(self.members), first)
-    pending = unchecked = None  # the last step's metrics, to log and to check one step late
+    self.progress = metrics_lib.Progress(total, c.batch_size * len(self.members), first)
+    last = None  # (step, metrics) of the step not yet checked and logged
     with catch_stop_signals() as stop:
       for step in range(first, total if self.any_active() else first):
         state, metrics = self.runner.train_step(state, self.batches(step))
-        if unchecked is not None:  # the previous step's, while this one runs.
-          self.check(*unchecked)
-        if pending is not None:
-          self.log(progress, *pending)
-        done = step + 1
-        unchecked = (done, {k: metrics[k] for k in FINITE})
-        pending = (done, metrics) if itstime(done, c.log_every, total) else None
+        self.settle(last)  # the previous step's, while this one runs.
+        done, last = step + 1, (step + 1, metrics)
         if itstime(done, c.eval_every, total) or itstime(done, c.checkpoint_every, total):
-          self.check(*unchecked)  # nothing diverged is evaluated or saved.
-          unchecked = None
-          if pending is not None:
-            self.log(progress, *pending)
-            pending = None
-          evaluated = itstime(done, c.eval_every, total) and self.evaluate(state, done)
+          self.settle(last)  # nothing diverged is evaluated or saved.
+          last = None
+          evaluated = itstime(done, c.eval_every, total)
+          if evaluated:
+            self.evaluate(state, done)
           self.save(state, done, evaluated)
         if not self.any_active() or (stop_after is not None and done - first >= stop_after):
           break
         if stop.should_stop(done):
-          self.preempt(state, done, progress, pending, unchecked, stop)
-      if unchecked is not None:
-        self.check(*unchecked)
-      if pending is not None:
-        self.log(progress, *pending)
+          self.preempt(state, done, last, stop)
+      self.settle(last)
       finals = self.final_states(state)
       if stop_after is not None:
         return [self.summary(m, s) for m, s in zip(self.members, finals)], finals
@@ -240,39 +230,43 @@ class _Loop:
         by_seed[m.config.seed] = data_lib.train_batch(self.run.dataset, m.config, step)
     return [by_seed[m.config.seed] for m in self.members]
 
-  def check(self, step: int, metrics):
-    """Marks every training member whose loss, gradient or parameter norm is not finite."""
-    for m, host in zip(self.members, self.runner.fetch(metrics)):
-      if not m.active:
-        continue
-      for name in FINITE:
-        value = float(host[name])
-        if not math.isfinite(value):
-          kept = (f'the last checkpoint, step {m.last_saved}, is kept' if m.last_saved else
-                  'nothing was saved')
-          message = (f'{name}={value} at step {step}: the run diverged; {kept}; lower '
-                     'config.optimizer.lr, enable config.optimizer.grad_clip, or find the first '
-                     'NaN with --config.debug_nans=True')
-          m.status, m.diverged = 'diverged', {'message': message, 'step': step, 'metric': name}
-          if self.vectorized:
-            print(f'{m.workdir}: {message}', flush=True)
-          break
+  def settle(self, last):
+    """Checks a step's metrics (the caller's `last`, or None) and logs them when it is time."""
+    if last is None:
+      return
+    step, metrics = last
+    log = itstime(step, self.config.log_every, self.run.total_steps)
+    hosts = self.runner.fetch(metrics if log else {k: metrics[k] for k in FINITE})
+    self.check(step, hosts)
+    if log:
+      self.log(step, [{k: float(v) for k, v in h.items()} for h in hosts])
 
-  def log(self, progress, step: int, metrics):
-    hosts = [{k: float(v) for k, v in h.items()} for h in self.runner.fetch(metrics)]
+  def check(self, step: int, hosts: list[dict]):
+    """Marks every training member whose loss, gradient or parameter norm is not finite."""
+    for m, host in zip(self.members, hosts):
+      bad = [name for name in FINITE if not math.isfinite(float(host[name]))]
+      if m.active and bad:
+        kept = (f'the last checkpoint, step {m.last_saved}, is kept' if m.last_saved else
+                'nothing was saved')
+        message = (f'{bad[0]}={float(host[bad[0]])} at step {step}: the run diverged; {kept}; '
+                   'lower config.optimizer.lr, enable config.optimizer.grad_clip, or find the '
+                   'first NaN with --config.debug_nans=True')
+        m.status, m.diverged = 'diverged', {'message': message, 'step': step}
+        if self.vectorized:
+          print(f'{m.workdir}: {message}', flush=True)
+
+  def log(self, step: int, hosts: list[dict]):
     shown = [h for m, h in zip(self.members, hosts) if m.active]
     for m, host in zip(self.members, hosts):
       if m.active:
         m.writer.write(step, 'train', host)
-    if len(shown) == 1:
-      progress.show(step, shown[0])
-    elif shown:
-      progress.show(step, {'loss': sum(h['loss'] for h in shown) / len(shown),
-                           'learning_rate': shown[0]['learning_rate']})
+    if shown:  # a group shows the mean loss of its training members.
+      self.progress.show(step, {'loss': sum(h['loss'] for h in shown) / len(shown),
+                                'learning_rate': shown[0]['learning_rate']})
 
-  def evaluate(self, state, step: int | None) -> bool:
+  def evaluate(self, state, step: int | None):
     """The evaluators with at='eval'; with a step, each training member records its results,
-    updates its best metric, and may stop early. Returns True."""
+    updates its best metric, and may stop early."""
     context = evaluators_lib.Context(self.run, self.betas, self.runner, state)
     results = [{} for _ in self.members]
     for ev in self.evaluators:
@@ -287,7 +281,6 @@ class _Loop:
         update_history(m.history, r, m.config)
     if step is not None:
       self._print_eval(step, [r for m, r in zip(self.members, results) if m.active])
-    return True
 
   def _print_eval(self, step: int, results: list[dict]):
     if len(results) == 1 and not self.vectorized:
@@ -319,13 +312,10 @@ class _Loop:
               f'{c.best_metric} improvement in {c.early_stopping_patience} evals', flush=True)
         m.status, m.frozen = 'done', hosts[i]
 
-  def preempt(self, state, step: int, progress, pending, unchecked, stop):
+  def preempt(self, state, step: int, last, stop):
     """SIGTERM/SIGINT: checks and saves the current step of every training member, waits for
     the saves, and raises Preempted (exit code 128 + the signal)."""
-    if unchecked is not None:
-      self.check(*unchecked)
-    if pending is not None:
-      self.log(progress, *pending)
+    self.settle(last)
     self.save(state, step, evaluated=False)
     self.close_saves()
     raise Preempted(f'{stop.name}: saved step {step} of {self.run.total_steps} in '
@@ -421,12 +411,6 @@ def _write_atomically(path: str, text: str):
 
 def write_summary(workdir: str, summary: dict):
   """summary.json (the sweep reads it; its presence marks the run finished) and the curves PNG."""
-  if not metrics_lib.is_writer():
-    return
-  for key in ('eval/exact_match_long', 'eval/attention_entropy'):
-    if key in summary:
-      print(f'{key[5:]}: {summary[key]:.4f}', flush=True)
-  if 'extrapolation_note' in summary:
-    print(summary['extrapolation_note'], flush=True)
-  _write_atomically(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
-  metrics_lib.plot_learning_curves(workdir)
+  if metrics_lib.is_writer():
+    _write_atomically(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
+    metrics_lib.plot_learning_curves(workdir)
