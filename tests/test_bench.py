@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from experiments.bench import __main__ as bench
-from experiments import tasks
+from experiments import steps, tasks
 from experiments.bench import flops, report, specs, step_time
 
 # Small enough to compile in a second, wide enough that matrix products dominate.
@@ -35,8 +35,9 @@ def test_analytic_flops_match_xla_cost_analysis(spec):
   variables = model.init(jax.random.key(0), *args)
   forward = spec.batch * flops.forward_per_example(spec)
   assert 1.0 <= _xla_flops(model.apply, variables, *args) / forward <= 1.05
-  state = step_time.init_state(spec, model)
-  step = _xla_flops(step_time.step_fn(spec, model), state, specs.synthetic_batch(spec))
+  run = step_time.run_of(spec, model)
+  step = _xla_flops(steps.step_functions(run)[0], steps.init_state(run, 0),
+                    specs.synthetic_batch(spec))
   assert flops.train_step(spec) == 3 * forward
   assert 1.0 <= step / flops.train_step(spec) <= 1.2
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 torch = pytest.importorskip('torch')
 
@@ -179,7 +180,8 @@ def test_weight_decay_mask_is_tx_mask(kind):
   spec = TINY[kind]
   params = tx_params(spec)
   model = torch_model(spec, params)
-  tx_decays = {peer._torch_name(path): np.ndim(x) > 1 for path, x in peer._flatten(params)}
+  tx_decays = {peer._torch_name(path): np.ndim(x) > 1
+               for path, x in traverse_util.flatten_dict(params).items()}
   assert {n: peer.decays(n, p) for n, p in model.named_parameters()} == tx_decays
 
 

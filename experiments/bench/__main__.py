@@ -1,8 +1,8 @@
 """The benchmark suite: python -m experiments.bench [--quick] [--workdir=DIR] [--sections=...]
 
 Sections (all by default, in this order):
-  matmul      the n×n matmul rate in float32 and bfloat16: the peak MFU is measured against
-              (the fastest call, measured before and again after the train section)
+  matmul      the n×n matmul rate in float32 and bfloat16 that MFU divides by (the fastest
+              call, measured before and again after the train section)
   train       tx train-step throughput per model (specs.py: ViT at several sizes,
               EncoderDecoder, DecoderLM), float32 and bfloat16, with analytic FLOP/s and MFU
   peer        the same models, shapes, optimizer and batch in PyTorch, eager and
@@ -12,14 +12,12 @@ Sections (all by default, in this order):
   parallel    pmap against jit on 8 devices (8 simulated CPU devices on a CPU host)
   vectorized  a vmapped sweep of 8 members against one run after another
 
-Models: CPU hosts time specs.CPU_SPECS; GPU hosts specs.GPU_SPECS (ViT-Ti/S/B/16 at 224).
---quick (≤ 10 minutes on a 2-core CPU) times fewer models, lengths and repeats; --tiny
-runs everything on toy shapes in about a minute (the end-to-end test). Every number is a
-median over repeats after a warm-up, with the device blocked on (timing.py).
-
-Writes WORKDIR/bench.json (every measurement, the environment, the command), WORKDIR/bench.md
-(the tables printed), WORKDIR/attention.png and WORKDIR/throughput.png (--out is the older
-spelling of --workdir).
+CPU hosts time specs.CPU_SPECS, GPU hosts specs.GPU_SPECS (ViT-Ti/S/B/16 at 224). --quick
+(≤ 10 minutes on a 2-core CPU) times fewer models, lengths and repeats; --tiny runs
+everything on toy shapes in about a minute (the end-to-end test). Every number is a median
+over repeats after a warm-up, with the device blocked on (timing.py). After every section, it
+writes into WORKDIR (--out is the older spelling of --workdir) bench.json (every measurement,
+the environment, the command), bench.md (the tables printed), attention.png and throughput.png.
 """
 
 from __future__ import annotations
@@ -63,24 +61,14 @@ def plan(mode: str, backend: str) -> dict:
   return dict(common, specs=full, lengths=(128, 256, 512, 1024, 2048, 4096, 8192), repeats=5)
 
 
-def run_module(module: str, *args: str, env: dict | None = None) -> dict:
+def run_module(module: str, *args: str, env: dict) -> dict:
   """`python -m module *args` in a fresh process; returns the JSON of its last output line."""
-  done = subprocess.run([sys.executable, '-m', module, *args], env=env or dict(os.environ),
-                        capture_output=True, text=True, cwd=ROOT)
+  done = subprocess.run([sys.executable, '-m', module, *args], env=env, capture_output=True,
+                        text=True, cwd=ROOT)
   if done.returncode:
     last = (done.stderr.strip().splitlines() or ['no output'])[-1]
     raise RuntimeError(f'python -m {module} {" ".join(args)} failed: {last}')
   return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def run_parallel(spec_name: str, repeats: int) -> dict:
-  """experiments.bench.pmap_vs_jit in a subprocess; on a CPU host with 8 simulated devices."""
-  env = dict(os.environ)
-  if jax.default_backend() == 'cpu':
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        f' --xla_force_host_platform_device_count={SIMULATED_DEVICES}').strip()
-  return run_module('experiments.bench.pmap_vs_jit', f'--spec={spec_name}', f'--repeats={repeats}',
-                    env=env)
 
 
 def save(results: dict, out: str) -> str:
@@ -103,42 +91,25 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
   p = plan(mode, jax.default_backend())
   results = {'mode': mode, 'command': ' '.join(sys.argv), 'environment': environment(),
              'sections': list(sections)}
-  timers = {}  # spec name -> its compiled tx step in the peer's dtype, timed again by 'peer'
-  if 'matmul' in sections or 'train' in sections:  # MFU needs the matmul rate
-    results['matmul'] = _matmul(p, log)
-  save(results, out)
-  if 'train' in sections:
-    results['train'] = _train(p, 'peer' in sections, timers, log)
-    # Measured again after the models: the faster of the two is the rate MFU divides by.
-    results['matmul'] = [step_time.best_rate(before, after) for before, after in
-                         zip(results['matmul'], _matmul(p, log, 'again'))]
-  save(results, out)
-  if 'peer' in sections:
-    results['peer'] = _peer(p, timers, log)
-  save(results, out)
-  if 'attention' in sections:
-    batch, heads, head_dim = p['attention_shape']
-    dtype = jnp.bfloat16 if jax.default_backend() == 'gpu' else jnp.float32
-    results['attention'] = attention_kernels.bench(
-        p['lengths'], batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-        repeats=p['repeats'], log=log)
-  save(results, out)
-  if 'parallel' in sections:
-    results['parallel'] = run_parallel(p['parallel_spec'], p['repeats'])
-    log(f'parallel: pmap {results["parallel"]["pmap"]["median_s"] * 1e3:.1f} ms, '
-        f'jit {results["parallel"]["jit"]["median_s"] * 1e3:.1f} ms per step')
-  save(results, out)
-  if 'vectorized' in sections:
-    results['vectorized'] = dict(step_time.time_vectorized(p['vectorized_spec'], p['members'],
-                                                           repeats=p['repeats']),
-                                 model=p['vectorized_spec'].name)
-    log(f'vectorized: {results["vectorized"]["speedup"]:.2f}x sequential')
+  # spec name -> its compiled tx step in the peer's dtype, which 'peer' times again
+  timers = {} if 'peer' in sections else None
+  measure = dict(matmul=_matmul, train=_train, peer=_peer, attention=_attention,
+                 parallel=_parallel, vectorized=_vectorized)
+  for name in SECTIONS:
+    if name not in sections and not (name == 'matmul' and 'train' in sections):  # MFU needs it
+      continue
+    results[name] = measure[name](p, timers, log)
+    if name == 'train':
+      # Measured again after the models: the faster of the two is the rate MFU divides by.
+      results['matmul'] = [step_time.best_rate(before, after) for before, after in
+                           zip(results['matmul'], _matmul(p, timers, log, 'again'))]
+    save(results, out)
   results['wall_s'] = round(time.time() - start, 1)
   results['markdown'] = save(results, out)
   return results
 
 
-def _matmul(p: dict, log, when: str = '') -> list[dict]:
+def _matmul(p: dict, timers, log, when: str = '') -> list[dict]:
   rates = [step_time.matmul_rate(d, p['matmul_sizes'], p['repeats'] + 2) for d in p['dtypes']]
   for m in rates:
     log(f'matmul {m["dtype"]} n={m["n"]}{" " + when if when else ""}: '
@@ -146,14 +117,15 @@ def _matmul(p: dict, log, when: str = '') -> list[dict]:
   return rates
 
 
-def _train(p: dict, keep_for_peer: bool, timers: dict, log) -> list[dict]:
-  """The tx train step of every model and dtype; the peer's dtype's timers are kept."""
+def _train(p: dict, timers: dict | None, log) -> list[dict]:
+  """The tx train step of every model and dtype; the peer's dtype's timers are kept in
+  `timers` (unless None)."""
   rows = []
   for spec in p['specs']:
     for dtype in p['dtypes']:
       timer = step_time.step_timer(spec, dtype)
       r = timer(p['repeats'])
-      if dtype == p['peer_dtype'] and keep_for_peer:
+      if dtype == p['peer_dtype'] and timers is not None:
         timers[spec.name] = timer
       rows.append(dict(r, model=spec.name, dtype=dtype, batch=spec.batch))
       log(f'tx {spec.name} {dtype}: {r["median_s"] * 1e3:.1f} ms/step, '
@@ -162,10 +134,9 @@ def _train(p: dict, keep_for_peer: bool, timers: dict, log) -> list[dict]:
 
 
 def _peer(p: dict, timers: dict, log) -> dict:
-  """The PyTorch peer of each model, each in its own process (see peer.main; this one never
-  imports torch), with tx's step timed again right before and right after it: the ratio
-  compares timings from the same minutes, not the train section's, which a host's drifting
-  speed (tens of percent over minutes on a shared 2-core VM) can leave far behind."""
+  """The PyTorch peer of each model in its own process (peer.main says why), with tx's step
+  timed again right before and right after it, so that tx/peer compares the same minutes: a
+  shared host's speed drifts by tens of percent over the minutes since the train section."""
   if not importlib.util.find_spec('torch'):
     return {'unavailable': 'torch is not installed'}
   # JAX (imported there through specs) stays on the CPU: on a GPU its first op would
@@ -173,14 +144,13 @@ def _peer(p: dict, timers: dict, log) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   out = {'rows': [], 'dtype': p['peer_dtype']}
   for spec in p['specs']:
+    timer = timers.get(spec.name) or step_time.step_timer(spec, p['peer_dtype'])
     runs = [('tx', False), ('tx', True)] if p['compile_peer'] else [('tx', False)]
     if jax.default_backend() == 'gpu' and spec.kind == 'ViT':
       runs.append(('timm', True))  # timm's VisionTransformer under torch.compile
     for impl, compiled in runs:
       row = dict(model=spec.name, dtype=p['peer_dtype'], compiled=compiled, impl=impl)
-      if spec.name not in timers:
-        timers[spec.name] = step_time.step_timer(spec, p['peer_dtype'])
-      tx_before = timers[spec.name](p['repeats'])
+      tx_before = timer(p['repeats'])
       try:  # a failed peer is reported, not fatal: tx's numbers stand on their own.
         row.update(run_module('experiments.bench.peer', f'--spec={spec.name}',
                               f'--compile={compiled}', f'--impl={impl}',
@@ -189,14 +159,40 @@ def _peer(p: dict, timers: dict, log) -> dict:
       except RuntimeError as e:
         row['error'] = str(e)
         log(f'torch {impl} {spec.name} failed: {e}')
-      row['tx_adjacent'] = step_time.around(tx_before, timers[spec.name](p['repeats']),
-                                            spec.batch)
+      row['tx_adjacent'] = step_time.around(tx_before, timer(p['repeats']), spec.batch)
       if 'error' not in row:
         log(f'torch {impl}{" compile" if compiled else " eager"} {spec.name}: '
             f'{row["step_s_median"] * 1e3:.1f} ms/step (tx around it: '
             f'{row["tx_adjacent"]["median_s"] * 1e3:.1f} ms/step)')
       out['rows'].append(row)
   return out
+
+
+def _attention(p: dict, timers, log) -> list[dict]:
+  batch, heads, head_dim = p['attention_shape']
+  dtype = jnp.bfloat16 if jax.default_backend() == 'gpu' else jnp.float32
+  return attention_kernels.bench(p['lengths'], batch=batch, heads=heads, head_dim=head_dim,
+                                 dtype=dtype, repeats=p['repeats'], log=log)
+
+
+def _parallel(p: dict, timers, log) -> dict:
+  """experiments.bench.pmap_vs_jit in a subprocess, with 8 simulated devices on a CPU host."""
+  env = dict(os.environ)
+  if jax.default_backend() == 'cpu':
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={SIMULATED_DEVICES}').strip()
+  r = run_module('experiments.bench.pmap_vs_jit', f'--spec={p["parallel_spec"]}',
+                 f'--repeats={p["repeats"]}', env=env)
+  log(f'parallel: pmap {r["pmap"]["median_s"] * 1e3:.1f} ms, '
+      f'jit {r["jit"]["median_s"] * 1e3:.1f} ms per step')
+  return r
+
+
+def _vectorized(p: dict, timers, log) -> dict:
+  spec = p['vectorized_spec']
+  r = dict(step_time.time_vectorized(spec, p['members'], repeats=p['repeats']), model=spec.name)
+  log(f'vectorized: {r["speedup"]:.2f}x sequential')
+  return r
 
 
 def main(argv):
@@ -212,8 +208,8 @@ def main(argv):
                          if unknown else '--quick and --tiny exclude each other')
   results = run('tiny' if f.tiny else 'quick' if f.quick else 'full', f.workdir, sections)
   print(results['markdown'])
-  written = sorted(n for n in os.listdir(f.workdir) if n.startswith(('bench.', 'attention.',
-                                                                      'throughput.')))
+  written = sorted(n for n in os.listdir(f.workdir)
+                   if n.startswith(('bench.', 'attention.', 'throughput.')))
   print(f'wrote {", ".join(written)} in {f.workdir} ({results["wall_s"]:.0f} s)')
 
 

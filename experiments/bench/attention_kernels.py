@@ -23,33 +23,26 @@ from experiments.bench.timing import measure
 IMPLEMENTATIONS = ('xla', 'fused')
 
 
-def attention_step(implementation: str):
-  """(q, k, v) -> (Σ out, gradients with respect to q, k, v)."""
-  def loss(q, k, v):
-    out = tx.dot_product_attention(q, k, v, implementation=implementation)
-    return out.astype(jnp.float32).sum()
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-
 def peak_bytes(compiled) -> int | None:
   """Arguments + outputs + temporaries of a compiled program (aliased buffers counted once)."""
   m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-          - m.alias_size_in_bytes)
+  return None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def time_attention(length: int, implementation: str, *, batch: int, heads: int, head_dim: int,
                    dtype, repeats: int) -> dict:
+  """One forward and backward pass: (q, k, v) -> (Σ out, gradients with respect to q, k, v)."""
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), dtype) for key in keys)
-  step = attention_step(implementation)
-  compiled = step.lower(q, k, v).compile()
+  loss = lambda q, k, v: tx.dot_product_attention(
+      q, k, v, implementation=implementation).astype(jnp.float32).sum()
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
   t = measure(lambda: compiled(q, k, v), repeats=repeats)
   flop = 3 * 4 * batch * heads * length * length * head_dim  # (QKᵀ and W·V) × 3 for fwd + bwd
   return dict(t, length=length, implementation=implementation, peak_bytes=peak_bytes(compiled),
-              flop_per_s=flop / t['median_s'])
+              flop_per_s=flop / t['median_s'], batch=batch, heads=heads, head_dim=head_dim,
+              dtype=jnp.dtype(dtype).name)
 
 
 def bench(lengths, *, batch: int, heads: int, head_dim: int, dtype, repeats: int,
@@ -59,7 +52,6 @@ def bench(lengths, *, batch: int, heads: int, head_dim: int, dtype, repeats: int
     for implementation in IMPLEMENTATIONS:
       row = time_attention(length, implementation, batch=batch, heads=heads, head_dim=head_dim,
                            dtype=dtype, repeats=repeats)
-      row.update(batch=batch, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name)
       rows.append(row)
       log(f'attention T={length} {implementation}: {row["median_s"] * 1e3:.1f} ms, '
           f'{(row["peak_bytes"] or 0) / 2**20:.0f} MiB')

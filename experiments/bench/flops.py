@@ -29,28 +29,17 @@ from __future__ import annotations
 from experiments.bench.specs import Spec
 
 
-def self_attention(t: int, d: int) -> int:
-  return 8 * t * d * d + 4 * t * t * d
-
-
-def cross_attention(t: int, s: int, d: int) -> int:
-  return 4 * t * d * d + 4 * s * d * d + 4 * t * s * d
-
-
-def feed_forward(t: int, d: int, f: int) -> int:
-  return 4 * t * d * f
-
-
 def forward_per_example(spec: Spec) -> int:
   """Forward-pass FLOPs for one example of `spec` (formulas in the module docstring)."""
   t, d, f, n = spec.tokens, spec.d_model, spec.d_ff, spec.num_layers
-  encoder_layer = self_attention(t, d) + feed_forward(t, d, f)
+  encoder_layer = (8 * t * d * d + 4 * t * t * d) + 4 * t * d * f  # self-attention + FFN
   if spec.kind == 'ViT':
     patch = 2 * (t - 1) * spec.patch_size ** 2 * spec.channels * d
     return patch + n * encoder_layer + 2 * d * spec.num_classes
   logits = 2 * t * d * spec.vocab_size
   if spec.kind == 'EncoderDecoder':
-    decoder_layer = encoder_layer + cross_attention(t, t, d)
+    s = t  # memory tokens: the encoder's output
+    decoder_layer = encoder_layer + (4 * t * d * d + 4 * s * d * d + 4 * t * s * d)  # + cross
     return n * (encoder_layer + decoder_layer) + logits
   return n * encoder_layer + logits  # DecoderLM: causal self-attention + FFN per layer
 

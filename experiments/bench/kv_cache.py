@@ -23,13 +23,6 @@ from absl import app, flags
 import tx
 from experiments.bench.timing import environment, measure
 
-VOCAB = 96
-
-
-def model_for(length: int) -> tx.DecoderLM:
-  return tx.DecoderLM(vocab_size=VOCAB, num_layers=2, d_model=128, num_heads=4, d_ff=512,
-                      num_positions=length, posemb='rope', norm='pre', activation='gelu')
-
 
 def time_generation(model, params, prompt, length: int, use_cache: bool, repeats: int) -> dict:
   """Compile once, then the median wall time of `repeats` blocked calls."""
@@ -42,7 +35,8 @@ def time_generation(model, params, prompt, length: int, use_cache: bool, repeats
 def bench(lengths, batch: int, repeats: int) -> list[dict]:
   rows = []
   for length in lengths:
-    model = model_for(length)
+    model = tx.DecoderLM(vocab_size=96, num_layers=2, d_model=128, num_heads=4, d_ff=512,
+                         num_positions=length, posemb='rope', norm='pre', activation='gelu')
     prompt = jnp.ones((batch, 1), jnp.int32)
     params = model.init(jax.random.key(0), jnp.ones((1, length), jnp.int32))['params']
     cached = time_generation(model, params, prompt, length, True, repeats)

@@ -4,29 +4,23 @@ their train step timed in eager mode and under `torch.compile`.
   python -m experiments.bench            # times tx and this peer side by side (CPU or GPU)
   python -m experiments.bench.peer --spec=vit-b16-224 --dtype=bfloat16 --compile  # one number
 
-`experiments.bench` runs `main` (one `time_train_step`) in a fresh process per measurement.
 Without torch every entry point raises a RuntimeError with the one-line reason.
 
 What is mirrored. `build_model(spec)` returns an `nn.Module` that computes the same function as
-`specs.tx_model(spec)`, with the same parameters under the same names (`load_tx_params` copies a
-tx parameter tree in; tests/test_bench_peer.py checks the logits to 1e-5, the gradients, and
-the parameters after two optimizer steps against tx and optax):
-  ViT             p×p patches × a Conv2d's weight (the stride-p convolution as one matrix
-                  product, as tx computes it) → [CLS] prepended → + learned posemb (a table
-                  over [CLS] and the patches) → pre-LN encoder blocks → final LayerNorm →
-                  linear head on [CLS]. Images are NHWC in tx; `torch_batch` makes them NCHW once.
-  EncoderDecoder  E[tokens]·√d + interleaved sinusoid PE(pos, 2i) = sin(pos/10000^(2i/d)),
-                  PE(pos, 2i+1) = cos(…); post-LN blocks LN(x + f(x)) with ReLU; the encoder
-                  masks source pads (id 0) as keys, the decoder's self-attention is causal and
-                  its cross-attention masks source pads; logits = x Eᵀ (tied).
-  DecoderLM       E[tokens]·√d + learned posemb; pre-LN blocks x + f(LN(x)) with GELU, causal
-                  self-attention; final LayerNorm; logits = x Eᵀ (tied).
-Every attention layer has separate Q, K, V projections and an output projection, all with
-biases, and computes softmax(q·kᵀ/√d_head + mask) v with `F.scaled_dot_product_attention`
-(PyTorch's fused path; `is_causal=True` for causal self-attention, a boolean key mask for
-padding; a query whose keys are all masked gets 0 in both, on CPU). LayerNorm ε = 1e-6
-(Flax's, not torch's 1e-5); GELU is the tanh approximation (`flax.linen.gelu`'s default).
-There is no dropout.
+`specs.tx_model(spec)` (the architectures are in specs.py's docstring), with the same
+parameters under the same names: `load_tx_params` copies a tx parameter tree in, and
+tests/test_bench_peer.py checks the logits, the gradients, and the parameters after two
+optimizer steps against tx and optax. To compute what tx computes:
+  - the ViT's stride-p patch convolution is one matrix product of the p×p patches with the
+    Conv2d's weight, as tx computes it; images are NHWC in tx, and `torch_batch` makes them
+    NCHW once;
+  - the sinusoid interleaves PE(pos, 2i) = sin(pos/10000^(2i/d)) and PE(pos, 2i+1) = cos(…);
+  - every attention layer has separate Q, K, V and output projections, all with biases, and
+    computes softmax(q·kᵀ/√d_head + mask) v with `F.scaled_dot_product_attention` (PyTorch's
+    fused path; `is_causal=True` for causal self-attention, a boolean key mask for source
+    pads, id 0; a query whose keys are all masked gets 0 in both, on CPU);
+  - LayerNorm ε = 1e-6 (Flax's, not torch's 1e-5); GELU is the tanh approximation
+    (`flax.linen.gelu`'s default).
 
 The train step (`TrainStep`) is the one tx's trainer runs with `configs/common.py`'s optimizer:
   loss   L = (1/N) Σ_n −log softmax(z_n)[y_n],  mean cross-entropy of the float32 logits z over
@@ -41,19 +35,15 @@ The train step (`TrainStep`) is the one tx's trainer runs with `configs/common.p
 bfloat16 runs under `torch.autocast` with float32 parameters (tx: dtype=bfloat16,
 param_dtype=float32); the loss is computed from float32 logits in both.
 
-Threads: `time_train_step` sets `torch.set_num_threads` to the CPUs this process may use
-(`os.sched_getaffinity`), unless `threads` is given, and reports the number in its result.
-
-On CUDA, float32 matmuls may use TF32 (`tf32=True`, the default), which is what XLA does by
-default on GPU, so both frameworks run float32 at the same precision. `impl='timm'` times
-timm's `VisionTransformer` at the spec's size instead of this mirror (fused QKV, erf GELU; a
-reference for a hand-tuned model zoo). The CUDA and timm paths are UNTESTED here: the machine
-they were written on has no GPU and no timm/torchvision.
+On CUDA, float32 matmuls may use TF32, as XLA's do by default on GPU, so that both frameworks
+run float32 at the same precision. `impl='timm'` times timm's `VisionTransformer` at the spec's
+size instead of this mirror (fused QKV, erf GELU): a reference for a hand-tuned model zoo. The
+tests run on CPU without timm, so the CUDA and timm paths have none.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import math
 import os
@@ -62,9 +52,11 @@ import time
 import types
 
 import numpy as np
+from flax import traverse_util
 
 from experiments import tasks
 from experiments.bench import specs as specs_lib
+from experiments.data import PAD
 
 try:
   import torch
@@ -90,20 +82,13 @@ def _require_torch():
 
 
 # ------------------------------------------------------------------------------------ modules
-
-
 class Attention(nn.Module):
   """softmax(q kᵀ/√d_head + mask) v over `num_heads` heads, then W^O (tx.MultiHeadAttention)."""
 
   def __init__(self, d_model: int, num_heads: int):
     super().__init__()
-    if d_model % num_heads:
-      raise ValueError(f'd_model={d_model} is not divisible by num_heads={num_heads}')
     self.num_heads = num_heads
-    self.query = nn.Linear(d_model, d_model)
-    self.key = nn.Linear(d_model, d_model)
-    self.value = nn.Linear(d_model, d_model)
-    self.out = nn.Linear(d_model, d_model)
+    self.query, self.key, self.value, self.out = (nn.Linear(d_model, d_model) for _ in range(4))
 
   def forward(self, x, memory=None, *, mask=None, causal: bool = False):
     """x [B, T, D]; memory [B, S, D] (cross-attention) or None; mask bool [B, 1, 1, S]."""
@@ -114,39 +99,25 @@ class Attention(nn.Module):
     return self.out(out.transpose(1, 2).flatten(2))
 
 
-class FeedForward(nn.Module):
-  """act(x W_1 + b_1) W_2 + b_2 (tx.FeedForward)."""
-
-  def __init__(self, d_model: int, d_ff: int, activation: str):
-    super().__init__()
-    if activation not in ('relu', 'gelu'):
-      raise ValueError(f"activation={activation!r}; allowed: 'relu', 'gelu'")
-    self.hidden = nn.Linear(d_model, d_ff)
-    self.output = nn.Linear(d_ff, d_model)
-    self.activation = activation
-
-  def forward(self, x):
-    h = self.hidden(x)
-    h = F.relu(h) if self.activation == 'relu' else F.gelu(h, approximate='tanh')
-    return self.output(h)
-
-
 class Block(nn.Module):
   """Self-attention, [cross-attention,] FFN, each a residual sublayer with LayerNorm:
-  post-LN LN(x + f(x)) or pre-LN x + f(LN(x)) (tx.EncoderBlock / tx.DecoderBlock)."""
+  post-LN LN(x + f(x)) or pre-LN x + f(LN(x)) (tx.EncoderBlock / tx.DecoderBlock); the FFN
+  is act(x W_1 + b_1) W_2 + b_2 (tx.FeedForward)."""
 
-  def __init__(self, d_model, num_heads, d_ff, norm: str, activation: str, cross: bool = False):
+  def __init__(self, spec, norm: str, activation: str, cross: bool):
     super().__init__()
-    if norm not in ('pre', 'post'):
-      raise ValueError(f"norm={norm!r}; allowed: 'pre', 'post'")
+    d = spec.d_model
     self.pre = norm == 'pre'
-    self.self_attention = Attention(d_model, num_heads)
-    self.self_attention_norm = nn.LayerNorm(d_model, eps=LN_EPS)
+    self.self_attention = Attention(d, spec.num_heads)
+    self.self_attention_norm = nn.LayerNorm(d, eps=LN_EPS)
     if cross:
-      self.cross_attention = Attention(d_model, num_heads)
-      self.cross_attention_norm = nn.LayerNorm(d_model, eps=LN_EPS)
-    self.ffn = FeedForward(d_model, d_ff, activation)
-    self.ffn_norm = nn.LayerNorm(d_model, eps=LN_EPS)
+      self.cross_attention = Attention(d, spec.num_heads)
+      self.cross_attention_norm = nn.LayerNorm(d, eps=LN_EPS)
+    self.ffn = nn.Sequential(collections.OrderedDict(
+        hidden=nn.Linear(d, spec.d_ff),
+        activation=nn.ReLU() if activation == 'relu' else nn.GELU(approximate='tanh'),
+        output=nn.Linear(spec.d_ff, d)))
+    self.ffn_norm = nn.LayerNorm(d, eps=LN_EPS)
 
   def _sublayer(self, x, f, norm):
     return x + f(norm(x)) if self.pre else norm(x + f(x))
@@ -171,23 +142,17 @@ class LearnedPosemb(nn.Module):
     return x + self.pos_embedding[:x.shape[-2]]
 
 
-def sinusoid_table(length: int, d_model: int, base: float = 10000.0) -> np.ndarray:
-  """PE(pos, 2i) = sin(pos/base^(2i/d)), PE(pos, 2i+1) = cos(…), interleaved, float32 [T, d].
-
-  Computed as tx.sinusoidal_1d does (float32 positions × float32 frequencies).
-  """
-  inv_freq = (1.0 / base ** (np.arange(0, d_model, 2, dtype=np.float64) / d_model))
-  angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)
-  pe = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(length, -1)
-  return pe[:, :d_model].astype(np.float32)
-
-
 class SinusoidalPosemb(nn.Module):
-  """x + PE[:T], a fixed buffer (not a parameter, not in the state dict)."""
+  """x + PE[:T] with PE(pos, 2i) = sin(pos/10000^(2i/d)), PE(pos, 2i+1) = cos(…), interleaved:
+  a fixed buffer (not a parameter, not in the state dict), computed as tx.sinusoidal_1d does
+  (float32 positions × float32 frequencies)."""
 
   def __init__(self, num_positions: int, d_model: int):
     super().__init__()
-    self.register_buffer('table', torch.from_numpy(sinusoid_table(num_positions, d_model)),
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    angles = np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)
+    table = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(num_positions, -1)
+    self.register_buffer('table', torch.from_numpy(table[:, :d_model].astype(np.float32)),
                          persistent=False)
 
   def forward(self, x):
@@ -199,20 +164,17 @@ class Stack(nn.Module):
 
   def __init__(self, spec, norm, activation, *, posemb=None, cross=False):
     super().__init__()
-    if posemb is not None:
-      self.posemb = posemb
+    self.posemb = posemb or nn.Identity()
     self.num_layers = spec.num_layers
-    for i in range(spec.num_layers):
-      self.add_module(f'block_{i}', Block(spec.d_model, spec.num_heads, spec.d_ff, norm,
-                                          activation, cross))
-    self.final_norm = nn.LayerNorm(spec.d_model, eps=LN_EPS) if norm == 'pre' else None
+    for i in range(spec.num_layers):  # named as tx names them: block_0, block_1, ...
+      self.add_module(f'block_{i}', Block(spec, norm, activation, cross))
+    self.final_norm = nn.LayerNorm(spec.d_model, eps=LN_EPS) if norm == 'pre' else nn.Identity()
 
   def forward(self, x, **kw):
-    if hasattr(self, 'posemb'):
-      x = self.posemb(x)
+    x = self.posemb(x)
     for i in range(self.num_layers):
       x = getattr(self, f'block_{i}')(x, **kw)
-    return x if self.final_norm is None else self.final_norm(x)
+    return self.final_norm(x)
 
 
 class TokenEmbedding(nn.Module):
@@ -248,11 +210,9 @@ class ViT(nn.Module):
     x = self.encoder(x + self.pos_embedding)
     return self.head(x[:, 0]).float()
 
-
   def _patches(self, images):
     """= self.embedding(images).flatten(2).transpose(1, 2), as one product: the convolution's
-    backward pass is slow on the CPU in both frameworks (vit-c32-d256 step: 1,173 ms with it,
-    888 ms without), so both sides use the product."""
+    backward pass is slow on the CPU in both frameworks, so both compute the product."""
     conv, (b, c, h, w) = self.embedding, images.shape
     p = conv.kernel_size[0]
     patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
@@ -263,16 +223,15 @@ class ViT(nn.Module):
 class EncoderDecoder(nn.Module):
   """(source [B, S], decoder input [B, T]) → float32 logits [B, T, V] (tx.EncoderDecoder)."""
 
-  def __init__(self, spec, pad_id: int = 0):
+  def __init__(self, spec):
     super().__init__()
-    self.pad_id = pad_id
     self.embed = TokenEmbedding(spec.vocab_size, spec.d_model)
     self.encoder = Stack(spec, 'post', 'relu', posemb=SinusoidalPosemb(spec.seq_len, spec.d_model))
     self.decoder = Stack(spec, 'post', 'relu', posemb=SinusoidalPosemb(spec.seq_len, spec.d_model),
                          cross=True)
 
   def forward(self, source, decoder_input):
-    source_mask = (source != self.pad_id)[:, None, None, :]  # keys: [B, 1, 1, S]
+    source_mask = (source != PAD)[:, None, None, :]  # keys: [B, 1, 1, S]
     memory = self.encoder(self.embed(source), mask=source_mask)
     x = self.decoder(self.embed(decoder_input), causal=True, memory=memory,
                      cross_mask=source_mask)
@@ -335,8 +294,6 @@ def num_params(model) -> int:
 
 
 # --------------------------------------------------------------------------- tx parameters
-
-
 def _torch_name(path: tuple[str, ...]) -> str:
   """tx path → torch parameter name: the same names, leaves kernel/scale/embedding → weight."""
   leaf = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}.get(path[-1], path[-1])
@@ -353,14 +310,6 @@ def _to_torch_layout(name: str, array: np.ndarray, shape) -> np.ndarray:
   return array.reshape(shape)  # biases ([H, Dh] → [D]), norms, embeddings, cls, posemb.
 
 
-def _flatten(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, 'items'):
-      yield from _flatten(value, prefix + (str(key),))
-    else:
-      yield prefix + (str(key),), value
-
-
 def load_tx_params(model, flax_params) -> None:
   """Copies a tx parameter tree (`model.init(...)['params']`, or any tree of the same
   structure, e.g. gradients) into the torch `model`, in place.
@@ -373,7 +322,7 @@ def load_tx_params(model, flax_params) -> None:
   _require_torch()
   params = dict(model.named_parameters())
   seen = set()
-  for path, value in _flatten(flax_params):
+  for path, value in traverse_util.flatten_dict(flax_params).items():
     name = _torch_name(path)
     if name not in params:
       raise ValueError(f'tx parameter {"/".join(path)} has no torch counterpart {name!r}')
@@ -383,8 +332,7 @@ def load_tx_params(model, flax_params) -> None:
       raise ValueError(f'tx parameter {"/".join(path)} has shape {array.shape}; torch {name} '
                        f'has {tuple(target.shape)}')
     with torch.no_grad():
-      target.copy_(torch.from_numpy(np.array(_to_torch_layout(name, array, tuple(target.shape)),
-                                             np.float32, order='C', copy=True)))
+      target.copy_(torch.tensor(_to_torch_layout(name, array, tuple(target.shape))))
     seen.add(name)
   missing = sorted(set(params) - seen)
   if missing:
@@ -392,8 +340,6 @@ def load_tx_params(model, flax_params) -> None:
 
 
 # ------------------------------------------------------------------------------ train step
-
-
 def torch_batch(spec: specs_lib.Spec, batch: dict, device='cpu') -> tuple:
   """(model inputs, targets) as tensors from a `specs.synthetic_batch`-style NumPy batch.
 
@@ -410,11 +356,11 @@ def torch_batch(spec: specs_lib.Spec, batch: dict, device='cpu') -> tuple:
   return tuple(t.to(device) for t in inputs), targets.to(device)
 
 
-def loss_fn(spec: specs_lib.Spec, model, inputs, targets, pad_id: int = 0):
+def loss_fn(spec: specs_lib.Spec, model, inputs, targets):
   """Mean cross-entropy of float32 logits over examples (ViT), non-pad target tokens
   (EncoderDecoder) or all target tokens (DecoderLM)."""
   logits = model(*inputs).float()
-  ignore = pad_id if spec.kind == 'EncoderDecoder' else -100
+  ignore = PAD if spec.kind == 'EncoderDecoder' else -100  # -100: torch's "ignore nothing"
   return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore)
 
 
@@ -423,52 +369,39 @@ def decays(name: str, param) -> bool:
   return param.ndim > 1 or name.endswith(_TX_MATRIX_BIASES)
 
 
-def _autocast_dtype(dtype):
-  dtypes = {'float32': None, 'bfloat16': torch.bfloat16}
-  key = dtype if isinstance(dtype, str) else str(dtype).replace('torch.', '')
-  if key not in dtypes:
-    raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16'")
-  return dtypes[key]
-
-
 class TrainStep:
   """One optimizer step: forward (under autocast for bfloat16), loss, backward, global-norm
   clipping to 1, AdamW. `step(inputs, targets)` returns the loss tensor (not synchronised).
 
   `weight_decay` overrides configs/common.py's 1e-4 (the tests make it visible with 0.5).
   compile=True compiles forward + loss (and, through AOTAutograd, their backward) with
-  `torch.compile`; the optimizer step is PyTorch's fused AdamW kernel in both modes where the
-  device has one (CPU and CUDA), the for-each implementation otherwise. `compile_options` go to
-  torch.compile (default: the inductor backend, default mode).
+  `torch.compile`, given `compile_options` (default: the inductor backend, default mode); the
+  optimizer step is PyTorch's fused AdamW kernel (CPU or CUDA) in both modes.
   """
 
-  def __init__(self, spec, model, *, compile: bool = False, dtype='float32', fused=None,
+  def __init__(self, spec, model, *, compile: bool = False, dtype='float32',
                weight_decay: float = OPTIMIZER['weight_decay'], compile_options=None):
     _require_torch()
-    self.spec, self.model, self.compiled = spec, model, compile
-    self.amp_dtype = _autocast_dtype(dtype)
+    if dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16'")
+    self.spec, self.model, self.bfloat16 = spec, model, dtype == 'bfloat16'
     self.device_type = next(model.parameters()).device.type
     named = list(model.named_parameters())
-    self.params = [p for _, p in named]
     groups = [{'params': [p for n, p in named if decays(n, p)]},
               {'params': [p for n, p in named if not decays(n, p)], 'weight_decay': 0.0}]
-    if fused is None:
-      fused = self.device_type in ('cpu', 'cuda')
     self.optimizer = torch.optim.AdamW(groups, **dict(OPTIMIZER, weight_decay=weight_decay),
-                                       fused=fused or None, foreach=None if fused else True)
+                                       fused=True)
     self.loss = torch.compile(self._loss, **(compile_options or {})) if compile else self._loss
 
   def _loss(self, inputs, targets):
-    ctx = (torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype
-           else contextlib.nullcontext())
-    with ctx:
+    with torch.autocast(self.device_type, torch.bfloat16, enabled=self.bfloat16):
       return loss_fn(self.spec, self.model, inputs, targets)
 
   def __call__(self, inputs, targets):
     self.optimizer.zero_grad(set_to_none=True)
     loss = self.loss(inputs, targets)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
     self.optimizer.step()
     return loss.detach()
 
@@ -478,26 +411,22 @@ def train_step_fn(spec: specs_lib.Spec, *, compile: bool = False, dtype='float32
   """A `TrainStep` for a fresh float32 model of `spec` on `device` (default: CUDA if present).
 
   impl='tx': this module's mirror of `specs.tx_model(spec)`; impl='timm': timm's ViT at the
-  spec's size (ViT specs only; untested here).
+  spec's size (ViT specs only).
   """
   _require_torch()
-  device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-  if impl == 'tx':
-    model = build_model(spec, seed)
-  elif impl == 'timm':
-    model = timm_vit(spec)
-  else:
+  if impl not in ('tx', 'timm'):
     raise ValueError(f"impl={impl!r}; allowed: 'tx', 'timm'")
+  device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+  model = build_model(spec, seed) if impl == 'tx' else timm_vit(spec)
   return TrainStep(spec, model.to(device), compile=compile, dtype=dtype)
 
 
 def timm_vit(spec: specs_lib.Spec):
-  """timm's VisionTransformer with the spec's shapes (UNTESTED here: no timm, no GPU).
+  """timm's VisionTransformer with the spec's shapes (no test: the tests run without timm).
 
   Same shapes and parameter count as the mirror up to timm's own choices: fused QKV
   projection, exact (erf) GELU, LayerNorm ε = 1e-6, [CLS] pooling, learned posemb.
   """
-  _require_torch()
   if spec.kind != 'ViT':
     raise ValueError(f"impl='timm' is for ViT specs; got kind={spec.kind!r}")
   try:
@@ -511,17 +440,12 @@ def timm_vit(spec: specs_lib.Spec):
       mlp_ratio=spec.d_ff / spec.d_model, qkv_bias=True, class_token=True, global_pool='token')
 
 
-def _sync(device):
-  if device.type == 'cuda':
-    torch.cuda.synchronize(device)
-
-
 def time_train_step(spec: specs_lib.Spec, *, compile: bool = False, dtype='float32',
-                    warmup: int = 3, repeats: int = 10, device=None, impl: str = 'tx',
-                    threads: int | None = None, tf32: bool = True) -> dict:
+                    warmup: int = 3, repeats: int = 10, impl: str = 'tx') -> dict:
   """Median wall time of one train step of the peer on `specs.synthetic_batch(spec)`.
 
-  The batch becomes tensors on the device once. `warmup` steps run first (the first one
+  torch uses as many threads as this process has CPUs (`os.sched_getaffinity`), and CUDA
+  TF32. The batch becomes tensors on the device once. `warmup` steps run first (the first one
   compiles under torch.compile) and are timed separately; then each of `repeats` steps is timed
   alone, the device synchronised after it. Returns step_s_median, examples_per_s,
   tokens_per_s (examples × spec.tokens), times_s, first_steps_s (the warmup steps' times;
@@ -531,42 +455,39 @@ def time_train_step(spec: specs_lib.Spec, *, compile: bool = False, dtype='float
   _require_torch()
   if warmup < 1 or repeats < 1:
     raise ValueError(f'warmup={warmup}, repeats={repeats}; both must be >= 1')
-  if threads is None:
-    threads = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-               else os.cpu_count() or 1)
-  torch.set_num_threads(threads)
-  device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-  if device.type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+  torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                        else os.cpu_count() or 1)
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  cuda = device.type == 'cuda'
+  if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   step = train_step_fn(spec, compile=compile, dtype=dtype, device=device, impl=impl)
   inputs, targets = torch_batch(spec, specs_lib.synthetic_batch(spec), device)
+  sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
   def timed():
-    _sync(device)
+    sync()
     start = time.perf_counter()
     loss = step(inputs, targets)
-    _sync(device)
+    sync()
     return time.perf_counter() - start, loss
 
   first = [timed()[0] for _ in range(warmup)]
-  times, loss = [], None
-  for _ in range(repeats):
-    seconds, loss = timed()
-    times.append(seconds)
+  times, losses = zip(*[timed() for _ in range(repeats)])
+  times, loss = list(times), losses[-1]
   median = statistics.median(times)
   return {'step_s_median': median, 'examples_per_s': spec.batch / median,
           'tokens_per_s': spec.batch * spec.tokens / median, 'times_s': times,
           'first_steps_s': first, 'first_step_s': first[0], 'final_loss': float(loss),
           'torch': torch.__version__, 'threads': torch.get_num_threads(),
           'device': str(device), 'dtype': str(dtype), 'compile': compile, 'impl': impl,
-          'tf32': tf32 if device.type == 'cuda' else None}
+          'tf32': True if cuda else None}
 
 
 def main(argv):
   """One measurement as one JSON line. `experiments.bench` runs each in its own process:
   torch's and XLA's thread pools spin-wait after their work, so in one process each slows
-  the other (measured: torch's vit-digits step took 2.3 s next to JAX, 22 ms alone)."""
+  the other (docs/performance.md: torch's vit-digits step took 2.3 s next to JAX, 22 ms alone)."""
   del argv
   f = flags.FLAGS
   result = time_train_step(specs_lib.by_name(f.spec), compile=f.compile, dtype=f.dtype,

@@ -11,13 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def draw(results: dict, out: str):
-  if 'attention' in results:
-    _attention(results['attention'], os.path.join(out, 'attention.png'))
-  if 'train' in results:
-    _throughput(results, os.path.join(out, 'throughput.png'))
+  for key, plot, name in (('attention', _attention, 'attention.png'),
+                          ('train', _throughput, 'throughput.png')):
+    if key in results:
+      fig = plot(results)
+      fig.tight_layout()
+      fig.savefig(os.path.join(out, name), dpi=120)
+      plt.close(fig)
 
 
-def _attention(rows: list[dict], path: str):
+def _attention(results: dict):
+  rows = results['attention']
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
   for impl, label in (('xla', 'ours (einsum, float32 softmax)'), ('fused', 'fused')):
     mine = [r for r in rows if r['implementation'] == impl]
@@ -33,12 +37,10 @@ def _attention(rows: list[dict], path: str):
     ax.legend()
   fig.suptitle(f'Attention, batch {first["batch"]}, {first["heads"]} heads × {first["head_dim"]}, '
                f'{first["dtype"]}')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
-def _throughput(results: dict, path: str):
+def _throughput(results: dict):
   fp32 = [r for r in results['train'] if r['dtype'] == 'float32']
   peer = {(r['model'], r['compiled']): r['examples_per_s']
           for r in results.get('peer', {}).get('rows', []) if r.get('impl', 'tx') == 'tx'
@@ -59,6 +61,4 @@ def _throughput(results: dict, path: str):
   ax.grid(axis='y', alpha=0.3)
   ax.legend()
   ax.set_title(f'Train-step throughput on {results["environment"]["device_kind"]}')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig

@@ -31,13 +31,8 @@ def bench(spec: specs.Spec, repeats: int) -> dict:
          'batch': spec.batch}
   for mode in runners.PARALLEL:
     runner = runners.make_runner(mode, devices, run)
-    carry = {'state': runner.put_state(runner.init(run, [0]))}
-
-    def one_step():
-      carry['state'], metrics = runner.train_step(carry['state'], [batch])
-      return carry['state'], metrics
-
-    t = measure(one_step, repeats=repeats, warmup=2)
+    state = runner.put_state(runner.init(run, [0]))
+    t = measure(step_time.stepper(runner.train_step, state, [batch]), repeats=repeats, warmup=2)
     out[mode] = dict(t, examples_per_s=spec.batch / t['median_s'])
   return out
 

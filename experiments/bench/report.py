@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 
+def markdown(results: dict) -> str:
+  """The report: the environment, then a table per section that was run."""
+  sections = (('matmul', _matmul), ('train', _train), ('attention', _attention),
+              ('parallel', _parallel), ('vectorized', _vectorized))
+  return '\n\n'.join([_environment(results)] + [part for key, section in sections
+                                                if key in results for part in section(results)])
+
+
 def _table(header: list[str], rows: list[list]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
   return '\n'.join(lines)
 
 
-def _peer(results: dict, train_row: dict, compiled: bool, impl: str = 'tx') -> tuple:
-  """(peer examples/s, tx/peer) for the tx timing `train_row`; (None, 'n/a') when that peer
-  did not run or failed. The ratio takes tx's examples/s from the timing taken right before
-  and after that peer run ('tx_adjacent'), where there is one."""
-  for r in results.get('peer', {}).get('rows', []):
-    if (r['model'], r['dtype'], r['compiled'], r.get('impl', 'tx')) == (
-        train_row['model'], train_row['dtype'], compiled, impl):
-      tx_rate = r.get('tx_adjacent', train_row)['examples_per_s']
-      return r.get('examples_per_s'), _ratio(tx_rate, r.get('examples_per_s'))
-  return None, 'n/a'
-
-
 def _ratio(a, b) -> str:
   return f'{a / b:.2f}x' if a and b else 'n/a'
 
 
-def markdown(results: dict) -> str:
-  """The report: the environment, then a table per section that was run."""
-  sections = (_environment, _matmul, _train, _attention, _parallel, _vectorized)
-  return '\n\n'.join(part for section in sections for part in section(results))
+def _peer_cells(results: dict, train_row: dict, compiled: bool, impl: str = 'tx') -> list[str]:
+  """[peer examples/s, tx/peer] next to the tx timing `train_row`; ['', 'n/a'] when that peer
+  did not run or failed. The ratio takes tx's examples/s from the timing taken right before
+  and after that peer run ('tx_adjacent'), where there is one: the same minutes as the peer's."""
+  for r in results.get('peer', {}).get('rows', []):
+    if (r['model'], r['dtype'], r['compiled'], r.get('impl', 'tx')) == (
+        train_row['model'], train_row['dtype'], compiled, impl):
+      rate = r.get('examples_per_s')
+      return [f'{rate:.1f}' if rate else '',
+              _ratio(r.get('tx_adjacent', train_row)['examples_per_s'], rate)]
+  return ['', 'n/a']
 
 
-def _environment(results: dict) -> list[str]:
+def _environment(results: dict) -> str:
   env, peer = results['environment'], results.get('peer', {})
   line = (f'Device: {env["device_kind"]} ({env["backend"]}, {env["cpu"]}, {env["cpu_count"]} '
           f'cores); jax {env["jax"]}, flax {env["flax"]}, optax {env["optax"]}, '
@@ -40,34 +43,28 @@ def _environment(results: dict) -> list[str]:
     line += f' PyTorch {peer["rows"][0].get("torch")} with {peer["rows"][0].get("threads")} threads.'
   elif 'unavailable' in peer:
     line += f' PyTorch peer not run: {peer["unavailable"]}'
-  return [line]
+  return line
 
 
 def _matmul(results: dict) -> list[str]:
-  if 'matmul' not in results:
-    return []
   return [_table(['matmul', 'n', 'GFLOP/s'], [
       [m['dtype'], m['n'], f'{m["flop_per_s"] / 1e9:.1f}'] for m in results['matmul']])]
 
 
 def _train(results: dict) -> list[str]:
-  if 'train' not in results:
-    return []
   peak = {m['dtype']: m['flop_per_s'] for m in results.get('matmul', [])}
-  peer_rows = results.get('peer', {}).get('rows', [])
+  peer = results.get('peer', {})
+  peer_rows = peer.get('rows', [])
   timm = any(r.get('impl') == 'timm' for r in peer_rows)
   rows = []
   for r in results['train']:
-    (eager, to_eager), (compiled, to_compiled), (timm_rate, to_timm) = (
-        _peer(results, r, False), _peer(results, r, True), _peer(results, r, True, 'timm'))
-    fp32 = r['dtype'] == results.get('peer', {}).get('dtype', 'float32')  # the peer's dtype
-    rows.append([r['model'], r['dtype'], r['batch'], f'{r["median_s"] * 1e3:.1f}',
-                 f'{r["examples_per_s"]:.1f}', f'{r["flop_per_s"] / 1e9:.1f}',
-                 f'{r["flop_per_s"] / peak[r["dtype"]]:.0%}' if r['dtype'] in peak else 'n/a',
-                 f'{eager:.1f}' if fp32 and eager else '', to_eager if fp32 else '',
-                 f'{compiled:.1f}' if fp32 and compiled else '', to_compiled if fp32 else ''])
-    if timm:
-      rows[-1] += [f'{timm_rate:.1f}' if timm_rate else '', to_timm]
+    row = [r['model'], r['dtype'], r['batch'], f'{r["median_s"] * 1e3:.1f}',
+           f'{r["examples_per_s"]:.1f}', f'{r["flop_per_s"] / 1e9:.1f}',
+           f'{r["flop_per_s"] / peak[r["dtype"]]:.0%}' if r['dtype'] in peak else 'n/a']
+    # The peer runs in one dtype only; the other dtype's rows leave its columns blank.
+    row += (_peer_cells(results, r, False) + _peer_cells(results, r, True)
+            if r['dtype'] == peer.get('dtype', 'float32') else [''] * 4)
+    rows.append(row + (_peer_cells(results, r, True, 'timm') if timm else []))
   parts = [_table(['model', 'dtype', 'batch', 'tx ms/step', 'tx examples/s', 'GFLOP/s', 'MFU',
                    'torch eager ex/s', 'tx/eager', 'torch.compile ex/s', 'tx/compile'] +
                   (['timm compile ex/s', 'tx/timm'] if timm else []), rows)]
@@ -80,8 +77,6 @@ def _train(results: dict) -> list[str]:
 
 
 def _attention(results: dict) -> list[str]:
-  if 'attention' not in results:
-    return []
   by_length = {}
   for r in results['attention']:
     by_length.setdefault(r['length'], {})[r['implementation']] = r
@@ -97,8 +92,6 @@ def _attention(results: dict) -> list[str]:
 
 
 def _parallel(results: dict) -> list[str]:
-  if 'parallel' not in results:
-    return []
   p = results['parallel']
   return [f'Data parallel, {p["spec"]}, global batch {p["batch"]} over {p["devices"]} '
           f'{p["device_kind"]} devices:\n\n' + _table(
@@ -108,12 +101,9 @@ def _parallel(results: dict) -> list[str]:
 
 
 def _vectorized(results: dict) -> list[str]:
-  if 'vectorized' not in results:
-    return []
   v = results['vectorized']
   return [f'Sweep of {v["members"]} {v["model"]} runs differing in β:\n\n' + _table(
       ['', 'member-steps/s', 'first call s'],
-      [['sequential', f'{v["sequential_member_steps_per_s"]:.1f}',
-        f'{v["sequential"]["first_s"]:.1f}'],
-       ['vectorized (vmap)', f'{v["vectorized_member_steps_per_s"]:.1f}',
-        f'{v["vectorized"]["first_s"]:.1f}']]) + f'\n\nvectorized/sequential: {v["speedup"]:.2f}x']
+      [[kind, f'{v[key + "_member_steps_per_s"]:.1f}', f'{v[key]["first_s"]:.1f}']
+       for kind, key in (('sequential', 'sequential'), ('vectorized (vmap)', 'vectorized'))])
+      + f'\n\nvectorized/sequential: {v["speedup"]:.2f}x']

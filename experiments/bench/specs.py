@@ -22,8 +22,8 @@ import numpy as np
 import tx
 from experiments.data import PAD
 
-KINDS = ('ViT', 'EncoderDecoder', 'DecoderLM')
 TASK_OF_KIND = {'ViT': 'classify', 'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
+KINDS = tuple(TASK_OF_KIND)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,21 +54,18 @@ class Spec:
     return self.seq_len
 
 
-def tx_model(spec: Spec, dtype=jnp.float32, **overrides):
+def tx_model(spec: Spec, dtype=jnp.float32):
   """The tx module of `spec`, computing in `dtype` with float32 parameters."""
   common = dict(num_layers=spec.num_layers, d_model=spec.d_model, num_heads=spec.num_heads,
                 d_ff=spec.d_ff, dtype=dtype, param_dtype=jnp.float32)
   if spec.kind == 'ViT':
-    kw = dict(common, num_classes=spec.num_classes, patch_size=spec.patch_size, posemb='learn',
-              pool='cls', norm='pre', activation='gelu')
-    return tx.ViT(**dict(kw, **overrides))
+    return tx.ViT(**common, num_classes=spec.num_classes, patch_size=spec.patch_size,
+                  posemb='learn', pool='cls', norm='pre', activation='gelu')
+  common.update(vocab_size=spec.vocab_size, num_positions=spec.seq_len)
   if spec.kind == 'EncoderDecoder':
-    kw = dict(common, vocab_size=spec.vocab_size, num_positions=spec.seq_len,
-              posemb='sinusoidal', norm='post', activation='relu', pad_id=PAD)
-    return tx.EncoderDecoder(**dict(kw, **overrides))
-  kw = dict(common, vocab_size=spec.vocab_size, num_positions=spec.seq_len, posemb='learn',
-            norm='pre', activation='gelu')
-  return tx.DecoderLM(**dict(kw, **overrides))
+    return tx.EncoderDecoder(**common, posemb='sinusoidal', norm='post', activation='relu',
+                             pad_id=PAD)
+  return tx.DecoderLM(**common, posemb='learn', norm='pre', activation='gelu')
 
 
 def synthetic_batch(spec: Spec, seed: int = 0) -> dict:
@@ -84,8 +81,7 @@ def synthetic_batch(spec: Spec, seed: int = 0) -> dict:
     inputs = rng.random((b, spec.image_size, spec.image_size, spec.channels), np.float32)
     targets = rng.integers(0, spec.num_classes, b).astype(np.int32)
   elif spec.kind == 'EncoderDecoder':
-    inputs = rng.integers(2, spec.vocab_size, (b, spec.seq_len)).astype(np.int32)
-    targets = rng.integers(2, spec.vocab_size, (b, spec.seq_len)).astype(np.int32)
+    inputs, targets = rng.integers(2, spec.vocab_size, (2, b, spec.seq_len)).astype(np.int32)
   else:
     stream = rng.integers(0, spec.vocab_size, (b, spec.seq_len + 1)).astype(np.int32)
     inputs, targets = stream[:, :-1], stream[:, 1:]
@@ -133,8 +129,7 @@ TINY_SPECS = (
 
 def by_name(name: str) -> Spec:
   """The spec called `name` in CPU_SPECS, GPU_SPECS or TINY_SPECS."""
-  for spec in CPU_SPECS + GPU_SPECS + TINY_SPECS:
-    if spec.name == name:
-      return spec
-  raise ValueError(f'spec={name!r}; allowed: '
-                   f'{", ".join(s.name for s in CPU_SPECS + GPU_SPECS + TINY_SPECS)}')
+  named = {s.name: s for s in CPU_SPECS + GPU_SPECS + TINY_SPECS}
+  if name not in named:
+    raise ValueError(f'spec={name!r}; allowed: {", ".join(named)}')
+  return named[name]

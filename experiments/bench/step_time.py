@@ -40,16 +40,6 @@ def run_of(spec: specs.Spec, model) -> steps.Run:
                    make_optimizer(config, schedule))
 
 
-def step_fn(spec: specs.Spec, model):
-  """The trainer's train_step(state, batch) -> (state, metrics) for `model` on spec's task."""
-  return steps.step_functions(run_of(spec, model))[0]
-
-
-def init_state(spec: specs.Spec, model, seed=0) -> steps.TrainState:
-  """Parameters and AdamW state of `model` from `seed`."""
-  return steps.init_state(run_of(spec, model), seed)
-
-
 def stepper(step, state, batch):
   """run() -> (state, metrics): one call of step(state, batch), each call's state fed to the
   next (so a donated state is never reused)."""
@@ -62,23 +52,17 @@ def stepper(step, state, batch):
   return run
 
 
-def time_steps(step, state, batch, *, repeats: int, warmup: int = 2) -> dict:
-  """Times step(state, batch) -> (state, metrics), feeding each call's state to the next."""
-  return measure(stepper(step, state, batch), repeats=repeats, warmup=warmup)
-
-
-def step_timer(spec: specs.Spec, dtype: str = 'float32', **model_overrides):
+def step_timer(spec: specs.Spec, dtype: str = 'float32'):
   """Compiles the tx train step of `spec` once and returns timer(repeats, warmup=2) -> dict:
   median seconds per step, examples/s and achieved FLOP/s. Each call times more steps of
   the same training run, so a model can be timed again later (next to its peer) without
   compiling again."""
-  model = specs.tx_model(spec, DTYPES[dtype], **model_overrides)
-  run = stepper(jax.jit(step_fn(spec, model), donate_argnums=(0,)),
-                init_state(spec, model),
-                jax.device_put(specs.synthetic_batch(spec)))
+  run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]))
+  next_step = stepper(jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)),
+                      steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec)))
 
   def timer(repeats: int, warmup: int = 2) -> dict:
-    t = measure(run, repeats=repeats, warmup=warmup)
+    t = measure(next_step, repeats=repeats, warmup=warmup)
     return dict(t, examples_per_s=spec.batch / t['median_s'],
                 flops_per_step=flops.train_step(spec),
                 flop_per_s=flops.train_step(spec) / t['median_s'])
@@ -105,7 +89,8 @@ def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict
   batch = specs.synthetic_batch(spec)
   vmapped = VmapRunner(run, betas)
   states = vmapped.put_state(vmapped.init(run, range(members)))
-  together = time_steps(vmapped.train_step, states, [batch] * members, repeats=repeats)
+  together = measure(stepper(vmapped.train_step, states, [batch] * members), repeats=repeats,
+                     warmup=2)
 
   singles = [jax.jit(steps.step_functions(run, beta)[0], donate_argnums=(0,)) for beta in betas]
   states = [steps.init_state(run, i, beta) for i, beta in enumerate(betas)]
@@ -115,7 +100,7 @@ def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict
     out = [step(s, batch) for step, s in zip(singles, states)]
     return [s for s, _ in out], [m for _, m in out]
 
-  apart = time_steps(one_step_of_each, states, device_batch, repeats=repeats)
+  apart = measure(stepper(one_step_of_each, states, device_batch), repeats=repeats, warmup=2)
   rate = lambda t: members / t['median_s']
   return {'members': members, 'vectorized': together, 'sequential': apart,
           'vectorized_member_steps_per_s': rate(together),
@@ -127,13 +112,12 @@ def matmul_rate(dtype: str = 'float32', sizes=(512, 1024, 2048), repeats: int = 
   """The best FLOP/s of n×n by n×n products in `dtype` over `sizes` and over the timed calls
   (2·n³ FLOPs each): the device's attainable matmul rate, which MFU divides by. The best is
   taken, not the median, because a size that falls off a cache cliff, or calls that land in
-  a slow minute of a shared host, would lower the rate and so flatter MFU (a --quick run whose
-  medians read 170 GFLOP/s on a host that reaches 350–430 reported 85–95% MFU)."""
+  a slow minute of a shared host, would lower the rate and so flatter MFU."""
+  product = jax.jit(jnp.matmul)
   rows = []
   for n in sizes:
     a = jax.random.normal(jax.random.key(1), (n, n), DTYPES[dtype])
     b = jax.random.normal(jax.random.key(2), (n, n), DTYPES[dtype])
-    product = jax.jit(jnp.matmul)
     t = measure(lambda: product(a, b), repeats=repeats, warmup=2)
     rows.append(dict(t, n=n, flop_per_s=2 * n ** 3 / min(t['times_s'])))
   best = max(rows, key=lambda r: r['flop_per_s'])

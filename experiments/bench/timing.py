@@ -16,21 +16,19 @@ from typing import Callable
 import jax
 
 
-def measure(fn: Callable[[], object], *, repeats: int, warmup: int = 1,
-            block: Callable[[object], object] = jax.block_until_ready) -> dict:
-  """{'first_s': time of the first call, 'median_s': median of `repeats` timed calls,
-  'times_s': those calls}. `fn` must do the same work on every call; `block` waits for it."""
-  start = time.perf_counter()
-  block(fn())
-  first = time.perf_counter() - start
-  for _ in range(warmup - 1):
-    block(fn())
-  times = []
-  for _ in range(repeats):
+def measure(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> dict:
+  """{'first_s': time of the first call, 'median_s': median of the `repeats` calls after
+  `warmup` (>= 1) warm-up calls, 'times_s': those calls}. `fn` must do the same work on
+  every call."""
+
+  def timed_call():
     start = time.perf_counter()
-    block(fn())
-    times.append(time.perf_counter() - start)
-  return {'first_s': first, 'median_s': statistics.median(times), 'times_s': times}
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+  calls = [timed_call() for _ in range(warmup + repeats)]
+  times = calls[warmup:]
+  return {'first_s': calls[0], 'median_s': statistics.median(times), 'times_s': times}
 
 
 def environment() -> dict:
@@ -46,19 +44,14 @@ def environment() -> dict:
          'cpu_count': os.cpu_count(), 'cpu': _cpu_name(),
          'xla_flags': os.environ.get('XLA_FLAGS', ''),
          'omp_num_threads': os.environ.get('OMP_NUM_THREADS', '')}
-  try:
+  if hasattr(os, 'sched_getaffinity'):  # Linux only
     env['sched_affinity_cpus'] = len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    pass
   return env
 
 
 def _cpu_name() -> str:
   try:
     with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):  # not Linux, or no model name listed
+    return platform.processor()
