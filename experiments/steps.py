@@ -3,7 +3,7 @@
   Run         the dataset, model, task, schedule and optimizer of a config
   TrainState  step, params, optimizer state and the training RNG
   train_step  one optimizer step (micro-batches, devices), returning the logged metrics
-  eval_step   the metric sums of one eval batch
+  evaluate    the metric sums of one eval batch (step_functions)
 
 The runners (experiments/runners.py) place these under jit, pmap or vmap.
 """
@@ -73,34 +73,27 @@ def init_state(run: Run, seed=None, beta_scale=None) -> TrainState:
                     jax.random.key_data(train_rng))
 
 
-def loss_fns(run: Run, model):
-  """(loss_fn, eval_fn, count_fn) of `model` on the run's task."""
-  info, c = run.dataset.info, run.config
-  common = dict(label_smoothing=c.label_smoothing, bos_id=info.get('bos_id', data_lib.BOS),
-                pad_id=info.get('pad_id', data_lib.PAD))
-
-  def loss_fn(params, batch, rng):
-    return tasks.loss_and_metrics(run.task, model, params, batch,
-                                  rng=jax.random.wrap_key_data(rng), train=True, **common)
-
-  def eval_fn(params, batch):  # the true cross-entropy: no label smoothing at eval.
-    return tasks.loss_and_metrics(run.task, model, params, batch,
-                                  **dict(common, label_smoothing=0.0))[1]
-
-  def count_fn(batch):
-    return tasks.loss_weights(run.task, batch, common['pad_id']).sum()
-
-  return loss_fn, eval_fn, count_fn
-
-
 def step_functions(run: Run, beta_scale=None):
   """(train(state, batch, axis_name=None), evaluate(params, batch, axis_name=None)) of
-  run.model_for(beta_scale): the two functions every runner compiles."""
-  loss_fn, eval_fn, count_fn = loss_fns(run, run.model_for(beta_scale))
+  run.model_for(beta_scale) on the run's task: the two functions every runner compiles.
+  evaluate returns the metric sums of one batch, summed over devices, of the true
+  cross-entropy (no label smoothing)."""
+  model, info, c = run.model_for(beta_scale), run.dataset.info, run.config
+  ids = dict(bos_id=info.get('bos_id', data_lib.BOS), pad_id=info.get('pad_id', data_lib.PAD))
+
+  def loss_fn(params, batch, rng):
+    return tasks.loss_and_metrics(run.task, model, params, batch, train=True,
+                                  rng=jax.random.wrap_key_data(rng),
+                                  label_smoothing=c.label_smoothing, **ids)
+
+  def evaluate(params, batch, axis_name=None):
+    sums = tasks.loss_and_metrics(run.task, model, params, batch, **ids)[1]
+    return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
+
+  count_fn = lambda batch: tasks.loss_weights(run.task, batch, ids['pad_id']).sum()
   return (functools.partial(train_step, loss_fn=loss_fn, count_fn=count_fn,
                             optimizer=run.optimizer, schedule=run.schedule,
-                            accum_steps=run.config.grad_accum_steps),
-          functools.partial(eval_step, eval_fn=eval_fn))
+                            accum_steps=c.grad_accum_steps), evaluate)
 
 
 def train_step(state, batch, *, loss_fn, count_fn, optimizer, schedule, accum_steps,
@@ -123,14 +116,18 @@ def train_step(state, batch, *, loss_fn, count_fn, optimizer, schedule, accum_st
   # micro-batch, so a batch sharded over devices needs no all-gather under jit.
   micro = jax.tree.map(lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
 
+  def scaled_loss(params, mb, rng):
+    loss, sums = loss_fn(params, mb, rng)
+    return loss * scale, sums
+
   def accumulate(carry, inputs):
     i, mb = inputs
-    grad_fn = jax.grad(lambda p: _scaled(loss_fn(p, mb, jax.random.fold_in(rng, i)), scale),
-                       has_aux=True)
-    grads, sums = grad_fn(state.params)
+    grads, sums = jax.grad(scaled_loss, has_aux=True)(state.params, mb, jax.random.fold_in(rng, i))
     return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, (state.params, _metric_shapes(loss_fn, state.params, micro)))
+  first = jax.tree.map(lambda x: x[0], micro)
+  sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first, state.rng)[1])
+  zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
   (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
@@ -140,20 +137,3 @@ def train_step(state, batch, *, loss_fn, count_fn, optimizer, schedule, accum_st
   metrics = dict(tasks.summarize(sums), grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
   return TrainState(state.step + 1, params, opt_state, state.rng), metrics
-
-
-def _scaled(loss_and_sums, scale):
-  loss, sums = loss_and_sums
-  return loss * scale, sums
-
-
-def _metric_shapes(loss_fn, params, micro):
-  first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(lambda: loss_fn(params, first, jax.random.key_data(jax.random.key(0)))[1])
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def eval_step(params, batch, *, eval_fn, axis_name=None):
-  """The metric sums of one batch, summed over devices."""
-  sums = eval_fn(params, batch)
-  return jax.lax.psum(sums, axis_name) if axis_name is not None else sums

@@ -20,6 +20,7 @@ The training loop imports no evaluator by name: it runs whatever config.evals li
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 from typing import Any
@@ -50,21 +51,18 @@ def module_of(type_name: str):
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  name: str
-  at: str
-  evaluate: Any  # evaluate(context, **options) -> list[dict], options bound
-  module: Any
+  name: str  # its key in config.evals
+  at: str  # 'eval' | 'end'
+  evaluate: Any  # evaluate(context) -> list[dict], the options bound
 
 
 def configured(config) -> list[Evaluator]:
   """The evaluators config.evals lists, in its order."""
   out = []
   for name, spec in config.get('evals', {}).items():
-    spec = dict(spec)
-    type_name, at = spec.pop('type'), spec.pop('at', 'end')
-    module = module_of(type_name)
-    out.append(Evaluator(name, at, lambda context, f=module.evaluate, o=spec: f(context, **o),
-                         module))
+    options = dict(spec)
+    module, at = module_of(options.pop('type')), options.pop('at', 'end')
+    out.append(Evaluator(name, at, functools.partial(module.evaluate, **options)))
   return out
 
 
