@@ -94,7 +94,7 @@ CROSS = tx.AttentionLayer(('decoder', 'block_0', 'cross_attention'))
 def _layer(path, weights):
   stream = streams.Stream([[]] * len(weights), np.ones(weights.shape[:1] + weights.shape[-1:], bool),
                           np.arange(weights.shape[-1])[:, None], np.zeros(weights.shape[-1], bool))
-  return streams.Layer(path, weights, stream, stream, causal=False, is_self=False)
+  return streams.Layer(path, weights, stream, stream)
 
 
 def test_alignment_mass_is_one_for_the_exact_alignment():

@@ -1,9 +1,7 @@
 """Look inside a trained run: attention maps, ViT rollout, head statistics, and how much of
-each head's attention position explains.
+each head's attention position explains (the files: inspection.py; on real runs: docs/inspect.md).
 
   python -m experiments.inspect --workdir=RUN [--examples=N] [--out=DIR] [--step=S]
-
-What it writes: experiments/inspect/inspection.py; what it shows on real runs: docs/inspect.md.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from absl import app, flags
 from experiments.cli import (define_run_reader_flags, fail_unless_verbose, parse_flags,
                              start_run_reader)
 from experiments.inspect.inspection import inspect_run
+
 
 def define_flags():
   """The command's flags; defined only when run as a program."""

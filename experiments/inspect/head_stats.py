@@ -9,48 +9,41 @@ import tx
 from experiments.inspect.streams import Layer
 
 
-def offset_groups(layer: Layer):
-  """(ids [Tq, Tk], offsets): relative-position group of each cell, and each group's offset
-  (k − q in grid units; a (dy, dx) pair for image patches)."""
-  dims = layer.query.grid.shape[1]
-  diff = layer.key.grid[None, :, :] - layer.query.grid[:, None, :]
-  offsets, ids = np.unique(diff.reshape(-1, dims), axis=0, return_inverse=True)
-  return ids.reshape(diff.shape[:2]), [tuple(int(v) for v in o) for o in offsets]
-
-
 def head_statistics(layer: Layer) -> dict:
   """Per head: entropy (nats), mean attention distance (self-attention; input units), and the
-  relative-position / absolute-position / content shares, with the offset profile."""
+  relative-position / absolute-position / content shares, with the offset profile: (offset
+  k − q in grid units, a (dy, dx) pair for image patches; [H] mean weight), offsets increasing.
+  [CLS] is off the grid: it is left out of distances (rows renormalised) and of the split."""
   w, queries = layer.weights, layer.query.valid
   out = {'entropy': np.asarray(tx.attention_entropy(w, queries)).mean(0)}
   keep_q, keep_k = ~layer.query.special, ~layer.key.special
-  if layer.is_self:
+  if not layer.path.is_cross:
     plain = w[:, :, keep_q][:, :, :, keep_k]
     plain = plain / np.maximum(plain.sum(-1, keepdims=True), 1e-30)
     positions = (layer.query.grid[keep_q] + 0.5) * layer.query.unit
     out['mean_distance'] = np.asarray(tx.mean_attention_distance(
         plain, positions, queries[:, keep_q])).mean(0)
-  ids, offsets = offset_groups(layer)
+  diff = layer.key.grid[None, :, :] - layer.query.grid[:, None, :]  # [Tq, Tk, d]: k − q
+  offsets, ids = np.unique(diff.reshape(-1, diff.shape[-1]), axis=0, return_inverse=True)
   valid = layer.valid() & keep_q[None, :, None] & keep_k[None, None, :]
-  shares = tx.position_content_shares(w, ids, valid)
+  shares = tx.position_content_shares(w, ids.reshape(diff.shape[:2]), valid)
   out.update({k: shares[k] for k in ('relative', 'absolute', 'content')})
-  out['profile'] = {offsets[i]: m for i, m in shares['profile'].items()}
+  out['offset_profile'] = [(tuple(int(v) for v in offsets[i]), m)
+                           for i, m in shares['profile'].items()]
   return out
 
 
 def alignment_mass(data_task: str, layers: list[Layer], lengths) -> dict:
   """copy / reverse: the mean head-averaged cross-attention each output position puts on the
   source token it copies (position j, or n − 1 − j in reverse; </s> on </s> at n), per
-  cross-attention layer; {} for other tasks."""
-  if data_task not in ('copy', 'reverse'):
+  cross-attention layer, over its examples (`lengths` may run longer); {} for other tasks or
+  without lengths."""
+  if data_task not in ('copy', 'reverse') or lengths is None:
     return {}
   out = {}
-  for layer in layers:
-    if not layer.path.is_cross:
-      continue
-    mean = layer.weights.mean(1)  # [N, Tq, Tk]
-    hits = [mean[i, j, (n - 1 - j if data_task == 'reverse' else j) if j < n else n]
-            for i, n in enumerate(np.asarray(lengths)) for j in range(n + 1)]
+  for layer in [layer for layer in layers if layer.path.is_cross]:
+    hits = [mean[j, (n - 1 - j if data_task == 'reverse' else j) if j < n else n]
+            for mean, n in zip(layer.weights.mean(1), np.asarray(lengths)) for j in range(n + 1)]
     out[layer.path] = float(np.mean(hits))
   return out
 

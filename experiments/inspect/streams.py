@@ -29,13 +29,12 @@ class Stream:
 
 @dataclasses.dataclass
 class Layer:
-  """One attention layer's weights on the examples, and how to read them."""
-  path: tx.AttentionLayer  # where it sits in the model
+  """One attention layer's weights on the examples, and the streams its queries and keys read.
+  `path` says where it sits in the model, hence whether it is causal or cross-attention."""
+  path: tx.AttentionLayer
   weights: np.ndarray  # [N, H, Tq, Tk]
   query: Stream
   key: Stream
-  causal: bool
-  is_self: bool
 
   def take(self, n: int) -> 'Layer':
     """The first n examples."""
@@ -45,13 +44,13 @@ class Layer:
   def valid(self) -> np.ndarray:
     """[N, Tq, Tk]: cells that can carry attention (real query and key, causal order)."""
     cells = self.query.valid[:, :, None] & self.key.valid[:, None, :]
-    return cells & np.tril(np.ones(cells.shape[1:], bool)) if self.causal else cells
+    return cells & np.tril(np.ones(cells.shape[1:], bool)) if self.path.is_causal else cells
 
 
-def _sequence_stream(ids, valid, label_of) -> Stream:
+def _sequence_stream(ids, valid, label_of, **units) -> Stream:
   t = ids.shape[1]
   return Stream([[label_of(x) for x, v in zip(row, ok) if v] for row, ok in zip(ids, valid)],
-                valid, np.arange(t)[:, None], np.zeros(t, bool))
+                valid, np.arange(t)[:, None], np.zeros(t, bool), **units)
 
 
 def _with_cls(stream: Stream, n: int) -> Stream:
@@ -68,14 +67,13 @@ def streams(run, batch: dict) -> dict[str, Stream]:
   x = np.asarray(batch['inputs'])
   n = len(x)
   if run.task == 'seq2seq':
-    label = symbol_names(run.config.data.task, run.dataset.info['vocab_size'])
+    label = symbol_names(run.config.data.task, run.dataset.info['vocab_size']).get
     pad, bos = run.dataset.info['pad_id'], run.dataset.info['bos_id']
     targets = np.asarray(batch['targets'])
-    target_valid = targets != pad
-    source = _sequence_stream(x, x != pad, label.get)
-    target = _sequence_stream(np.asarray(tx.shift_right(targets, bos)), target_valid, label.get)
-    output = _sequence_stream(targets, target_valid, label.get)
-    return {'source': source, 'target': target, 'output': output}
+    real = targets != pad
+    return {'source': _sequence_stream(x, x != pad, label),
+            'target': _sequence_stream(np.asarray(tx.shift_right(targets, bos)), real, label),
+            'output': _sequence_stream(targets, real, label)}
   if run.task == 'lm':
     chars = run.dataset.info['chars']
     shown = {' ': '␣', '\n': '\\n', '\t': '\\t'}
@@ -90,17 +88,16 @@ def streams(run, batch: dict) -> dict[str, Stream]:
                     np.zeros(gh * gw, bool), float(p), 'pixels')
   elif x.ndim == 3:  # feature vectors, e.g. MNIST-1D patches of x.shape[2] samples.
     tokens = _sequence_stream(np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]),
-                              np.ones(x.shape[:2], bool), str)
-    tokens.unit, tokens.unit_name = float(x.shape[2]), 'input samples'
+                              np.ones(x.shape[:2], bool), str, unit=float(x.shape[2]),
+                              unit_name='input samples')
   else:  # token ids
-    pad = model.get('pad_id', PAD)
-    tokens = _sequence_stream(x, x != pad, str)
+    tokens = _sequence_stream(x, x != model.get('pad_id', PAD), str)
   return {'tokens': _with_cls(tokens, n) if model.get('pool', 'cls') == 'cls' else tokens}
 
 
-def attention_layers(run, params, batch: dict) -> tuple[list[Layer], dict[str, Stream]]:
-  """Every attention layer of the run's model on `batch`, in call order, with its token
-  streams; and the streams (see `streams`)."""
+def attention_layers(run, params, batch: dict) -> list[Layer]:
+  """Every attention layer of the run's model on `batch`, in call order, with the token streams
+  its queries and keys read."""
   inputs = tasks.model_inputs(run.task, batch, run.dataset.info.get('bos_id', BOS))
   weights = jax.jit(lambda p, *a: tx.attention_weights(run.model, {'params': p}, *a))(
       params, *inputs)
@@ -112,6 +109,5 @@ def attention_layers(run, params, batch: dict) -> tuple[list[Layer], dict[str, S
       k = s['target'] if path.is_causal else s['source']
     else:
       q = k = s['tokens']
-    layers.append(Layer(path, np.asarray(weights[path], np.float64), q, k, causal=path.is_causal,
-                        is_self=not path.is_cross))
-  return layers, s
+    layers.append(Layer(path, np.asarray(weights[path], np.float64), q, k))
+  return layers

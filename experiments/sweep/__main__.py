@@ -1,12 +1,7 @@
-"""Run a grid of `experiments.run` trainings and summarise them as tables and plots.
+"""Run a grid of `experiments.run` trainings and summarise them as tables and plots
+(experiments/sweep/grid.py; docs/sweeps.md).
 
   python -m experiments.sweep --config=configs/ablations/NAME.py[:ARG] [--workdir=DIR] [--vectorize]
-
-Each run trains in its own workdir under the sweep's workdir (default runs/sweep-<name>[-arg];
---sweepdir is the older spelling of --workdir); rerunning the command skips finished runs and
-resumes interrupted ones. Writes results.csv (a row per run), results.md (mean ± std over
-seeds) and PNG plots. With --vectorize, runs that differ only in seed and model.beta_scale
-train together as one vmapped program (experiments/runners.py, VmapRunner).
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ from experiments.sweep.grid import run_sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'An ablation config file[:arg].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; default runs/sweep-<name>[-arg].')
-flags.DEFINE_alias('sweepdir', 'workdir')
+flags.DEFINE_alias('sweepdir', 'workdir')  # the older spelling
 _VECTORIZE = flags.DEFINE_bool('vectorize', False, 'Train runs that differ only in seed and '
                                 'model.beta_scale together, as one vmapped program.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')

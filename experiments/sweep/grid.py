@@ -2,8 +2,7 @@
 
 An ablation config file defines `get_config(arg)` (the base config) and `sweep(add, arg)`
 (the grid): each `add(**{'model.posemb': 'learn', 'seed': 0})` call is one run, keyed by
-dotted config paths. Each run trains in its own workdir under the sweep directory;
-rerunning skips finished runs (those with a summary.json) and resumes interrupted ones.
+dotted config paths.
 """
 
 from __future__ import annotations
@@ -15,11 +14,9 @@ import time
 
 from experiments.sweep import charts, tables
 
-VECTORIZED = ('seed', 'model.beta_scale')  # keys that may differ within one vmapped program
-
 
 def load(config_spec: str):
-  """'path.py:arg' -> (module, arg)."""
+  """'path.py:arg' -> (module, arg); the module is named after the file."""
   path, _, arg = config_spec.partition(':')
   if not os.path.isfile(path):
     raise ValueError(f'--config={config_spec!r}: no such file {path!r}')
@@ -57,18 +54,20 @@ def configure(base, point: dict):
 
 
 def groups(points: list[dict], vectorize: bool) -> dict[str, list[dict]]:
-  """Points that train as one program: with `vectorize`, those equal but in VECTORIZED keys;
-  else each point alone. A group is the same whichever of its points are finished, so an
-  interrupted group resumes as the same program."""
+  """Points that train as one program: with `vectorize`, those that differ only in seed and
+  model.beta_scale (the vmap runner's members); else each point alone. A group is the same
+  whichever of its points are finished, so an interrupted group resumes as the same program."""
   out: dict[str, list[dict]] = {}
   for point in points:
-    shared = {k: v for k, v in point.items() if not (vectorize and k in VECTORIZED)}
-    out.setdefault(run_name(shared if vectorize else point) or 'all', []).append(point)
+    shared = {k: v for k, v in point.items()
+              if not (vectorize and k in ('seed', 'model.beta_scale'))}
+    out.setdefault(run_name(shared) or 'all', []).append(point)
   return out
 
 
 def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = False) -> list[dict]:
-  """Trains every group with an unfinished point; returns one row per point."""
+  """Trains every group with a point whose workdir (SWEEPDIR/<run_name>) has no summary.json
+  yet; returns one row per point: the point, its summary and its workdir."""
   import jax  # imported here: after absl has parsed the flags.
   from experiments.config_check import check_config
   from experiments.train import train
@@ -85,10 +84,9 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
       raise ValueError(f'sweep point {run_name(point)}: {e}') from None
   os.makedirs(sweepdir, exist_ok=True)
   workdir = lambda point: os.path.join(sweepdir, run_name(point))
-  finished = lambda point: os.path.exists(os.path.join(workdir(point), 'summary.json'))
   start, trained, done = time.time(), 0, 0
   for name, group in groups(points, vectorize).items():
-    todo = [p for p in group if not finished(p)]
+    todo = [p for p in group if not os.path.exists(os.path.join(workdir(p), 'summary.json'))]
     if not todo:
       done += len(group)
       print(f'[{done}/{len(points)}] {name}: done before, skipped', flush=True)
@@ -116,22 +114,20 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
   return rows
 
 
-def summarize(rows: list[dict], points: list[dict], sweepdir: str, title: str) -> list[str]:
-  """results.csv, results.md and the plots; returns the names of the files written."""
-  keys = list(dict.fromkeys(k for p in points for k in p))
-  tables.write_csv(rows, os.path.join(sweepdir, 'results.csv'))
-  tables.write_markdown(tables.aggregate(rows, keys), os.path.join(sweepdir, 'results.md'), title)
-  return ['results.csv', 'results.md'] + charts.plot_sweep(rows, keys, sweepdir)
-
-
 def run_sweep(config_spec: str, sweepdir: str | None = None, vectorize: bool = False) -> str:
-  """Expands, trains (skipping finished runs) and summarises a sweep; returns its directory."""
+  """Expands, trains (skipping finished runs, resuming interrupted ones) and summarises a sweep
+  in `sweepdir` (default runs/sweep-<name>[-arg]) as results.csv, results.md and the plots;
+  returns its directory."""
   module, arg = load(config_spec)
-  name = os.path.splitext(os.path.basename(config_spec.split(':')[0]))[0]
+  name = module.__name__  # the config file's name
   sweepdir = sweepdir or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
   print(f'workdir: {sweepdir}', flush=True)
   points = expand(module, arg)
   rows = run_all(module, arg, points, sweepdir, vectorize)
-  written = summarize(rows, points, sweepdir, f'{name}' + (f' ({arg})' if arg else ''))
+  keys = list(dict.fromkeys(k for p in points for k in p))
+  tables.write_csv(rows, os.path.join(sweepdir, 'results.csv'))
+  tables.write_markdown(tables.aggregate(rows, keys), os.path.join(sweepdir, 'results.md'),
+                        name + (f' ({arg})' if arg else ''))
+  written = ['results.csv', 'results.md'] + charts.plot_sweep(rows, keys, sweepdir)
   print(f'wrote {", ".join(written)} in {sweepdir}', flush=True)
   return sweepdir

@@ -42,16 +42,17 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
 
 
 def write_markdown(groups: list[dict], path: str, title: str):
+  """The groups of `aggregate` as a Markdown table, each metric as mean ± std."""
   if not groups:
     return
   metrics = [k for k in groups[0] if k.startswith('eval/')]
   keys = [k for k in groups[0] if k not in metrics]
+  row = lambda cells: '| ' + ' | '.join(cells) + ' |'
   lines = [f'# {title}', '', 'Mean ± std over seeds (n runs per row); n/a: not evaluated '
-           '(see extrapolation_note in results.csv).', '',
-           '| ' + ' | '.join(keys + metrics) + ' |', '|' + ' --- |' * (len(keys) + len(metrics))]
+           '(see extrapolation_note in results.csv).', '', row(keys + metrics),
+           '|' + ' --- |' * (len(keys) + len(metrics))]
   for g in groups:
-    cells = [str(g[k]) for k in keys] + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' if g[m] else 'n/a'
-                                         for m in metrics]
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    lines.append(row([str(g[k]) for k in keys]
+                     + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' if g[m] else 'n/a' for m in metrics]))
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
