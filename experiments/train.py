@@ -357,7 +357,7 @@ class _Loop:
         out['vectorized_with'] = len(self.members)
     return out
 
-  # --- helpers ---------------------------------------------------------------------------------
+  # --- small utilities ---------------------------------------------------------------------
 
   def any_active(self) -> bool:
     return any(m.active for m in self.members)
@@ -376,9 +376,9 @@ class _Loop:
         m.checkpoints.wait()
 
   def close(self):
+    self.close_saves()
     for m in self.members:
       if m.checkpoints is not None:
-        m.checkpoints.wait()
         m.checkpoints.close()
       if m.writer is not None:
         m.writer.close()

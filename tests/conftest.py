@@ -8,7 +8,7 @@ if flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests compile the same tiny models, also in subprocesses (which inherit this):
-# a persistent compilation cache for the session compiles each program once.
+# a persistent compilation cache for the test run compiles each program once.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='tx-test-jax-cache-')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'

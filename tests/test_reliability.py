@@ -35,7 +35,7 @@ FLAGS += [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()]
 def start(workdir, *extra):
   """The command in a subprocess. Its JAX compilation cache is its own (in the workdir's
   parent): a process killed while writing a cache entry must not leave the file half-written
-  in the cache that the rest of the test session shares."""
+  in the cache that the rest of the test run shares."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(workdir).parent / 'jax-cache'))
   return subprocess.Popen([sys.executable, '-m', 'experiments.run', *FLAGS, *extra,
                            f'--workdir={workdir}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
