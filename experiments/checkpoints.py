@@ -1,14 +1,10 @@
 """orbax-checkpoint in the workdir: the train state plus a JSON record of config and data position.
 
 Keeps the last `keep` checkpoints and the best one by an eval metric. Nothing is unpickled:
-orbax stores arrays with tensorstore and the record as JSON.
-
-Integrity. orbax writes each step into a temporary directory and renames it when complete, so
-a process killed during a save leaves no step behind (orbax ignores, then removes, the
-temporary one). A complete step whose files were later truncated or altered is caught by
-`state_record`: the record holds each array's shape and dtype and a CRC-32 of the state's
-bytes, checked after reading. `restore_latest` skips such a step with a warning and moves it to
-checkpoints_corrupt/, so it is never loaded and never reused.
+orbax stores arrays with tensorstore and the record as JSON. orbax renames a step's directory
+into place when it is complete, so a kill during a save leaves no step behind; a step whose
+files were later truncated or altered fails the check against its record (each array's shape
+and dtype, and a CRC-32 of the state's bytes), and `restore_latest` moves it aside.
 """
 
 from __future__ import annotations
@@ -25,8 +21,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 
 class Checkpoints:
-  """checkpoints/<step>/{state, meta}: state = {step, params, opt_state, rng};
-  meta = {config, data: {seed, position}, metrics}."""
+  """checkpoints/<step>/{state, meta}: state = {step, params, opt_state, rng}; meta = the
+  caller's JSON (config, data: {seed, position}, history, metrics) and state: its record."""
 
   def __init__(self, workdir: str, keep: int = 2, best_metric: str = 'accuracy',
                best_mode: str = 'max'):
@@ -64,7 +60,6 @@ class Checkpoints:
   def restore(self, like, step: int | None = None):
     """Restores (host state shaped like `like`, meta) from `step` (default: the latest);
     like=None returns the arrays as saved, in nested dicts, without the checks below.
-
     ValueError naming the first parameter whose shape or dtype differs from `like` (a model of
     another shape); CorruptCheckpoint when the files do not read back as what was saved.
     """
@@ -75,8 +70,8 @@ class Checkpoints:
       raise CorruptCheckpoint(step, f'its record does not read: {type(e).__name__}') from e
     if not isinstance(meta, dict):
       raise CorruptCheckpoint(step, 'its record is not a JSON object')
-    # Absent in checkpoints written before records existed; without `like` (the arrays as
-    # saved, nested dicts) the record's paths and order do not apply.
+    # Without `like` (the arrays as saved, nested dicts) the record's paths and order do not
+    # apply; older checkpoints have no record.
     record = meta.get('state') if like is not None else None
     if record is not None:
       check_fits(record['arrays'], like, self.directory, step)
@@ -94,19 +89,16 @@ class Checkpoints:
     return state, meta
 
   def restore_latest(self, like):
-    """(state, meta) of the newest readable step, or None when there is none.
-
-    An unreadable step gets a one-line warning and is moved to checkpoints_corrupt/; the next
-    older step is tried. A model that does not fit the checkpoint is an error, not a skip.
-    """
+    """(state, meta) of the newest readable step, or None when there is none. An unreadable
+    step gets a one-line warning and is moved to checkpoints_corrupt/, and the next older step
+    is tried; a model that does not fit the checkpoint is an error, not a skip."""
     for step in reversed(self.steps()):
       try:
         return self.restore(like, step)
       except CorruptCheckpoint as e:
         aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt', str(step))
         os.makedirs(os.path.dirname(aside), exist_ok=True)
-        if os.path.exists(aside):
-          shutil.rmtree(aside)
+        shutil.rmtree(aside, ignore_errors=True)
         shutil.move(os.path.join(self.directory, str(step)), aside)
         self.manager.reload()
         print(f'warning: {e}; skipped it and moved it to {aside}', file=sys.stderr, flush=True)
@@ -146,17 +138,15 @@ def state_record(state) -> dict:
 
 def check_fits(saved: dict, like, directory: str, step: int):
   """ValueError naming the first array of `like` whose shape or dtype differs from `saved`."""
-  where = f'checkpoint step {step} in {directory}'
-  wanted = array_specs(like)
+  where, wanted = f'checkpoint step {step} in {directory}', array_specs(like)
+  hint = 'the model differs from the one that was saved; use a new --workdir'
   for path, (shape, dtype) in wanted.items():
     if path not in saved:
-      raise ValueError(f'{where} has no {path} (shape {tuple(shape)}) that the model has: the '
-                       'model differs from the one that was saved; use a new --workdir')
+      raise ValueError(f'{where} has no {path} (shape {tuple(shape)}) that the model has: {hint}')
     if saved[path] != [shape, dtype]:
       raise ValueError(f'{where} does not fit the model: {path} is {tuple(saved[path][0])} '
                        f'{saved[path][1]} there and {tuple(shape)} {dtype} in the model; restore '
                        "with the run's own config (its config.json) or use a new --workdir")
   extra = sorted(set(saved) - set(wanted))
   if extra:
-    raise ValueError(f'{where} has {extra[0]} that the model does not: the model differs from '
-                     'the one that was saved; use a new --workdir')
+    raise ValueError(f'{where} has {extra[0]} that the model does not: {hint}')

@@ -62,16 +62,13 @@ def _config_file(argv):
 def unknown_override(config, argv) -> str | None:
   """'config.a.b=V; unknown field; allowed in config.a: ...' for the first --config.a.b=V
   override in `argv` naming a field that `config` does not have."""
-  if config is None:
-    return None
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    path, _, value = arg[len('--config.'):].partition('=')
+  overrides = [arg[len('--config.'):].partition('=') for arg in argv
+               if arg.startswith('--config.') and config is not None]
+  for path, _, value in overrides:
     node, keys = config, path.split('.')
     for i, key in enumerate(keys):
       if not hasattr(node, 'keys') or key not in node:
-        section = 'config' + ''.join('.' + k for k in keys[:i])
+        section = '.'.join(['config', *keys[:i]])
         allowed = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none'
         return f'config.{path}={value!r}; unknown field; allowed in {section}: {allowed}'
       node = node[key]

@@ -1,7 +1,7 @@
 """Validates a whole run config before anything is written to disk or compiled.
 
-`check_config(config)` raises ValueError with one line that names the field, its
-value and what is allowed: `config.<field>=<value>; <what is allowed>`.
+`check_config(config)` raises ValueError with one line that names the field, its value and
+what is allowed: `config.<field>=<value>; <what is allowed>`.
 """
 
 from __future__ import annotations
@@ -44,45 +44,23 @@ KIND_NAMES = {'int': 'an integer', 'float': 'a number', 'bool': 'True or False',
 def check_config(config) -> None:
   """Raises a one-line ValueError for the first rule `config` breaks.
 
-  Fields (config.X, config.optimizer.X, config.data.X, config.model.X, config.evals.NAME.X):
-  - no unknown fields: the training fields are those of configs/common.py `training()` (all
-    required) plus the sections data, model and evals; data takes the arguments of its loader
-    (experiments/data.py) plus augment; model takes the fields of its tx model class (but
-    attention_fn, a function); each evaluator takes type, at and the keyword arguments of
-    its module's evaluate (experiments/evaluators/).
-  - types as the defaults or annotations say: an int field takes no float or bool, a float
-    field takes an int, a bool takes only True/False; dtype and param_dtype are names.
-  - numbers are finite and >= 0; >= 1 for sizes, counts and intervals (AT_LEAST_1); in [0, 1)
-    for label_smoothing, optimizer.b1/b2 and the dropout rates; optimizer.lr > 0;
-    data.test_fraction in (0, 1).
-  - choices: parallel (experiments.runners.PARALLEL), best_mode, optimizer.schedule
-    (experiments.optimizer.SCHEDULES), data.name, model.name, model.dtype/param_dtype;
-    data.task (the seq2seq loader); model posemb, score, norm, activation, pool,
-    implementation (tx); evals.NAME.type (a module of experiments/evaluators/ or a dotted
-    module path) and evals.NAME.at ('eval' or 'end').
-  Consistency:
-  - total_steps or num_epochs > 0; tensorboard=True needs tensorboardX installed.
-  - num_devices <= the devices there are; batch_size divisible by the device count and the
-    per-device batch by grad_accum_steps; eval_batch_size (or batch_size) divisible by the
-    device count (experiments.runners).
-  - data.min_length <= data.max_length; batch_size <= the training examples; data.augment only
-    for image data.
-  - data files: a missing or unreadable data.dir / data.path, or one whose files are not in
-    the loader's format, names that field and the path.
-  - the model against one training example, traced with jax.eval_shape (no compile), so
-    that tx's own checks name the field: d_model divisible by num_heads, image size by
-    patch_size, the sequence length within a learned posemb table (num_positions), an even head
-    dim for rope, d_model % 4 for sincos2d, beta_scale >= 0 (> 0 with learn_beta).
-  - best_metric is one of the metrics of the evaluators with at='eval'.
+  - Fields: those of configs/common.py training() (all required); data: its loader's arguments
+    and augment; model: its tx class's fields; evals.NAME: type, at and its evaluate's options.
+  - Values: types as the defaults or annotations say (an int is no float or bool; dtypes are
+    names), finite numbers in RANGES (else >= 0), choices by name.
+  - Consistency: steps to run; batch sizes that fit the devices; data.min_length <=
+    data.max_length; batch_size <= the training examples; augment only for images; readable
+    data files; the model traced on one example (jax.eval_shape: no compile), so that tx's own
+    checks name the config.model field; best_metric a metric of an evaluator with at='eval'.
   """
   values = config.to_dict()
   for section in ('data', 'model', 'evals'):
     if not isinstance(values.get(section), dict):
       _fail(section, values.get(section), f'it must be a ConfigDict with the {section} fields')
   _check_section('', values, _training_schema(), required=True)
-  _check_choice('parallel', config.parallel, runners.PARALLEL)
-  _check_choice('best_mode', config.best_mode, BEST_MODES)
-  _check_choice('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
+  check_choice('config.parallel', config.parallel, runners.PARALLEL)
+  check_choice('config.best_mode', config.best_mode, BEST_MODES)
+  check_choice('config.optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   if not (config.total_steps or config.num_epochs):
     _fail('total_steps', config.total_steps, 'set it or config.num_epochs > 0')
   if config.tensorboard and importlib.util.find_spec('tensorboardX') is None:
@@ -98,15 +76,17 @@ def check_config(config) -> None:
 def _check_data_and_model(config, values: dict, periodic: list):
   """The data and model sections, against each other and against best_metric."""
   loader = _named('data', values['data'], tasks.LOADERS)
-  _check_section('data.', values['data'], _data_schema(loader))
+  _check_section('data.', values['data'], _signature_schema(loader, name=('str',),
+                                                            augment=('int',)))
   data = config.data
   if data.get('min_length', 1) > data.get('max_length', math.inf):
     _fail('data.min_length', data.min_length,
           f'it must be <= config.data.max_length={data.max_length}')
   model_class = _named('model', values['model'], tasks.MODELS)
-  _check_section('model.', values['model'], _model_schema(model_class))
-
-  dataset = _load_dataset(config, loader)
+  _check_section('model.', values['model'], {
+      f.name: _kinds(f.type) for f in dataclasses.fields(model_class)
+      if f.init and f.name not in ('parent', 'name', 'attention_fn')} | {'name': ('str',)})
+  dataset = _load_dataset(config)
   n = len(dataset.train['targets'])
   if config.batch_size > n:
     _fail('batch_size', config.batch_size, f'it must be at most the {n} training examples')
@@ -119,22 +99,18 @@ def _check_data_and_model(config, values: dict, periodic: list):
   if not metrics:
     _fail('best_metric', config.best_metric,
           "allowed: (none: no evaluator with at='eval' names one)")
-  _check_choice('best_metric', config.best_metric, metrics)
+  check_choice('config.best_metric', config.best_metric, metrics)
 
 
 def _fail(field: str, value, allowed: str):
   raise ValueError(f'config.{field}={value!r}; {allowed}')
 
 
-def _check_choice(field: str, value, allowed):
-  check_choice(f'config.{field}', value, tuple(allowed))
-
-
 def _named(section: str, values: dict, known: dict):
   """The loader or model class that config.<section>.name picks."""
   name = values.get('name')
   _check_value(f'{section}.name', name, ('str',))
-  _check_choice(f'{section}.name', name, known)
+  check_choice(f'config.{section}.name', name, known)
   return known[name]
 
 
@@ -155,15 +131,10 @@ def _kinds(annotation) -> tuple:
   return names if all(n in KINDS for n in names) else ()
 
 
-def _data_schema(loader) -> dict:
-  params = inspect.signature(loader).parameters
-  return dict({k: _kinds(p.annotation) for k, p in params.items()}, name=('str',), augment=('int',))
-
-
-def _model_schema(model_class) -> dict:
-  fields = dataclasses.fields(model_class)
-  return {f.name: _kinds(f.type) for f in fields
-          if f.init and f.name not in ('parent', 'name', 'attention_fn')} | {'name': ('str',)}
+def _signature_schema(fn, **extra) -> dict:
+  """{argument: kinds} of `fn`'s parameters but context, and the `extra` fields."""
+  return {k: _kinds(p.annotation) for k, p in inspect.signature(fn).parameters.items()
+          if k != 'context'} | extra
 
 
 def _check_evals(evals: dict) -> list:
@@ -179,11 +150,9 @@ def _check_evals(evals: dict) -> list:
       module = evaluators.module_of(spec['type'])
     except ValueError as e:
       raise ValueError(f'config.{field}.{e}') from None
-    _check_choice(f'{field}.at', spec.get('at', 'end'), evaluators.WHEN)
-    schema = {k: _kinds(p.annotation) for k, p in
-              inspect.signature(module.evaluate).parameters.items() if k != 'context'}
-    schema |= {'type': ('str',), 'at': ('str',)}
-    _check_section(field + '.', spec, schema)
+    check_choice(f'config.{field}.at', spec.get('at', 'end'), evaluators.WHEN)
+    _check_section(field + '.', spec, _signature_schema(module.evaluate, type=('str',),
+                                                        at=('str',)))
     if spec.get('at', 'end') == 'eval' and hasattr(module, 'metric_names'):
       periodic.append(module)
   return periodic
@@ -220,23 +189,19 @@ def _check_value(field: str, value, kinds: tuple):
     _fail(field, value, allowed)
 
 
-def _one_line(e: BaseException) -> str:
-  return ' '.join(str(e).split())
-
-
-def _load_dataset(config, loader):
+def _load_dataset(config):
   """tasks.load_dataset, with the loader's errors turned into one line naming the field."""
   try:
     return tasks.load_dataset(config)
   except Exception as e:
-    text = _one_line(e)
+    text = ' '.join(str(e).split())  # one line.
     if isinstance(e, ValueError) and text.startswith('config.'):
       raise
     if isinstance(e, ValueError) and text.startswith('data.'):  # the loaders name their argument.
       raise ValueError('config.' + text) from e
     name = config.data.name
-    for field in ('dir', 'path'):  # the loaders' file arguments.
-      if field in inspect.signature(loader).parameters and config.data.get(field):
+    for field in ('dir', 'path'):  # the loaders' file arguments (checked as known fields).
+      if config.data.get(field):
         raise ValueError(f'config.data.{field}={config.data[field]!r}: not readable as {name!r} '
                          f'data ({type(e).__name__}: {text})') from e
     raise ValueError(f'config.data (name={name!r}): {type(e).__name__}: {text}') from e
@@ -245,11 +210,10 @@ def _load_dataset(config, loader):
 def _trace(config, model, task: str, dataset):
   """Traces init and the eval loss on one training example (jax.eval_shape: nothing is
   compiled), so that tx's checks run and name the field."""
-  sample = {k: v[:1] for k, v in dataset.train.items()}
-  batch = dict(sample, weight=np.ones(1, np.float32))
+  batch = {k: v[:1] for k, v in dataset.train.items()} | {'weight': np.ones(1, np.float32)}
 
   def eval_sums(rng):
-    params = model.init(rng, *tasks.model_inputs(task, sample))['params']
+    params = model.init(rng, *tasks.model_inputs(task, batch))['params']
     return tasks.loss_and_metrics(task, model, params, batch)[1]
 
   try:
@@ -260,7 +224,8 @@ def _trace(config, model, task: str, dataset):
 
 def _model_error(model, e: Exception) -> str:
   """tx's message, led by the last config.model field it quotes with its value (`num_heads=3`)."""
-  text = _one_line(e) if isinstance(e, ValueError) else f'{type(e).__name__}: {_one_line(e)}'
+  text = ' '.join(str(e).split())  # one line.
+  text = text if isinstance(e, ValueError) else f'{type(e).__name__}: {text}'
   quoted = re.findall(r"(\w+)=('[^']*'|[^\s;,)]+)", text)  # name=value pairs in the message.
   named = [k for k, v in quoted if k in model and v in (str(model[k]), repr(model[k]))]
   if not named:  # e.g. 'rope needs an even head dim': the option named by its value.

@@ -1,8 +1,8 @@
 """Datasets as in-memory NumPy arrays, and a stateless, seeded batch sampler.
 
-Nothing is downloaded. Every dataset is a `Dataset` of train/test arrays keyed
-by name ('inputs', 'targets', ...). Batches are a pure function of
-(seed, step): the data-iterator position that a checkpoint needs is the step.
+Nothing is downloaded. Every dataset is a `Dataset` of train/test arrays keyed by name
+('inputs', 'targets', ...). Batches are a pure function of (seed, step): the data-iterator
+position that a checkpoint needs is the step.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import pickle
 
 import jax
 import numpy as np
+
+from tx.validate import check_choice
 
 # Token ids shared by the algorithmic seq2seq tasks.
 PAD, BOS, EOS = 0, 1, 2
@@ -28,12 +30,9 @@ class Dataset:
 
 
 def digits(test_size: int = 360, split_seed: int = 0) -> Dataset:
-  """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes).
-
-  Pixels are scaled to [0, 1], shape [N, 8, 8, 1]. The test split is fixed: the
-  last `test_size` examples of permutation(default_rng(split_seed)), i.e. 1,437
-  train / 360 test by default.
-  """
+  """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes), pixels in [0, 1],
+  shape [N, 8, 8, 1]. The test split is fixed: the last `test_size` examples of
+  permutation(default_rng(split_seed)), 1,437 / 360 by default."""
   from sklearn.datasets import load_digits
   d = load_digits()
   x = (d.images / 16.0).astype(np.float32)[..., None]
@@ -47,11 +46,9 @@ def digits(test_size: int = 360, split_seed: int = 0) -> Dataset:
 def mnist1d(patch_size: int = 1, shuffle: bool = False) -> Dataset:
   """MNIST-1D (Greydanus, 2020) from `mnist1d.data.make_dataset` with its default arguments
   (4,000 train / 1,000 test sequences of length 40, 10 classes); never its download.
-
-  patch_size p > 1 groups the 40 samples into 40/p tokens of p features.
-  shuffle=True is the package's shuffled-sequence variant: one fixed permutation
-  of the 40 positions for every example, which destroys spatial structure.
-  """
+  patch_size p > 1 groups the 40 samples into 40/p tokens of p features. shuffle=True is the
+  package's shuffled-sequence variant: one fixed permutation of the 40 positions for every
+  example, which destroys spatial structure."""
   from mnist1d.data import get_dataset_args, make_dataset
   if 40 % patch_size:
     raise ValueError(f'data.patch_size={patch_size}; MNIST-1D has length 40, so it must divide 40')
@@ -83,9 +80,8 @@ def _seq2seq_example(task, rng, length, num_symbols):
     number = lambda: int(''.join(str(d) for d in [rng.integers(1 if length > 1 else 0, 10),
                                                    *rng.integers(0, 10, length - 1)]))
     a, b = number(), number()
-    plus = FIRST_SYMBOL + 10
-    src = [FIRST_SYMBOL + int(c) for c in str(a)] + [plus] + [FIRST_SYMBOL + int(c) for c in str(b)]
-    return src, [FIRST_SYMBOL + int(c) for c in str(a + b)]
+    ids = lambda text: [FIRST_SYMBOL + '0123456789+'.index(c) for c in text]
+    return ids(f'{a}+{b}'), ids(str(a + b))
   x = rng.integers(FIRST_SYMBOL, FIRST_SYMBOL + num_symbols, length)
   out = {'copy': x, 'reverse': x[::-1], 'sort': np.sort(x)}[task]
   return list(x), list(out)
@@ -95,20 +91,15 @@ def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 100
             min_length: int = 1, max_length: int = 10, extrapolate_max_length: int | None = None,
             num_symbols: int = 10, seed: int = 0) -> Dataset:
   """Algorithmic sequence-to-sequence tasks: copy, reverse, sort, addition.
-
-  Sources are symbols (ids from FIRST_SYMBOL) followed by <eos>; targets end in
-  <eos>; both are padded with <pad>. 'length' is the number of symbols (for
-  'addition', the digits of each operand). Train and test lengths are uniform
-  in [min_length, max_length], padded to one width (info['width'] positions: the
-  longest sequence's symbols and <eos>). With extrapolate_max_length > max_length,
-  `extrapolate` holds test_size more examples with lengths in
-  (max_length, extrapolate_max_length], padded to their own, larger width: they
-  measure length extrapolation, which a learned posemb table sized for
-  training cannot even be run on.
+  Sources are symbols (ids from FIRST_SYMBOL) followed by <eos>; targets end in <eos>; both
+  are padded with <pad>. 'length' is the number of symbols (for 'addition', the digits of each
+  operand). Train and test lengths are uniform in [min_length, max_length], padded to one width
+  (info['width'] positions: the longest sequence's symbols and <eos>). With
+  extrapolate_max_length > max_length, `extrapolate` holds test_size more examples with lengths
+  in (max_length, extrapolate_max_length], padded to their own, larger width: they measure
+  length extrapolation, which a learned posemb table sized for training cannot even run on.
   """
-  if task not in SEQ2SEQ_TASKS:
-    raise ValueError(f'data.task={task!r}; allowed: {", ".join(map(repr, SEQ2SEQ_TASKS))}')
-  extrapolate_max_length = extrapolate_max_length or max_length
+  check_choice('data.task', task, SEQ2SEQ_TASKS)
   rng = np.random.default_rng(seed)
 
   def examples(n, lo, hi):
@@ -130,7 +121,7 @@ def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 100
                  examples(test_size, min_length, max_length))
   w = width(train[0], test[0])
   extrapolate = None
-  if extrapolate_max_length > max_length:
+  if (extrapolate_max_length or 0) > max_length:
     long = examples(test_size, max_length + 1, extrapolate_max_length)
     extrapolate = pad(*long, width(long[0]))
   vocab = FIRST_SYMBOL + (11 if task == 'addition' else num_symbols)
@@ -139,19 +130,12 @@ def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 100
                  extrapolate)
 
 
-def default_corpus() -> str:
-  """The English text of Python's own documentation topics (`pydoc_data`, ~465k characters),
-  which ships with every CPython."""
-  from pydoc_data.topics import topics
-  return '\n\n'.join(topics[k] for k in sorted(topics))
-
-
 def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 0.1) -> Dataset:
-  """Character-level language modelling on a local text file (default: `default_corpus`).
-
-  The text is split by position: the last `test_fraction` is the test set.
-  Examples are windows of seq_len + 1 characters (inputs = first seq_len,
-  targets = shifted by one); train windows start anywhere, test windows tile.
+  """Character-level language modelling on a local text file (default: the English text of
+  Python's documentation topics, `pydoc_data`, ~465k characters, which ships with CPython).
+  The text is split by position: the last `test_fraction` is the test set. Examples are
+  windows of seq_len + 1 characters (inputs = first seq_len, targets = shifted by one); train
+  windows start every seq_len // 2 characters, test windows tile.
   """
   if path:
     if not os.path.isfile(path):
@@ -159,21 +143,19 @@ def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 
     with open(path, encoding='utf-8', errors='replace') as f:
       text = f.read()
   else:
-    text = default_corpus()
+    from pydoc_data.topics import topics
+    text = '\n\n'.join(topics[k] for k in sorted(topics))
   chars = sorted(set(text))
   ids = np.searchsorted(np.array(chars), np.array(list(text))).astype(np.int32)
   cut = int(len(ids) * (1 - test_fraction))
   if cut < seq_len + 1 or len(ids) - cut < seq_len + 1:
     raise ValueError(f'data.path has {len(ids)} characters: too short for seq_len={seq_len}')
 
-  def windows(arr, starts):
-    w = np.stack([arr[s:s + seq_len + 1] for s in starts])
+  def windows(arr, stride):
+    w = np.stack([arr[s:s + seq_len + 1] for s in range(0, len(arr) - seq_len - 1, stride)])
     return {'inputs': w[:, :-1], 'targets': w[:, 1:]}
 
-  train_ids, test_ids = ids[:cut], ids[cut:]
-  train_starts = np.arange(0, len(train_ids) - seq_len - 1, seq_len // 2)
-  test_starts = np.arange(0, len(test_ids) - seq_len - 1, seq_len)
-  return Dataset(windows(train_ids, train_starts), windows(test_ids, test_starts),
+  return Dataset(windows(ids[:cut], seq_len // 2), windows(ids[cut:], seq_len),
                  {'vocab_size': len(chars), 'chars': ''.join(chars)})
 
 
@@ -194,9 +176,8 @@ class _DataUnpickler(pickle.Unpickler):
 def cifar(dir: str) -> Dataset:  # noqa: A002 (the config key is data.dir)
   """CIFAR-10 or CIFAR-100 from a local dir in the standard python-pickle format, read by
   an unpickler that accepts plain data and NumPy arrays only (`_DataUnpickler`).
-
-  CIFAR-10: data_batch_1..5 and test_batch; CIFAR-100: train and test (fine
-  labels). Images become float32 [N, 32, 32, 3] in [0, 1].
+  CIFAR-10: data_batch_1..5 and test_batch; CIFAR-100: train and test (fine labels). Images
+  become float32 [N, 32, 32, 3] in [0, 1].
   """
   if not dir or not os.path.isdir(dir):
     raise ValueError(f'data.dir={dir!r} is not a directory; point it at an extracted '
@@ -205,9 +186,8 @@ def cifar(dir: str) -> Dataset:  # noqa: A002 (the config key is data.dir)
   def load(names, label_key):
     xs, ys = [], []
     for name in names:
-      path = os.path.join(dir, name)
       try:
-        with open(path, 'rb') as f:
+        with open(os.path.join(dir, name), 'rb') as f:
           d = _DataUnpickler(f, encoding='bytes').load()
         xs.append(np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(np.asarray(d[label_key], np.int32))
@@ -236,7 +216,7 @@ def shift_offsets(rng: np.random.Generator, n: int, max_shift: int):
 def shift_images(images, offsets, max_shift: int):
   """Translates image i [N, H, W, C] by offsets[i] - max_shift pixels (zero fill): a cheap
   augmentation. Draw the offsets for the global batch, so they do not depend on the host."""
-  n, h, w, _ = images.shape
+  _, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
   return np.stack([padded[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
@@ -245,9 +225,8 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int,
                   process_index: int = 0, process_count: int = 1):
   """Indices of this process's share of the global batch for `step`.
 
-  Epoch e = step // (N // B) uses permutation(seed, e); process p of P takes
-  rows [p·B/P, (p+1)·B/P) of the global batch. Stateless, so resuming at
-  `step` continues the same sequence of batches.
+  Epoch e = step // (N // B) uses permutation(seed, e); process p of P takes rows
+  [p·B/P, (p+1)·B/P) of the global batch. Stateless: resuming at `step` continues the sequence.
   """
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch == 0:
@@ -271,20 +250,15 @@ def train_batch(dataset: Dataset, config, step: int) -> dict:
     offsets = shift_offsets(np.random.default_rng([c.seed, step, 1]), c.batch_size, shift)
     start = jax.process_index() * len(idx)
     batch['inputs'] = shift_images(batch['inputs'], offsets[start:start + len(idx)], shift)
-  batch['weight'] = np.ones(len(idx), np.float32)
-  return batch
+  return batch | {'weight': np.ones(len(idx), np.float32)}
 
 
 def eval_batches(dataset: Dataset, batch_size: int):
   """The test set in global batches of `batch_size`, padded with weight-0 rows; this process's rows."""
-  test = dataset.test
-  n = len(test['targets'])
-  padded = -(-n // batch_size) * batch_size
+  n = len(dataset.test['targets'])
   pid, per = jax.process_index(), batch_size // jax.process_count()
-  for start in range(0, padded, batch_size):
+  for start in range(0, n, batch_size):
     rows = np.arange(start + pid * per, start + (pid + 1) * per)
     valid = rows < n
-    rows = np.where(valid, rows, 0)
-    batch = {k: v[rows] for k, v in test.items()}
-    batch['weight'] = valid.astype(np.float32)
-    yield batch
+    batch = {k: v[np.where(valid, rows, 0)] for k, v in dataset.test.items()}
+    yield batch | {'weight': valid.astype(np.float32)}

@@ -5,11 +5,9 @@
       --top_p=0.9 --num_samples=3 --seed=1
   python -m experiments.generate --workdir=RUN --source="3 1 4 1 5" [--method=beam --beam_size=4]
 
-Methods: greedy (default), sample (temperature, top_k, top_p; --seed picks the key: the same
-seed gives the same text), beam (beam_size, length_penalty α of the GNMT penalty). Decoding is
-tx.generate / tx.beam_search: one compiled loop over a KV cache. --max_new_tokens counts the
-tokens generated after the prompt (LM) or the source (seq2seq); --max_len is the older
-spelling, the total length for an LM (prompt included) and the output length for seq2seq.
+Decoding is tx.generate / tx.beam_search: one compiled loop over a KV cache. The methods and
+the length flags (--max_new_tokens, and --max_len, the older spelling) are in
+docs/generation.md.
 """
 
 from __future__ import annotations
@@ -23,8 +21,9 @@ from absl import app, flags
 import tx
 from experiments.cli import (define_run_reader_flags, fail_unless_verbose, parse_flags,
                              start_run_reader)
-from experiments.data import symbol_names
+from experiments.data import EOS, symbol_names
 from experiments.restore import load_run
+from tx.validate import check_choice
 
 METHODS = ('greedy', 'sample', 'beam')
 
@@ -48,8 +47,7 @@ def encode_source(text: str, names: dict[int, str]) -> np.ndarray:
   if bad or not tokens:
     raise ValueError(f'--source={text!r}: {"unknown symbols " + repr(bad) if bad else "empty"}; '
                      f'allowed: {" ".join(ids)} (separated by spaces, or one character each)')
-  eos = next(i for i, name in names.items() if name == '</s>')
-  return np.array([[ids[t] for t in tokens] + [eos]], np.int32)
+  return np.array([[ids[t] for t in tokens] + [EOS]], np.int32)
 
 
 def generate_text(workdir: str, *, prompt: str | None = None, source: str | None = None,
@@ -57,14 +55,10 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
                   max_len: int | None = None, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, beam_size: int = 4,
                   length_penalty: float = 0.6, seed: int = 0, step: int | None = None) -> list[str]:
-  """The generated texts (one per sample or beam, best beam first), as printed by the command.
-
-  max_new_tokens: tokens to generate; default: up to the trained length (LM: the context
-  length less the prompt; seq2seq: the padded target width). max_len, the older spelling:
-  the total length for an LM, the output length for seq2seq.
-  """
-  if method not in METHODS:
-    raise ValueError(f'--method={method!r}; allowed: {", ".join(map(repr, METHODS))}')
+  """The generated texts (one per sample or beam, best beam first), as printed by the command;
+  the arguments are the command's flags. Without max_new_tokens or max_len, up to the trained
+  length (LM: the context length less the prompt; seq2seq: the padded target width)."""
+  check_choice('--method', method, METHODS)
   if num_samples < 1:
     raise ValueError(f'--num_samples={num_samples}; it must be a positive integer')
   run, params, _ = load_run(workdir, step)
@@ -87,8 +81,8 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
     inputs = encode_source(source, names)
     max_new_tokens = max_new_tokens or max_len or info['width']
     ids = dict(eos_id=info['eos_id'], pad_id=info['pad_id'], bos_id=info['bos_id'])
-    decode = lambda tokens: ' '.join(names[int(t)] for t in tokens if t != info['pad_id'])
-    prompt = ' '.join(names[int(t)] for t in inputs[0])
+    shown = ' '.join(names[int(t)] for t in inputs[0]) + ' → '  # the source, then the output.
+    decode = lambda tokens: shown + ' '.join(names[int(t)] for t in tokens if t != info['pad_id'])
   else:
     raise ValueError(f'--workdir={workdir!r} is a {run.task} run; generate needs a language-model '
                      'run (--prompt) or a seq2seq run (--source)')
@@ -97,17 +91,13 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
                            max_new_tokens=max_new_tokens,
                            length_penalty_alpha=length_penalty, **ids)
     tokens, scores = np.asarray(beams.tokens[0]), np.asarray(beams.scores[0])
-    texts = [f'{decode(t)}   (score {s:.3f})' for t, s in zip(tokens, scores)]
-  else:
-    sample = method == 'sample'
-    out = tx.generate(run.model, params, np.repeat(inputs, num_samples if sample else 1, axis=0),
-                      max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
-                      temperature=temperature if sample else 0.0,
-                      top_k=top_k if sample else None, top_p=top_p if sample else None, **ids)
-    texts = [decode(t) for t in np.asarray(out.tokens)]
-  if run.task == 'seq2seq':
-    texts = [f'{prompt} → {t}' for t in texts]
-  return texts
+    return [f'{decode(t)}   (score {s:.3f})' for t, s in zip(tokens, scores)]
+  sample = method == 'sample'
+  out = tx.generate(run.model, params, np.repeat(inputs, num_samples if sample else 1, axis=0),
+                    max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
+                    temperature=temperature if sample else 0.0,
+                    top_k=top_k if sample else None, top_p=top_p if sample else None, **ids)
+  return [decode(t) for t in np.asarray(out.tokens)]
 
 
 def define_flags():
@@ -133,12 +123,10 @@ def main(argv):
   f = flags.FLAGS
   start_run_reader(argv, '--workdir=RUN --prompt="..." (LM) or --source="..." (seq2seq)')
   start = time.time()
+  options = ('prompt', 'source', 'method', 'max_new_tokens', 'max_len', 'temperature', 'top_k',
+             'top_p', 'num_samples', 'beam_size', 'length_penalty', 'seed', 'step')
   try:
-    texts = generate_text(f.workdir, prompt=f.prompt, source=f.source, method=f.method,
-                          max_new_tokens=f.max_new_tokens, max_len=f.max_len,
-                          temperature=f.temperature, top_k=f.top_k,
-                          top_p=f.top_p, num_samples=f.num_samples, beam_size=f.beam_size,
-                          length_penalty=f.length_penalty, seed=f.seed, step=f.step)
+    texts = generate_text(f.workdir, **{name: f[name].value for name in options})
   except Exception as e:
     fail_unless_verbose(e, f.verbose)
   for i, text in enumerate(texts):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -19,19 +18,14 @@ def is_writer() -> bool:
 
 
 def _jsonable(v):
-  if hasattr(v, 'item'):
-    v = v.item()
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
+  """A Python scalar for JSON; inf and nan as the strings 'inf' and 'nan'."""
+  v = v.item() if hasattr(v, 'item') else v
+  return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class MetricsWriter:
-  """Appends {'step': s, 'split': 'train'|'eval', name: value, ...} records to metrics.jsonl.
-
-  With tensorboard=True, also writes TensorBoard event files through tensorboardX
-  (no TensorFlow).
-  """
+  """Appends {'step': s, 'split': 'train'|'eval', name: value, ...} records to metrics.jsonl;
+  with tensorboard=True, also TensorBoard event files (through tensorboardX: no TensorFlow)."""
 
   def __init__(self, workdir: str, tensorboard: bool = False, drop_after: int | None = None):
     """drop_after: on resume, forget records after this step (they will be written again)."""
@@ -56,9 +50,9 @@ class MetricsWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self.tb is not None:
-      for k, v in metrics.items():
-        if isinstance(_jsonable(v), (int, float)):
-          self.tb.add_scalar(f'{split}/{k}', _jsonable(v), int(step))
+      for k in metrics:
+        if isinstance(record[k], (int, float)):
+          self.tb.add_scalar(f'{split}/{k}', record[k], int(step))
       self.tb.flush()
 
   def close(self):
@@ -73,9 +67,7 @@ def read_metrics(workdir: str) -> list[dict]:
     return []
   records = []
   with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
+    for line in filter(str.strip, f):  # blank lines left out.
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError:
@@ -88,21 +80,17 @@ class Progress:
   """A one-line progress report: step, loss, lr, steps/s, examples/s and ETA."""
 
   def __init__(self, total_steps: int, batch_size: int, first_step: int = 0):
-    self.total, self.batch_size = total_steps, batch_size
-    self.t0, self.s0 = time.time(), first_step
-
-  def line(self, step: int, metrics: dict) -> str:
-    elapsed = max(time.time() - self.t0, 1e-9)
-    rate = (step - self.s0) / elapsed
-    eta = (self.total - step) / rate if rate > 0 else float('inf')
-    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '--:--:--'
-    return (f'step {step:>{len(str(self.total))}}/{self.total} '
-            f'[{100 * step / self.total:5.1f}%]  loss {metrics["loss"]:.4f}  '
-            f'lr {metrics["learning_rate"]:.2e}  {rate:.2f} steps/s  '
-            f'{rate * self.batch_size:.0f} ex/s  ETA {eta_text}')
+    self.total, self.batch_size, self.s0, self.t0 = total_steps, batch_size, first_step, time.time()
 
   def show(self, step: int, metrics: dict):
-    print(self.line(step, metrics), flush=True, file=sys.stdout)
+    rate = (step - self.s0) / max(time.time() - self.t0, 1e-9)
+    eta = '--:--:--'
+    if rate > 0:
+      eta = time.strftime('%H:%M:%S', time.gmtime((self.total - step) / rate))
+    print(f'step {step:>{len(str(self.total))}}/{self.total} '
+          f'[{100 * step / self.total:5.1f}%]  loss {metrics["loss"]:.4f}  '
+          f'lr {metrics["learning_rate"]:.2e}  {rate:.2f} steps/s  '
+          f'{rate * self.batch_size:.0f} ex/s  ETA {eta}', flush=True)
 
 
 def pyplot():
@@ -120,19 +108,18 @@ def save_figure(fig, path: str):
   pyplot().close(fig)
 
 
-def plot_learning_curves(workdir: str, records: list[dict] | None = None) -> str | None:
+def plot_learning_curves(workdir: str) -> str | None:
   """learning_curves.png: train loss and eval loss against step, and eval metrics beside them."""
   if not is_writer():
     return None
-  plt = pyplot()
-  records = read_metrics(workdir) if records is None else records
+  records = read_metrics(workdir)
   train = [r for r in records if r['split'] == 'train']
   evals = [r for r in records if r['split'] == 'eval']
   if not train:
     return None
   others = sorted({k for r in evals for k in r if k not in ('step', 'split', 'loss')
                    and isinstance(r[k], (int, float))})
-  fig, axes = plt.subplots(1, 1 + bool(others), figsize=(11 if others else 6, 4))
+  fig, axes = pyplot().subplots(1, 1 + bool(others), figsize=(11 if others else 6, 4))
   axes = list(axes) if others else [axes]
   axes[0].plot([r['step'] for r in train], [r['loss'] for r in train], label='train')
   if evals:

@@ -1,24 +1,21 @@
 """Preemption: SIGTERM or SIGINT asks the training loop to checkpoint and stop at a step boundary.
 
-One process: a signal handler sets a flag that the loop reads after each step; the loop saves
-the current step, waits for the save, and raises `Preempted`. A second signal while that runs
-falls back to the default action (a second Ctrl-C quits at once; the last complete checkpoint
-is still there). Once nothing is left to save (training done, its last checkpoint on disk),
-the loop sets `StopRequest.immediate` and a signal raises `Preempted` at once. Several processes (jax.distributed): JAX's own preemption notice, which
-receives SIGTERM in each process, and `reached_preemption_sync_point` make every process stop
-at the same step, so their collective save matches.
+A signal handler sets a flag that the loop reads after each step; the loop then saves the step,
+waits for the save and raises `Preempted`. A second signal does what it would have done (a
+second Ctrl-C quits at once; the last complete checkpoint is still there); once nothing is left
+to save, a signal raises `Preempted` at once (`StopRequest.immediate`). With several processes,
+JAX's preemption notice (SIGTERM) stops all at the same step, so their collective save matches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 
 import jax
 from jax.experimental import multihost_utils
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -29,17 +26,15 @@ class Preempted(Exception):
     self.exit_code = 128 + signum
 
 
+@dataclasses.dataclass
 class StopRequest:
   """Whether a stop was asked for, and by which signal."""
-
-  def __init__(self):
-    self.signum: int | None = None
-    self.immediate: str | None = None  # set: a signal raises Preempted(immediate) at once.
+  signum: int | None = None
+  immediate: str | None = None  # set: a signal raises Preempted(immediate) at once.
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signum = self.signum or signal.SIGTERM
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = self.signum or signal.SIGTERM
     return self.signum is not None
 
   @property
@@ -49,16 +44,13 @@ class StopRequest:
 
 @contextlib.contextmanager
 def catch_stop_signals():
-  """Yields a StopRequest set by SIGTERM/SIGINT; restores the previous handlers on exit.
-
-  Only the main thread can own signal handlers; elsewhere (and for SIGTERM under several
-  processes, which JAX's preemption notice owns) the request is never set by a signal.
-  """
+  """Yields a StopRequest set by SIGTERM/SIGINT; restores the previous handlers on exit. Only
+  the main thread can own signal handlers; elsewhere (and for SIGTERM under several processes,
+  which JAX's preemption notice owns) the request is never set by a signal."""
   request = StopRequest()
+  caught = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
   if threading.current_thread() is not threading.main_thread():
-    yield request
-    return
-  caught = (signal.SIGINT,) if jax.process_count() > 1 else SIGNALS
+    caught = ()
   previous = {s: signal.getsignal(s) for s in caught}
 
   def handler(signum, frame):
@@ -69,7 +61,7 @@ def catch_stop_signals():
     request.signum = signum
     if request.immediate is not None:
       raise Preempted(f'{request.name}: {request.immediate}', signum)
-    print(f'{signal.Signals(signum).name} received: saving a checkpoint after this step '
+    print(f'{request.name} received: saving a checkpoint after this step '
           '(send it again to quit at once)', flush=True)
 
   for s in caught:

@@ -3,6 +3,7 @@ the parameters of a checkpoint (for experiments.inspect and experiments.generate
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -33,7 +34,7 @@ def load_run(workdir: str, step: int | None = None):
   config = ml_collections.ConfigDict(values)
   run = steps.setup(config)
   ckpt = Checkpoints(workdir, best_metric=config.best_metric, best_mode=config.best_mode)
-  try:
+  with contextlib.closing(ckpt):
     saved = ckpt.steps()
     if not saved:
       raise ValueError(f'--workdir={workdir!r} has no checkpoint saved yet')
@@ -41,6 +42,4 @@ def load_run(workdir: str, step: int | None = None):
     if step not in saved:
       raise ValueError(f'--step={step}; the checkpoints of {workdir!r} are at steps {saved}')
     state, _ = ckpt.restore(steps.init_state(run), step)
-  finally:
-    ckpt.close()
   return run, state.params, step

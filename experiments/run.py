@@ -2,14 +2,15 @@
 
   python -m experiments.run --config=configs/vit.py [--workdir=DIR] [--config.KEY=VALUE ...]
 
-The workdir (default: a new runs/<config>-<time>/) receives config.json,
-metrics.jsonl, checkpoints/, summary.json and learning_curves.png. Rerunning
-with a workdir that holds a checkpoint resumes from it. SIGTERM or SIGINT (Ctrl-C)
-saves the current step and exits with 128 + the signal number (143, 130).
+The workdir (default: a new runs/<config>-<time>/) receives config.json, metrics.jsonl,
+checkpoints/, summary.json and learning_curves.png. Rerunning with a workdir that holds a
+checkpoint resumes from it. SIGTERM or SIGINT (Ctrl-C) saves the current step and exits with
+128 + the signal number (143, 130).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -31,11 +32,9 @@ def default_workdir(config_path: str) -> str:
   os.makedirs('runs', exist_ok=True)
   for n in range(1, 1000):
     path = base if n == 1 else f'{base}-{n}'
-    try:
+    with contextlib.suppress(FileExistsError):
       os.mkdir(path)
       return path
-    except FileExistsError:
-      continue
   raise ValueError(f'could not create a new workdir next to {base}; pass --workdir')
 
 

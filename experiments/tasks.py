@@ -1,11 +1,12 @@
 """From a config to a tx model, and the loss and metrics of each kind of task.
 
-Losses and metrics are returned as sums with their counts ('*_sum', '*_count'),
-so that micro-batches, devices and eval batches combine exactly.
+Losses and metrics are returned as sums with their counts ('*_sum', '*_count'), so that
+micro-batches, devices and eval batches combine exactly.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -15,6 +16,7 @@ import optax
 
 import tx
 from experiments import data as data_lib
+from tx.validate import check_choice
 
 MODELS = {'ViT': tx.ViT, 'EncoderClassifier': tx.EncoderClassifier,
           'EncoderDecoder': tx.EncoderDecoder, 'DecoderLM': tx.DecoderLM}
@@ -23,33 +25,28 @@ TASK_OF_MODEL = {'ViT': 'classify', 'EncoderClassifier': 'classify',
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 LOADERS = {'digits': data_lib.digits, 'mnist1d': data_lib.mnist1d, 'seq2seq': data_lib.seq2seq,
            'char_lm': data_lib.char_lm, 'cifar': data_lib.cifar}  # config.data.name -> loader.
-
-
 GENERATED = ('digits', 'mnist1d', 'seq2seq')  # pure functions of their arguments: cached.
-_generated: dict[str, data_lib.Dataset] = {}
 
 
 def load_dataset(config) -> data_lib.Dataset:
-  """config.data's dataset. The generated ones are kept (the last 4) for the process, so that
-  a sweep's validation and its runs make each once (MNIST-1D takes about 0.8 s); treat the
-  arrays as read-only."""
+  """config.data's dataset. The generated ones are kept (the last 4 used) for the process, so
+  that a sweep's validation and its runs make each once (MNIST-1D takes about 0.8 s); treat
+  the arrays as read-only."""
   d = config.data.to_dict()
   name = d.pop('name')
-  if name not in LOADERS:
-    raise ValueError(f'config.data.name={name!r}; allowed: {", ".join(map(repr, LOADERS))}')
+  check_choice('config.data.name', name, LOADERS)
   d.pop('augment', None)  # applied by the batch loader, not the dataset.
-  key = json.dumps([name, d], sort_keys=True, default=str)
-  if key in _generated:
-    return _generated[key]
   try:
-    dataset = LOADERS[name](**d)
+    if name in GENERATED:  # their arguments are numbers, strings and None: JSON keeps them.
+      return _generated(name, json.dumps(d, sort_keys=True))
+    return LOADERS[name](**d)
   except TypeError as e:
     raise ValueError(f'config.data for {name!r}: {e}') from None
-  if name in GENERATED:
-    _generated[key] = dataset
-    while len(_generated) > 4:
-      del _generated[next(iter(_generated))]
-  return dataset
+
+
+@functools.lru_cache(maxsize=4)
+def _generated(name: str, args: str) -> data_lib.Dataset:
+  return LOADERS[name](**json.loads(args))
 
 
 def model_inputs(task: str, batch: dict, bos_id: int = data_lib.BOS) -> tuple:
@@ -64,18 +61,13 @@ def build_model(config, info: dict):
   """config.model = {name: 'ViT' | 'EncoderClassifier' | 'EncoderDecoder' | 'DecoderLM', **kwargs}."""
   kwargs = config.model.to_dict()
   name = kwargs.pop('name')
-  if name not in MODELS:
-    raise ValueError(f'config.model.name={name!r}; allowed: {", ".join(map(repr, MODELS))}')
+  check_choice('config.model.name', name, MODELS)
   for field in ('dtype', 'param_dtype'):
     if field in kwargs:
-      if kwargs[field] not in DTYPES:
-        raise ValueError(f'config.model.{field}={kwargs[field]!r}; allowed: '
-                         f'{", ".join(map(repr, DTYPES))}')
+      check_choice(f'config.model.{field}', kwargs[field], DTYPES)
       kwargs[field] = DTYPES[kwargs[field]]
-  if name in ('ViT', 'EncoderClassifier'):
-    kwargs.setdefault('num_classes', info['num_classes'])
-  else:
-    kwargs.setdefault('vocab_size', info['vocab_size'])
+  size = 'num_classes' if TASK_OF_MODEL[name] == 'classify' else 'vocab_size'
+  kwargs.setdefault(size, info[size])
   if name == 'EncoderDecoder':
     kwargs.setdefault('pad_id', info['pad_id'])
     kwargs.setdefault('num_positions', info['width'])
@@ -87,8 +79,7 @@ def build_model(config, info: dict):
 
 def _cross_entropy(logits, labels, weights, label_smoothing: float):
   """Σ weights · CE(logits, smoothed one-hot labels), plus accuracy sums."""
-  num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes)
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
@@ -117,18 +108,15 @@ def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool =
                      pad_id: int = data_lib.PAD):
   """Returns (loss_sum, metrics) for one batch; `batch['weight']` masks padded examples."""
   rngs = {'dropout': rng} if train and rng is not None else None
-  apply = lambda *args: model.apply({'params': params}, *args, deterministic=not train, rngs=rngs)
-  example_w, weights = batch['weight'], loss_weights(task, batch, pad_id)
-  logits = apply(*model_inputs(task, batch, bos_id))
-  if task == 'classify':
-    loss, correct, count, _ = _cross_entropy(logits, batch['targets'], weights, label_smoothing)
-    return loss, {'loss_sum': loss, 'loss_count': count, 'accuracy_sum': correct,
-                  'accuracy_count': count}
+  weights = loss_weights(task, batch, pad_id)
+  logits = model.apply({'params': params}, *model_inputs(task, batch, bos_id),
+                       deterministic=not train, rngs=rngs)
   loss, correct, count, hit = _cross_entropy(logits, batch['targets'], weights, label_smoothing)
-  metrics = {'loss_sum': loss, 'loss_count': count, 'token_accuracy_sum': correct,
-             'token_accuracy_count': count}
+  accuracy = 'accuracy' if task == 'classify' else 'token_accuracy'
+  metrics = {'loss_sum': loss, 'loss_count': count, f'{accuracy}_sum': correct,
+             f'{accuracy}_count': count}
   if task == 'seq2seq':
-    exact = exact_match(hit, weights)
+    exact, example_w = exact_match(hit, weights), batch['weight']
     metrics.update(exact_match_sum=(exact * example_w).sum(), exact_match_count=example_w.sum())
   return loss, metrics
 
