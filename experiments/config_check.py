@@ -20,7 +20,6 @@ from experiments import evaluators, runners, tasks
 from experiments.optimizer import SCHEDULES
 from tx.validate import check_choice
 
-BEST_MODES = ('max', 'min')
 # Ranges of numeric fields; every other int or float field must be >= 0 (and finite).
 AT_LEAST_1 = ('batch_size', 'grad_accum_steps', 'log_every', 'eval_every', 'checkpoint_every',
               'keep_checkpoints', 'data.patch_size', 'data.train_size', 'data.test_size',
@@ -59,7 +58,7 @@ def check_config(config) -> None:
       _fail(section, values.get(section), f'it must be a ConfigDict with the {section} fields')
   _check_section('', values, _training_schema(), required=True)
   check_choice('config.parallel', config.parallel, runners.PARALLEL)
-  check_choice('config.best_mode', config.best_mode, BEST_MODES)
+  check_choice('config.best_mode', config.best_mode, ('max', 'min'))
   check_choice('config.optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   if not (config.total_steps or config.num_epochs):
     _fail('total_steps', config.total_steps, 'set it or config.num_epochs > 0')

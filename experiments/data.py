@@ -67,11 +67,9 @@ SEQ2SEQ_TASKS = ('copy', 'reverse', 'sort', 'addition')
 def symbol_names(task: str, vocab_size: int) -> dict[int, str]:
   """Token id → name in the seq2seq vocabulary: '' for <pad>, '<s>', '</s>', then the symbols
   as digits (and '+' in addition; 's10', 's11', ... beyond ten symbols)."""
-  names = {PAD: '', BOS: '<s>', EOS: '</s>'}
-  for i in range(vocab_size - FIRST_SYMBOL):
-    names[FIRST_SYMBOL + i] = ('0123456789+'[i] if task == 'addition' else
-                               str(i) if i < 10 else f's{i}')
-  return names
+  return {PAD: '', BOS: '<s>', EOS: '</s>'} | {
+      FIRST_SYMBOL + i: '0123456789+'[i] if task == 'addition' else str(i) if i < 10 else f's{i}'
+      for i in range(vocab_size - FIRST_SYMBOL)}
 
 
 def _seq2seq_example(task, rng, length, num_symbols):

@@ -17,6 +17,13 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def write_atomically(path: str, text: str):
+  """Writes a temporary file and renames it: a kill leaves the old file or the new one."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
 def _jsonable(v):
   """A Python scalar for JSON; inf and nan as the strings 'inf' and 'nan'."""
   v = v.item() if hasattr(v, 'item') else v
@@ -32,9 +39,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if drop_after is not None and is_writer() and os.path.exists(self.path):
       kept = [r for r in read_metrics(workdir) if r['step'] <= drop_after]
-      with open(self.path + '.tmp', 'w') as f:  # replaced in one step: a kill keeps one or the other.
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-      os.replace(self.path + '.tmp', self.path)
+      write_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
     self.tb = None
     if tensorboard and is_writer():
       try:

@@ -183,9 +183,9 @@ class _Loop:
       if m.status == 'passive':
         continue
       os.makedirs(m.workdir, exist_ok=True)
-      if metrics_lib.is_writer():
-        _write_atomically(os.path.join(m.workdir, 'config.json'), m.config.to_json(indent=2))
       c = m.config
+      if metrics_lib.is_writer():
+        metrics_lib.write_atomically(os.path.join(m.workdir, 'config.json'), c.to_json(indent=2))
       m.checkpoints = Checkpoints(m.workdir, c.keep_checkpoints, c.best_metric, c.best_mode)
       restored = m.checkpoints.restore_latest(fresh[i])
       if restored is not None:
@@ -402,15 +402,9 @@ def update_history(history: dict, eval_metrics: dict, config):
   history['stopped_early'] = bool(patience) and history['evals_since_best'] >= patience
 
 
-def _write_atomically(path: str, text: str):
-  """Writes a temporary file and renames it: a kill leaves the old file or the new one."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
-
-
 def write_summary(workdir: str, summary: dict):
   """summary.json (the sweep reads it; its presence marks the run finished) and the curves PNG."""
   if metrics_lib.is_writer():
-    _write_atomically(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
+    path = os.path.join(workdir, 'summary.json')
+    metrics_lib.write_atomically(path, json.dumps(summary, indent=2))
     metrics_lib.plot_learning_curves(workdir)

@@ -234,6 +234,6 @@ def test_without_torch_every_entry_point_says_why(monkeypatch):
   monkeypatch.setattr(peer, '_TORCH_ERROR', 'torch does not import (ImportError: no torch)')
   spec = specs.TINY_SPECS[0]
   for call in (lambda: peer.build_model(spec), lambda: peer.time_train_step(spec),
-               lambda: peer.train_step_fn(spec)):
+               lambda: peer.torch_batch(spec, specs.synthetic_batch(spec))):
     with pytest.raises(RuntimeError, match=r'^torch does not import \(ImportError: no torch\)$'):
       call()

@@ -1,23 +1,15 @@
-"""The benchmark suite: python -m experiments.bench [--quick] [--workdir=DIR] [--sections=...]
+"""Benchmarks: python -m experiments.bench [--quick|--tiny] [--workdir=DIR] [--sections=...]
 
-Sections (all by default, in this order):
-  matmul      the n×n matmul rate in float32 and bfloat16 that MFU divides by (the fastest
-              call, measured before and again after the train section)
-  train       tx train-step throughput per model (specs.py: ViT at several sizes,
-              EncoderDecoder, DecoderLM), float32 and bfloat16, with analytic FLOP/s and MFU
-  peer        the same models, shapes, optimizer and batch in PyTorch, eager and
-              torch.compile (peer.py), and the ratio tx/peer, tx's step timed again right
-              before and after each peer run so that a drifting host speed cannot skew it
+Sections (all by default, in this order; docs/performance.md has more, and the results):
+  matmul      the n×n matmul rate in float32 and bfloat16 that MFU divides by (step_time.py)
+  train       tx train-step throughput per model of specs.py, float32 and bfloat16, and MFU
+  peer        the same steps in PyTorch, eager and torch.compile (peer.py), and tx/peer
   attention   ours against the fused implementation, T = 128 … 8192: time and peak memory
   parallel    pmap against jit on 8 devices (8 simulated CPU devices on a CPU host)
   vectorized  a vmapped sweep of 8 members against one run after another
 
-CPU hosts time specs.CPU_SPECS, GPU hosts specs.GPU_SPECS (ViT-Ti/S/B/16 at 224). --quick
-(≤ 10 minutes on a 2-core CPU) times fewer models, lengths and repeats; --tiny runs
-everything on toy shapes in about a minute (the end-to-end test). Every number is a median
-over repeats after a warm-up, with the device blocked on (timing.py). After every section, it
-writes into WORKDIR (--out is the older spelling of --workdir) bench.json (every measurement,
-the environment, the command), bench.md (the tables printed), attention.png and throughput.png.
+CPU hosts time specs.CPU_SPECS, GPU hosts specs.GPU_SPECS. After every section it writes
+bench.json, bench.md, attention.png and throughput.png into --workdir.
 """
 
 from __future__ import annotations

@@ -6,21 +6,11 @@ their train step timed in eager mode and under `torch.compile`.
 
 Without torch every entry point raises a RuntimeError with the one-line reason.
 
-What is mirrored. `build_model(spec)` returns an `nn.Module` that computes the same function as
-`specs.tx_model(spec)` (the architectures are in specs.py's docstring), with the same
-parameters under the same names: `load_tx_params` copies a tx parameter tree in, and
-tests/test_bench_peer.py checks the logits, the gradients, and the parameters after two
-optimizer steps against tx and optax. To compute what tx computes:
-  - the ViT's stride-p patch convolution is one matrix product of the p×p patches with the
-    Conv2d's weight, as tx computes it; images are NHWC in tx, and `torch_batch` makes them
-    NCHW once;
-  - the sinusoid interleaves PE(pos, 2i) = sin(pos/10000^(2i/d)) and PE(pos, 2i+1) = cos(…);
-  - every attention layer has separate Q, K, V and output projections, all with biases, and
-    computes softmax(q·kᵀ/√d_head + mask) v with `F.scaled_dot_product_attention` (PyTorch's
-    fused path; `is_causal=True` for causal self-attention, a boolean key mask for source
-    pads, id 0; a query whose keys are all masked gets 0 in both, on CPU);
-  - LayerNorm ε = 1e-6 (Flax's, not torch's 1e-5); GELU is the tanh approximation
-    (`flax.linen.gelu`'s default).
+`build_model(spec)` returns an `nn.Module` that computes the same function as
+`specs.tx_model(spec)` (the architectures are in specs.py's docstring; each module below names
+the tx module it mirrors), with the same parameters under the same names: `load_tx_params`
+copies a tx parameter tree in, and tests/test_bench_peer.py checks the logits, the gradients,
+and the parameters after two optimizer steps against tx and optax.
 
 The train step (`TrainStep`) is the one tx's trainer runs with `configs/common.py`'s optimizer:
   loss   L = (1/N) Σ_n −log softmax(z_n)[y_n],  mean cross-entropy of the float32 logits z over
@@ -29,16 +19,14 @@ The train step (`TrainStep`) is the one tx's trainer runs with `configs/common.p
   clip   g ← g · min(1, 1/‖g‖₂) over all parameters (`clip_grad_norm_(1.0)`; optax's
          clip_by_global_norm, up to torch's +1e-6 in the denominator).
   AdamW  lr 1e-3, β = (0.9, 0.999), ε = 1e-8, decoupled weight decay λ = 1e-4
-         (θ ← θ − lr·λ·θ) on the parameters tx decays: those whose tx array has ndim > 1
-         (matrices, embeddings, posemb tables, [CLS], and the Q/K/V biases, which tx stores
-         as [heads, d_head]).
+         (θ ← θ − lr·λ·θ) on the parameters tx decays (`decays`: tx's array has ndim > 1).
 bfloat16 runs under `torch.autocast` with float32 parameters (tx: dtype=bfloat16,
 param_dtype=float32); the loss is computed from float32 logits in both.
 
 On CUDA, float32 matmuls may use TF32, as XLA's do by default on GPU, so that both frameworks
-run float32 at the same precision. `impl='timm'` times timm's `VisionTransformer` at the spec's
-size instead of this mirror (fused QKV, erf GELU): a reference for a hand-tuned model zoo. The
-tests run on CPU without timm, so the CUDA and timm paths have none.
+run float32 at the same precision. `impl='timm'` times a hand-tuned model zoo's ViT instead of
+this mirror (`timm_vit`). The tests run on CPU without timm, so the CUDA and timm paths have
+none.
 """
 
 from __future__ import annotations
@@ -68,7 +56,7 @@ except Exception as e:  # ImportError, or OSError from a broken install.  # noqa
   nn = types.SimpleNamespace(Module=object)  # so that the classes below still define.
   _TORCH_ERROR = f'torch does not import ({type(e).__name__}: {e})'.splitlines()[0]
 
-LN_EPS = 1e-6  # Flax's LayerNorm default.
+LN_EPS = 1e-6  # Flax's LayerNorm default (torch's is 1e-5).
 OPTIMIZER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)  # configs/common.py
 GRAD_CLIP = 1.0
 # Parameters tx stores with ndim > 1 although torch stores them as vectors: the Q, K, V biases
@@ -83,7 +71,8 @@ def _require_torch():
 
 # ------------------------------------------------------------------------------------ modules
 class Attention(nn.Module):
-  """softmax(q kᵀ/√d_head + mask) v over `num_heads` heads, then W^O (tx.MultiHeadAttention)."""
+  """softmax(q kᵀ/√d_head + mask) v over `num_heads` heads, then W^O (tx.MultiHeadAttention),
+  by PyTorch's fused path; a query whose keys are all masked gets 0 in both, on CPU."""
 
   def __init__(self, d_model: int, num_heads: int):
     super().__init__()
@@ -102,7 +91,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
   """Self-attention, [cross-attention,] FFN, each a residual sublayer with LayerNorm:
   post-LN LN(x + f(x)) or pre-LN x + f(LN(x)) (tx.EncoderBlock / tx.DecoderBlock); the FFN
-  is act(x W_1 + b_1) W_2 + b_2 (tx.FeedForward)."""
+  is act(x W_1 + b_1) W_2 + b_2 (tx.FeedForward), act ReLU or GELU's tanh approximation
+  (`flax.linen.gelu`'s default)."""
 
   def __init__(self, spec, norm: str, activation: str, cross: bool):
     super().__init__()
@@ -205,19 +195,17 @@ class ViT(nn.Module):
     self.head = nn.Linear(d, spec.num_classes)
 
   def forward(self, images):
-    x = self._patches(images)  # [B, h·w, D], row-major patches
-    x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-    x = self.encoder(x + self.pos_embedding)
-    return self.head(x[:, 0]).float()
-
-  def _patches(self, images):
-    """= self.embedding(images).flatten(2).transpose(1, 2), as one product: the convolution's
-    backward pass is slow on the CPU in both frameworks, so both compute the product."""
+    # The patches [B, h·w, D] (row-major) = self.embedding(images).flatten(2).transpose(1, 2),
+    # as one product: the convolution's backward pass is slow on the CPU in both frameworks,
+    # so both compute the product.
     conv, (b, c, h, w) = self.embedding, images.shape
     p = conv.kernel_size[0]
     patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
     patches = patches.reshape(b, (h // p) * (w // p), c * p * p)  # (c, u, v) as the weight's
-    return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+    x = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+    x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+    x = self.encoder(x + self.pos_embedding)
+    return self.head(x[:, 0]).float()
 
 
 class EncoderDecoder(nn.Module):
@@ -278,8 +266,6 @@ def build_model(spec: specs_lib.Spec, seed: int = 0):
   Build it under `torch.device('meta')` to count parameters without allocating them.
   """
   _require_torch()
-  if spec.kind not in specs_lib.KINDS:
-    raise ValueError(f'spec.kind={spec.kind!r}; allowed: {", ".join(specs_lib.KINDS)}')
   model = {'ViT': ViT, 'EncoderDecoder': EncoderDecoder, 'DecoderLM': DecoderLM}[spec.kind](spec)
   if next(model.parameters()).device.type != 'meta':
     with torch.random.fork_rng(devices=[]):
@@ -303,8 +289,7 @@ def _torch_name(path: tuple[str, ...]) -> str:
 def _to_torch_layout(name: str, array: np.ndarray, shape) -> np.ndarray:
   if array.ndim == 4 and name.endswith('weight'):  # Conv kernel [p, p, C, D] → [D, C, p, p]
     return array.transpose(3, 2, 0, 1)
-  if name.endswith('weight') and len(shape) == 2 and array.ndim >= 2 and (
-      not name.endswith('embedding.weight')):
+  if name.endswith('weight') and len(shape) == 2 and not name.endswith('embedding.weight'):
     # Dense [in, out], DenseGeneral Q/K/V [D, H, Dh] and out [H, Dh, D] → Linear [out, in].
     return array.reshape(-1, shape[0]).T
   return array.reshape(shape)  # biases ([H, Dh] → [D]), norms, embeddings, cls, posemb.
@@ -319,24 +304,20 @@ def load_tx_params(model, flax_params) -> None:
   entry per block (block_0, ...), as `specs.tx_model` builds it: a scan_layers tree ('blocks',
   stacked) needs `tx.models.unstack_layers` first.
   """
-  _require_torch()
   params = dict(model.named_parameters())
-  seen = set()
   for path, value in traverse_util.flatten_dict(flax_params).items():
     name = _torch_name(path)
     if name not in params:
       raise ValueError(f'tx parameter {"/".join(path)} has no torch counterpart {name!r}')
-    target = params[name]
+    target = params.pop(name)
     array = np.asarray(value, np.float32)
     if array.size != target.numel():
       raise ValueError(f'tx parameter {"/".join(path)} has shape {array.shape}; torch {name} '
                        f'has {tuple(target.shape)}')
     with torch.no_grad():
       target.copy_(torch.tensor(_to_torch_layout(name, array, tuple(target.shape))))
-    seen.add(name)
-  missing = sorted(set(params) - seen)
-  if missing:
-    raise ValueError(f'torch parameters not set from the tx tree: {", ".join(missing)}')
+  if params:
+    raise ValueError(f'torch parameters not set from the tx tree: {", ".join(sorted(params))}')
 
 
 # ------------------------------------------------------------------------------ train step
@@ -356,14 +337,6 @@ def torch_batch(spec: specs_lib.Spec, batch: dict, device='cpu') -> tuple:
   return tuple(t.to(device) for t in inputs), targets.to(device)
 
 
-def loss_fn(spec: specs_lib.Spec, model, inputs, targets):
-  """Mean cross-entropy of float32 logits over examples (ViT), non-pad target tokens
-  (EncoderDecoder) or all target tokens (DecoderLM)."""
-  logits = model(*inputs).float()
-  ignore = PAD if spec.kind == 'EncoderDecoder' else -100  # -100: torch's "ignore nothing"
-  return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore)
-
-
 def decays(name: str, param) -> bool:
   """Whether tx's optimizer decays this parameter: its tx array has ndim > 1."""
   return param.ndim > 1 or name.endswith(_TX_MATRIX_BIASES)
@@ -381,10 +354,8 @@ class TrainStep:
 
   def __init__(self, spec, model, *, compile: bool = False, dtype='float32',
                weight_decay: float = OPTIMIZER['weight_decay'], compile_options=None):
-    _require_torch()
-    if dtype not in ('float32', 'bfloat16'):
-      raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'bfloat16'")
-    self.spec, self.model, self.bfloat16 = spec, model, dtype == 'bfloat16'
+    self.spec, self.model = spec, model
+    self.bfloat16 = {'float32': False, 'bfloat16': True}[dtype]
     self.device_type = next(model.parameters()).device.type
     named = list(model.named_parameters())
     groups = [{'params': [p for n, p in named if decays(n, p)]},
@@ -394,8 +365,11 @@ class TrainStep:
     self.loss = torch.compile(self._loss, **(compile_options or {})) if compile else self._loss
 
   def _loss(self, inputs, targets):
+    """Mean cross-entropy of the float32 logits over the N of the module docstring."""
     with torch.autocast(self.device_type, torch.bfloat16, enabled=self.bfloat16):
-      return loss_fn(self.spec, self.model, inputs, targets)
+      logits = self.model(*inputs).float()
+      ignore = PAD if self.spec.kind == 'EncoderDecoder' else -100  # -100: "ignore nothing"
+      return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore)
 
   def __call__(self, inputs, targets):
     self.optimizer.zero_grad(set_to_none=True)
@@ -404,21 +378,6 @@ class TrainStep:
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
     self.optimizer.step()
     return loss.detach()
-
-
-def train_step_fn(spec: specs_lib.Spec, *, compile: bool = False, dtype='float32', device=None,
-                  impl: str = 'tx', seed: int = 0) -> TrainStep:
-  """A `TrainStep` for a fresh float32 model of `spec` on `device` (default: CUDA if present).
-
-  impl='tx': this module's mirror of `specs.tx_model(spec)`; impl='timm': timm's ViT at the
-  spec's size (ViT specs only).
-  """
-  _require_torch()
-  if impl not in ('tx', 'timm'):
-    raise ValueError(f"impl={impl!r}; allowed: 'tx', 'timm'")
-  device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-  model = build_model(spec, seed) if impl == 'tx' else timm_vit(spec)
-  return TrainStep(spec, model.to(device), compile=compile, dtype=dtype)
 
 
 def timm_vit(spec: specs_lib.Spec):
@@ -442,15 +401,15 @@ def timm_vit(spec: specs_lib.Spec):
 
 def time_train_step(spec: specs_lib.Spec, *, compile: bool = False, dtype='float32',
                     warmup: int = 3, repeats: int = 10, impl: str = 'tx') -> dict:
-  """Median wall time of one train step of the peer on `specs.synthetic_batch(spec)`.
+  """Median wall time of one train step of the peer on `specs.synthetic_batch(spec)`, on CUDA
+  if present, of a fresh float32 model: this module's mirror of `specs.tx_model(spec)`
+  (impl='tx') or timm's ViT at the spec's size (impl='timm', ViT specs only).
 
   torch uses as many threads as this process has CPUs (`os.sched_getaffinity`), and CUDA
   TF32. The batch becomes tensors on the device once. `warmup` steps run first (the first one
-  compiles under torch.compile) and are timed separately; then each of `repeats` steps is timed
-  alone, the device synchronised after it. Returns step_s_median, examples_per_s,
-  tokens_per_s (examples × spec.tokens), times_s, first_steps_s (the warmup steps' times;
-  [0] includes compilation), first_step_s, final_loss, and the setup (torch version, threads,
-  device, dtype, compile, impl, tf32).
+  compiles under torch.compile) and are timed separately, in first_steps_s; then each of
+  `repeats` steps is timed alone, the device synchronised after it. Returns the times, the
+  rates (tokens: examples × spec.tokens), the last step's loss and the setup.
   """
   _require_torch()
   if warmup < 1 or repeats < 1:
@@ -461,7 +420,8 @@ def time_train_step(spec: specs_lib.Spec, *, compile: bool = False, dtype='float
   cuda = device.type == 'cuda'
   if cuda:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-  step = train_step_fn(spec, compile=compile, dtype=dtype, device=device, impl=impl)
+  model = {'tx': build_model, 'timm': timm_vit}[impl](spec)
+  step = TrainStep(spec, model.to(device), compile=compile, dtype=dtype)
   inputs, targets = torch_batch(spec, specs_lib.synthetic_batch(spec), device)
   sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
@@ -472,16 +432,15 @@ def time_train_step(spec: specs_lib.Spec, *, compile: bool = False, dtype='float
     sync()
     return time.perf_counter() - start, loss
 
-  first = [timed()[0] for _ in range(warmup)]
-  times, losses = zip(*[timed() for _ in range(repeats)])
-  times, loss = list(times), losses[-1]
+  calls = [timed() for _ in range(warmup + repeats)]
+  first, times = [t for t, _ in calls[:warmup]], [t for t, _ in calls[warmup:]]
   median = statistics.median(times)
   return {'step_s_median': median, 'examples_per_s': spec.batch / median,
           'tokens_per_s': spec.batch * spec.tokens / median, 'times_s': times,
-          'first_steps_s': first, 'first_step_s': first[0], 'final_loss': float(loss),
+          'first_steps_s': first, 'first_step_s': first[0], 'final_loss': float(calls[-1][1]),
           'torch': torch.__version__, 'threads': torch.get_num_threads(),
-          'device': str(device), 'dtype': str(dtype), 'compile': compile, 'impl': impl,
-          'tf32': True if cuda else None}
+          'device': str(device), 'dtype': dtype, 'compile': compile, 'impl': impl,
+          'tf32': cuda or None}
 
 
 def main(argv):

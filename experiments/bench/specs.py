@@ -21,9 +21,9 @@ import numpy as np
 
 import tx
 from experiments.data import PAD
+from experiments.tasks import TASK_OF_MODEL
 
-TASK_OF_KIND = {'ViT': 'classify', 'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
-KINDS = tuple(TASK_OF_KIND)
+KINDS = ('ViT', 'EncoderDecoder', 'DecoderLM')  # the tx models the benchmark times
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +44,12 @@ class Spec:
 
   @property
   def task(self) -> str:
-    return TASK_OF_KIND[self.kind]
+    return TASK_OF_MODEL[self.kind]
 
   @property
   def tokens(self) -> int:
     """Sequence length the encoder/decoder stack sees per example (ViT: patches + [CLS])."""
-    if self.kind == 'ViT':
-      return (self.image_size // self.patch_size) ** 2 + 1
-    return self.seq_len
+    return (self.image_size // self.patch_size) ** 2 + 1 if self.kind == 'ViT' else self.seq_len
 
 
 def tx_model(spec: Spec, dtype=jnp.float32):

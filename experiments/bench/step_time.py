@@ -36,8 +36,7 @@ def run_of(spec: specs.Spec, model) -> steps.Run:
   schedule = optax.constant_schedule(config.optimizer.lr)
   sample = specs.synthetic_batch(dataclasses.replace(spec, batch=1))
   dataset = data_lib.Dataset(sample, {}, {'bos_id': data_lib.BOS, 'pad_id': data_lib.PAD})
-  return steps.Run(config, dataset, spec.task, model, 1, schedule,
-                   make_optimizer(config, schedule))
+  return steps.Run(config, dataset, spec.task, model, 1, schedule, make_optimizer(config, schedule))
 
 
 def stepper(step, state, batch):
@@ -53,19 +52,18 @@ def stepper(step, state, batch):
 
 
 def step_timer(spec: specs.Spec, dtype: str = 'float32'):
-  """Compiles the tx train step of `spec` once and returns timer(repeats, warmup=2) -> dict:
-  median seconds per step, examples/s and achieved FLOP/s. Each call times more steps of
-  the same training run, so a model can be timed again later (next to its peer) without
-  compiling again."""
+  """Compiles the tx train step of `spec` once and returns timer(repeats) -> dict: median
+  seconds per step after 2 warm-up steps, examples/s and achieved FLOP/s. Each call times
+  more steps of the same run, so a model is timed again next to its peer without compiling."""
   run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]))
   next_step = stepper(jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)),
                       steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec)))
+  flop = flops.train_step(spec)
 
-  def timer(repeats: int, warmup: int = 2) -> dict:
-    t = measure(next_step, repeats=repeats, warmup=warmup)
-    return dict(t, examples_per_s=spec.batch / t['median_s'],
-                flops_per_step=flops.train_step(spec),
-                flop_per_s=flops.train_step(spec) / t['median_s'])
+  def timer(repeats: int) -> dict:
+    t = measure(next_step, repeats=repeats, warmup=2)
+    return dict(t, examples_per_s=spec.batch / t['median_s'], flops_per_step=flop,
+                flop_per_s=flop / t['median_s'])
 
   return timer
 
