@@ -26,8 +26,9 @@ AT_LEAST_1 = ('batch_size', 'grad_accum_steps', 'log_every', 'eval_every', 'chec
               'data.min_length', 'data.max_length', 'data.extrapolate_max_length',
               'data.num_symbols', 'data.seq_len', 'model.num_layers', 'model.d_model',
               'model.num_heads', 'model.d_ff', 'model.patch_size', 'model.num_positions',
-              'model.num_classes', 'model.vocab_size', 'evals.attention_entropy.examples',
-              'evals.exact_match_by_length.batch_size')
+              'model.num_classes', 'model.vocab_size',
+              # evaluator options as evals.<type>.<option>, whatever the evaluator's name.
+              'evals.attention_entropy.examples', 'evals.exact_match_by_length.batch_size')
 BELOW_1 = ('label_smoothing', 'optimizer.b1', 'optimizer.b2', 'model.dropout',
            'model.attention_dropout')  # [0, 1)
 RANGES = {**{f: (lambda v: v >= 1, 'it must be a positive integer') for f in AT_LEAST_1},
@@ -152,6 +153,10 @@ def _check_evals(evals: dict) -> list:
     check_choice(f'config.{field}.at', spec.get('at', 'end'), evaluators.WHEN)
     _check_section(field + '.', spec, _signature_schema(module.evaluate, type=('str',),
                                                         at=('str',)))
+    for key, value in spec.items():  # ranges by evaluator type, whatever its name here.
+      ok, allowed = RANGES.get(f'evals.{spec["type"]}.{key}', (lambda v: True, ''))
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+        _fail(f'{field}.{key}', value, allowed)
     if spec.get('at', 'end') == 'eval' and hasattr(module, 'metric_names'):
       periodic.append(module)
   return periodic

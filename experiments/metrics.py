@@ -127,8 +127,9 @@ def plot_learning_curves(workdir: str) -> str | None:
   fig, axes = pyplot().subplots(1, 1 + bool(others), figsize=(11 if others else 6, 4))
   axes = list(axes) if others else [axes]
   axes[0].plot([r['step'] for r in train], [r['loss'] for r in train], label='train')
-  if evals:
-    axes[0].plot([r['step'] for r in evals], [r['loss'] for r in evals], 'o-', label='eval')
+  eval_loss = [(r['step'], r['loss']) for r in evals if 'loss' in r]  # evaluators may not give one
+  if eval_loss:
+    axes[0].plot(*zip(*eval_loss), 'o-', label='eval')
   axes[0].set(xlabel='step', ylabel='loss', yscale='log', title='loss')
   axes[0].legend()
   for k in others:

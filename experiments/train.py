@@ -98,7 +98,7 @@ class Member:
   writer: Any = None
   history: dict = dataclasses.field(default_factory=lambda: fresh_history())
   last_saved: int = 0
-  diverged: dict = dataclasses.field(default_factory=dict)  # message, step
+  diverged: dict = dataclasses.field(default_factory=dict)  # its summary, once it diverged
   frozen: Any = None  # the host state it stopped with, while the others go on
 
   @property
@@ -169,7 +169,7 @@ class _Loop:
       ends = self.end_of_run(state, stop)
       summaries = [self.summary(m, s, e) for m, s, e in zip(self.members, finals, ends)]
       for m, summary in zip(self.members, summaries):
-        if m.status != 'passive':
+        if m.status in ('training', 'done'):  # a diverged one's was written when it diverged.
           write_summary(m.workdir, summary)
     return summaries, finals
 
@@ -205,19 +205,23 @@ class _Loop:
 
   def _align(self, states, fresh) -> int:
     """The step the training members continue from. They were saved together, but a kill
-    between their saves can leave them one checkpoint apart: all go back to the older one."""
+    between their saves can leave them one checkpoint apart: all go back to the older one.
+    Members further apart (or some never saved) were not one program: nothing is deleted."""
     training = [i for i, m in enumerate(self.members) if m.status == 'training' and
                 not m.history['stopped_early'] and m.last_saved < self.run.total_steps]
-    first = min((self.members[i].last_saved for i in training), default=0)
+    saved = [self.members[i].last_saved for i in training]
+    first = min(saved, default=0)
     for i in training:
       m = self.members[i]
       if m.last_saved == first:
         continue
-      if first and first not in m.checkpoints.steps():
-        raise ValueError(f'the runs of this group were saved at different steps, and '
-                         f'{m.workdir} no longer has step {first}; run them without --vectorize')
-      states[i], meta = (m.checkpoints.restore(fresh[i], first) if first else (fresh[i], None))
-      m.history.update(meta['history'] if meta else fresh_history())
+      if (not first or m.last_saved - first > self.config.checkpoint_every
+          or first not in m.checkpoints.steps()):
+        raise ValueError(f'--vectorize: the runs of this group were saved at steps {saved}, '
+                         'not one checkpoint apart; nothing was deleted; run them without '
+                         '--vectorize to continue each from its own checkpoint')
+      states[i], meta = m.checkpoints.restore(fresh[i], first)
+      m.history.update(meta['history'])
       m.checkpoints.delete_after(first)  # those steps are trained and saved again.
       m.last_saved = first
     return first
@@ -251,7 +255,12 @@ class _Loop:
         message = (f'{bad[0]}={float(host[bad[0]])} at step {step}: the run diverged; {kept}; '
                    'lower config.optimizer.lr, enable config.optimizer.grad_clip, or find the '
                    'first NaN with --config.debug_nans=True')
-        m.status, m.diverged = 'diverged', {'message': message, 'step': step}
+        m.status, m.diverged = 'diverged', {
+            'diverged': message, 'diverged_at_step': step, 'steps': m.last_saved,
+            'total_steps': self.run.total_steps,
+            'wall_time_s': round(time.time() - self.start_time, 1)}
+        # Written now: a rerun of its group must find it finished, whatever stops this one.
+        write_summary(m.workdir, m.diverged)
         if self.vectorized:
           print(f'{m.workdir}: {message}', flush=True)
 
@@ -343,9 +352,10 @@ class _Loop:
   def summary(self, m: Member, state, ends: dict | None = None) -> dict:
     """What summary.json records of a member."""
     if m.status == 'diverged':
-      return {'diverged': m.diverged['message'], 'diverged_at_step': m.diverged['step'],
-              'steps': m.last_saved, 'total_steps': self.run.total_steps,
-              'wall_time_s': round(time.time() - self.start_time, 1)}
+      return m.diverged
+    if m.status == 'passive':  # finished before this call.
+      with open(os.path.join(m.workdir, 'summary.json')) as f:
+        return json.load(f)
     out = {f'eval/{k}': v for k, v in m.history['last_eval'].items()}
     out.update(steps=int(state.step), total_steps=self.run.total_steps,
                early_stopped=m.history['stopped_early'],

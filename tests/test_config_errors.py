@@ -107,6 +107,12 @@ def test_each_rule_names_field_value_and_what_is_allowed(name, fields, expected)
   assert message.startswith(expected) and '\n' not in message, message
 
 
+def test_evaluator_option_ranges_go_by_type_whatever_the_name():
+  config = tiny_config('vit')
+  config.evals.ent = dict(type='attention_entropy', at='end', examples=0)
+  assert error_of(config).startswith('config.evals.ent.examples=0; it must be a positive integer')
+
+
 def test_missing_field():
   config = tiny_config('vit')
   del config['parallel']

@@ -128,6 +128,34 @@ def test_a_diverging_member_is_marked_and_the_others_finish(tmp_path):
     np.testing.assert_allclose(rb['loss'], ra['loss'], rtol=1e-4)
 
 
+def test_a_group_stopped_after_a_member_diverged_resumes_the_others_bitwise(tmp_path):
+  """The diverged member's summary.json is written when it diverges, so a rerun of the stopped
+  group keeps it as it is and the others continue from their checkpoint (none is deleted)."""
+  configs = [_config(0, 1.0), _config(0, float('inf'))]
+  full = [str(tmp_path / 'full_ok'), str(tmp_path / 'full_bad')]
+  train(configs, full, vectorize=True)
+  dirs = [str(tmp_path / 'ok'), str(tmp_path / 'bad')]
+  train(configs, dirs, vectorize=True, stop_after=8)  # a crash after the save at step 6.
+  assert 'diverged' in _summary(dirs[1]) and Checkpoints(dirs[0]).latest_step() == 6
+  summaries, _ = train(configs, dirs, vectorize=True)
+  assert summaries[1]['diverged_at_step'] == 1 and summaries[0]['steps'] == 12
+  assert read_metrics(dirs[0]) == read_metrics(full[0])
+  assert ({k: v for k, v in _summary(dirs[0]).items() if k != 'wall_time_s'} ==
+          {k: v for k, v in _summary(full[0]).items() if k != 'wall_time_s'})
+
+
+def test_members_more_than_a_checkpoint_apart_are_refused_and_nothing_is_deleted(tmp_path):
+  """A run trained alone, then grouped with a fresh one: going back to step 0 would delete its
+  checkpoints, so the group is refused instead."""
+  configs = [_config(0, 0.5), _config(1, 0.5)]
+  dirs = [str(tmp_path / 'a'), str(tmp_path / 'b')]
+  train([configs[0]], [dirs[0]], stop_after=7)
+  with pytest.raises(ValueError, match=r'saved at steps \[6, 0\], not one checkpoint apart; '
+                     'nothing was deleted; run them without --vectorize'):
+    train(configs, dirs, vectorize=True)
+  assert Checkpoints(dirs[0]).steps() == [6]
+
+
 def test_early_stopping_per_member(tmp_path):
   configs = [_config(**m, steps=40) for m in MEMBERS[:2]]
   for c in configs:

@@ -51,7 +51,6 @@ def module_of(type_name: str):
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  name: str  # its key in config.evals
   at: str  # 'eval' | 'end'
   evaluate: Any  # evaluate(context) -> list[dict], the options bound
 
@@ -59,10 +58,10 @@ class Evaluator:
 def configured(config) -> list[Evaluator]:
   """The evaluators config.evals lists, in its order."""
   out = []
-  for name, spec in config.get('evals', {}).items():
+  for spec in config.get('evals', {}).values():
     options = dict(spec)
     module, at = module_of(options.pop('type')), options.pop('at', 'end')
-    out.append(Evaluator(name, at, functools.partial(module.evaluate, **options)))
+    out.append(Evaluator(at, functools.partial(module.evaluate, **options)))
   return out
 
 

@@ -72,7 +72,8 @@ def streams(run, batch: dict) -> dict[str, Stream]:
     targets = np.asarray(batch['targets'])
     real = targets != pad
     return {'source': _sequence_stream(x, x != pad, label),
-            'target': _sequence_stream(np.asarray(tx.shift_right(targets, bos)), real, label),
+            'target': _sequence_stream(np.asarray(tasks.model_inputs('seq2seq', batch, bos)[1]),
+                                       real, label),
             'output': _sequence_stream(targets, real, label)}
   if run.task == 'lm':
     chars = run.dataset.info['chars']

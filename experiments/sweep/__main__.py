@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from experiments.cli import fail_unless_verbose
+from experiments.cli import fail_unless_verbose, parse_flags
 from experiments.sweep.grid import run_sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'An ablation config file[:arg].')
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -57,10 +57,10 @@ def groups(points: list[dict], vectorize: bool) -> dict[str, list[dict]]:
   """Points that train as one program: with `vectorize`, those that differ only in seed and
   model.beta_scale (the vmap runner's members); else each point alone. A group is the same
   whichever of its points are finished, so an interrupted group resumes as the same program."""
+  from experiments.train import MAY_DIFFER  # imported here: it imports jax.
   out: dict[str, list[dict]] = {}
   for point in points:
-    shared = {k: v for k, v in point.items()
-              if not (vectorize and k in ('seed', 'model.beta_scale'))}
+    shared = {k: v for k, v in point.items() if not (vectorize and k in MAY_DIFFER)}
     out.setdefault(run_name(shared) or 'all', []).append(point)
   return out
 
