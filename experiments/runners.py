@@ -68,7 +68,10 @@ class _OneRun:
     return self._train(state, self.put_batch(batch))
 
   def eval_step(self, state, batch):
-    return self._eval(state.params, self.put_batch(batch))
+    # Waited for: eval steps of different batches (and the next train step) are independent
+    # programs, and XLA:CPU can start some devices' share of one while another still waits
+    # for threads; both then block in their all-reduce, and XLA aborts after 40 s.
+    return jax.block_until_ready(self._eval(state.params, self.put_batch(batch)))
 
 
 class PmapRunner(_OneRun):
@@ -143,8 +146,16 @@ class VmapRunner:
   def put_state(self, states):
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states)
 
+  def put_batch(self, batches):
+    """The members' batches stacked on a leading member axis, on the device."""
+    return jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *batches))
+
+  def step(self, state, batch):
+    """One step of every member on a `put_batch` batch."""
+    return self._train(state, batch, self.betas)
+
   def train_step(self, state, batches):
-    return self._train(state, jax.tree.map(lambda *xs: np.stack(xs), *batches), self.betas)
+    return self.step(state, self.put_batch(batches))
 
   def eval_step(self, state, batch):
     return self._eval(state.params, batch, self.betas)

@@ -31,8 +31,4 @@ def evaluate(context) -> list[dict]:
   for batch in data.eval_batches(run.dataset, run.config.eval_batch_size or run.config.batch_size):
     sums = runner.eval_step(context.state, batch)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    # One batch in flight. Eval steps of different batches are independent programs, and
-    # XLA:CPU can start some devices' share of the next one while the current one still
-    # waits for threads: both then block in their all-reduce, and XLA aborts after 40 s.
-    jax.block_until_ready(total)
   return [tasks.eval_metrics_of(run.task, tasks.summarize(s)) for s in runner.fetch(total)]
