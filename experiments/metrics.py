@@ -106,10 +106,10 @@ def pyplot():
   return plt
 
 
-def save_figure(fig, path: str):
-  """Lays out, writes (PNG, 100 dpi) and closes `fig`."""
+def save_figure(fig, path: str, dpi: int = 100):
+  """Lays out, writes (PNG) and closes `fig`."""
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=dpi)
   pyplot().close(fig)
 
 

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+from experiments.metrics import pyplot, save_figure
 
 
 def draw(results: dict, out: str):
   for key, plot, name in (('attention', _attention, 'attention.png'),
                           ('train', _throughput, 'throughput.png')):
     if key in results:
-      fig = plot(results)
-      fig.tight_layout()
-      fig.savefig(os.path.join(out, name), dpi=120)
-      plt.close(fig)
+      save_figure(plot(results), os.path.join(out, name), dpi=120)
 
 
 def _attention(results: dict):
   rows = results['attention']
-  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (ax_t, ax_m) = pyplot().subplots(1, 2, figsize=(10, 4))
   for impl, label in (('xla', 'ours (einsum, float32 softmax)'), ('fused', 'fused')):
     mine = [r for r in rows if r['implementation'] == impl]
     lengths = [r['length'] for r in mine]
@@ -52,7 +46,7 @@ def _throughput(results: dict):
             (f'torch eager {peer_dtype}', [peer.get((r['model'], False), 0) for r in fp32]),
             (f'torch.compile {peer_dtype}', [peer.get((r['model'], True), 0) for r in fp32])]
   series = [(name, values) for name, values in series if any(values)]
-  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(fp32)), 4))
+  fig, ax = pyplot().subplots(figsize=(max(6, 1.6 * len(fp32)), 4))
   width = 0.8 / len(series)
   for i, (name, values) in enumerate(series):
     ax.bar([j + i * width for j in range(len(fp32))], values, width, label=name)

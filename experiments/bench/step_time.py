@@ -87,15 +87,18 @@ def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict
   batch = specs.synthetic_batch(spec)
   vmapped = VmapRunner(run, betas)
   states = vmapped.put_state(vmapped.init(run, range(members)))
-  together = measure(stepper(vmapped.train_step, states, [batch] * members), repeats=repeats,
-                     warmup=2)
+  together = measure(stepper(vmapped.step, states, vmapped.put_batch([batch] * members)),
+                     repeats=repeats, warmup=2)
 
-  singles = [jax.jit(steps.step_functions(run, beta)[0], donate_argnums=(0,)) for beta in betas]
+  # One program for every member, β traced as in the vmapped step (not one compile per β).
+  single = jax.jit(lambda s, b, beta: steps.step_functions(run, beta)[0](s, b),
+                   donate_argnums=(0,))
+  member_betas = [jnp.float32(beta) for beta in betas]  # made once, not in the timed loop.
   states = [steps.init_state(run, i, beta) for i, beta in enumerate(betas)]
   device_batch = jax.device_put(batch)
 
   def one_step_of_each(states, batch):
-    out = [step(s, batch) for step, s in zip(singles, states)]
+    out = [single(s, batch, beta) for s, beta in zip(states, member_betas)]
     return [s for s, _ in out], [m for _, m in out]
 
   apart = measure(stepper(one_step_of_each, states, device_batch), repeats=repeats, warmup=2)
