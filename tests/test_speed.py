@@ -38,6 +38,8 @@ VALID = dict(backend='gpu')
     (dict(d_k=128), True),
     (dict(d_k=12), False),  # not a multiple of 8
     (dict(d_k=136), False),  # over 128
+    (dict(d_k=256, max_head_dim=256), True),  # Hopper's limit, which explicit 'fused' tries
+    (dict(d_k=264, max_head_dim=256), False),
     (dict(d_v=32), False),  # Dv != Dk
     (dict(t_q=7), False),  # odd lengths: cuDNN's backward pass refuses them
     (dict(t_k=9), False),

@@ -203,24 +203,27 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
 
 
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
-FUSED_MAX_HEAD_DIM = 128
+FUSED_MAX_HEAD_DIM = 128  # on every GPU cuDNN supports; 256 on Hopper and later.
 
 
 def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
                    dropout: bool = False, return_weights: bool = False,
-                   backend: str | None = None) -> bool:
+                   backend: str | None = None,
+                   max_head_dim: int = FUSED_MAX_HEAD_DIM) -> bool:
   """Whether the fused cuDNN kernel runs this call: the one rule for choosing the kernel.
 
   `dot_product_attention` takes it for implementation=None (auto), and `_fused` (under
-  implementation='fused') to decide whether to try cuDNN at all.
+  implementation='fused') to decide whether to try cuDNN at all, with max_head_dim=256:
+  asked for explicitly, cuDNN is tried up to Hopper's limit, and an older GPU's refusal
+  comes at trace time, where it is caught.
 
   True only when all of these hold (the limits of cuDNN flash attention in
   jax/_src/cudnn/fused_attention_stablehlo.py: check_layout and check_is_flash_attention;
   and of `jax.nn.dot_product_attention`):
     - backend is 'gpu' (default: `jax.default_backend()`);
     - q, k, v share one dtype, bfloat16 or float16;
-    - the head dims are equal (Dk == Dv), a multiple of 8 and <= 128 (cuDNN allows 256
-      on Hopper and later; 128 holds on every GPU);
+    - the head dims are equal (Dk == Dv), a multiple of 8 and <= max_head_dim (128, which
+      holds on every GPU; cuDNN allows 256 on Hopper and later);
     - Tq and Tk are even: cuDNN's backward pass rejects odd sequence lengths whenever a
       bias is present, and its forward rule always passes one (an empty placeholder
       stands in for a missing bias), so the gradient of any odd-length call fails, with
@@ -240,7 +243,7 @@ def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
   beta_shape = np.shape(beta)
   return (backend == 'gpu'
           and len(dtypes) == 1 and dtypes <= {jnp.dtype(d) for d in FUSED_DTYPES}
-          and d_k == d_v and d_k % 8 == 0 and d_k <= FUSED_MAX_HEAD_DIM
+          and d_k == d_v and d_k % 8 == 0 and d_k <= max_head_dim
           and t_q % 2 == 0 and t_k % 2 == 0
           and beta_shape in ((), (1,), (heads,), (1, 1, 1), (heads, 1, 1))
           and score == 'dot' and not dropout and not return_weights)
@@ -266,7 +269,7 @@ def _fused(q, k, v, mask, bias, beta, logits_shape):
   out = None
   # The rule sees q with β folded in, as cuDNN will; cuDNN's remaining refusals come at trace
   # time and are caught here.
-  if fused_is_valid(q, k, v):
+  if fused_is_valid(q, k, v, max_head_dim=256):
     try:
       out = jax.nn.dot_product_attention(*args, scale=scale, implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError):

@@ -15,7 +15,6 @@ The loops keep their state in named dataclasses, `GenerateState` and `BeamState`
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import flax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tx.models import DecoderLM, EncoderDecoder
+from tx.validate import positive_int
 
 NEG_INF = -1e30  # finite, so that masked scores stay ordered and never make NaNs
 
@@ -141,16 +141,14 @@ def _filter_logits(logits, temperature: float, top_k: int | None, top_p: float |
 def _check(max_new_tokens, temperature, top_k, top_p) -> int:
   """Raises ValueError for a bad option; returns max_new_tokens as a Python int (a static
   argument of the jit program)."""
-  if (not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool)
-      or max_new_tokens < 1):
-    raise ValueError(f'max_new_tokens={max_new_tokens!r}; it must be a positive integer')
+  max_new_tokens = positive_int('max_new_tokens', max_new_tokens)
   if temperature < 0:
     raise ValueError(f'temperature={temperature}; it must be >= 0 (0 = greedy)')
   if top_k is not None and top_k < 0:
     raise ValueError(f'top_k={top_k}; it must be >= 0 (0 or None = no top-k)')
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f'top_p={top_p}; it must be in (0, 1]')
-  return int(max_new_tokens)
+  return max_new_tokens
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
@@ -314,8 +312,7 @@ def beam_search(model, params, inputs, *, beam_size: int, max_new_tokens: int,
   after eos_id hold pad_id.
   """
   max_new_tokens = _check(max_new_tokens, 0.0, None, None)
-  if not isinstance(beam_size, int) or beam_size < 1:
-    raise ValueError(f'beam_size={beam_size!r}; it must be a positive integer')
+  beam_size = positive_int('beam_size', beam_size)
   return _beam_search(model, params, inputs, beam_size=beam_size, max_new_tokens=max_new_tokens,
                       eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
                       alpha=float(length_penalty_alpha), use_cache=use_cache)

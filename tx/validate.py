@@ -1,5 +1,7 @@
 """One-line, actionable errors for bad options."""
 
+import numbers
+
 import jax
 import numpy as np
 
@@ -8,6 +10,14 @@ def check_choice(name: str, value, allowed):
   """Raises ValueError naming the option, its value and what is allowed."""
   if value not in allowed:
     raise ValueError(f'{name}={value!r}; allowed: {", ".join(map(repr, allowed))}')
+
+
+def positive_int(name: str, value) -> int:
+  """`value` as a Python int (a static jit argument); ValueError unless it is an integer
+  >= 1 (NumPy integers count; bools do not)."""
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name}={value!r}; it must be a positive integer')
+  return int(value)
 
 
 def concrete(x):
