@@ -30,10 +30,15 @@ def make_schedule(config, total_steps: int):
                                optax.constant_schedule(o.lr)], [warmup])
 
 
+def decay_mask(params):
+  """Which parameters weight decay applies to: arrays with ndim > 1 (matrices, embeddings,
+  posemb tables, [CLS], and the Q/K/V biases stored as [heads, d_head]); not vectors or β."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(config, schedule):
-  """Global-norm clipping, then AdamW; weight decay on matrices only (not biases, norms, β)."""
+  """Global-norm clipping, then AdamW with weight decay where `decay_mask` says."""
   o = config.optimizer
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
   chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                            mask=decay_mask))

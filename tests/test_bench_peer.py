@@ -176,12 +176,12 @@ def test_optimizer_steps_equal_optax(kind):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_weight_decay_mask_is_tx_mask(kind):
-  """The peer decays exactly the parameters whose tx arrays have ndim > 1 (the optimizer's mask)."""
+  """The peer decays exactly the parameters that tx's optimizer decays."""
   spec = TINY[kind]
   params = tx_params(spec)
   model = torch_model(spec, params)
-  tx_decays = {peer._torch_name(path): np.ndim(x) > 1
-               for path, x in traverse_util.flatten_dict(params).items()}
+  tx_decays = {peer._torch_name(path): bool(decays) for path, decays in
+               traverse_util.flatten_dict(optimizer.decay_mask(params)).items()}
   assert {n: peer.decays(n, p) for n, p in model.named_parameters()} == tx_decays
 
 
