@@ -377,7 +377,8 @@ class _Loop:
             for m, s in zip(self.members, self.runner.fetch(state))]
 
   def _where(self) -> str:
-    dirs = [m.checkpoints.directory for m in self.members if m.checkpoints is not None]
+    dirs = ([m.checkpoints.directory for m in self.members if m.checkpoints is not None]
+            or [m.workdir for m in self.members])  # every member had finished before.
     return dirs[0] if len(dirs) == 1 else f'{len(dirs)} workdirs ({dirs[0]}, ...)'
 
   def close_saves(self):

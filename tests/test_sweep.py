@@ -73,6 +73,16 @@ def test_aggregate_mean_and_std_over_seeds():
   assert groups['learn']['n'] == 2 and groups['none']['n'] == 3
   np.testing.assert_allclose(groups['learn']['eval/accuracy'], (0.6, np.std([0.5, 0.7], ddof=1)))
   np.testing.assert_allclose(groups['none']['eval/accuracy'], (0.2, 0.1))
+  assert 'diverged' not in groups['none']
+
+
+def test_aggregate_leaves_diverged_runs_out_and_counts_them():
+  rows = [{'model.posemb': 'learn', 'seed': 0, 'eval/accuracy': 0.5},
+          {'model.posemb': 'learn', 'seed': 1, 'eval/accuracy': 0.7},
+          {'model.posemb': 'learn', 'seed': 2, 'diverged': 'loss=nan at step 3: ...'}]
+  (group,) = tables.aggregate(rows, ['model.posemb', 'seed'])
+  assert group['n'] == 2 and group['diverged'] == 1
+  np.testing.assert_allclose(group['eval/accuracy'], (0.6, np.std([0.5, 0.7], ddof=1)))
 
 
 def test_unknown_sweep_key_is_an_error():

@@ -124,8 +124,12 @@ def test_a_diverging_member_is_marked_and_the_others_finish(tmp_path):
   assert Checkpoints(dirs[1]).latest_step() is None and read_metrics(dirs[1]) == []
   alone = str(tmp_path / 'alone')
   train([configs[0]], [alone])
-  for ra, rb in zip(read_metrics(alone), read_metrics(dirs[0])):
-    np.testing.assert_allclose(rb['loss'], ra['loss'], rtol=1e-4)
+  a, b = read_metrics(alone), read_metrics(dirs[0])
+  assert [(r['step'], r['split']) for r in a] == [(r['step'], r['split']) for r in b]
+  for ra, rb in zip(a, b):
+    for key in ('loss', 'grad_norm', 'accuracy'):
+      if key in ra:  # eval records have no grad_norm.
+        np.testing.assert_allclose(rb[key], ra[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_a_group_stopped_after_a_member_diverged_resumes_the_others_bitwise(tmp_path):
@@ -144,30 +148,78 @@ def test_a_group_stopped_after_a_member_diverged_resumes_the_others_bitwise(tmp_
           {k: v for k, v in _summary(full[0]).items() if k != 'wall_time_s'})
 
 
-def test_members_more_than_a_checkpoint_apart_are_refused_and_nothing_is_deleted(tmp_path):
-  """A run trained alone, then grouped with a fresh one: going back to step 0 would delete its
-  checkpoints, so the group is refused instead."""
+def _delete(workdir, *saved_steps):
+  ckpt = Checkpoints(workdir)
+  for step in saved_steps:
+    ckpt.manager.delete(step)
+  ckpt.close()
+
+
+@pytest.mark.parametrize('case,saved', [('never saved', '6, 0'), ('two apart', '9, 3'),
+                                        ('older step pruned', '9, 6')])
+def test_members_not_one_checkpoint_apart_are_refused_and_nothing_is_deleted(
+    tmp_path, case, saved):
+  """Going back to the older member's step would delete the other's newer checkpoints (all of
+  them, for a run trained alone and then grouped with a fresh one), or is impossible once that
+  step was pruned: the group is refused instead."""
   configs = [_config(0, 0.5), _config(1, 0.5)]
+  for c in configs:
+    c.update(checkpoint_every=3, keep_checkpoints=4)
   dirs = [str(tmp_path / 'a'), str(tmp_path / 'b')]
-  train([configs[0]], [dirs[0]], stop_after=7)
-  with pytest.raises(ValueError, match=r'saved at steps \[6, 0\], not one checkpoint apart; '
+  if case == 'never saved':
+    train([configs[0]], [dirs[0]], stop_after=7)  # saves 3 and 6
+  else:
+    train(configs, dirs, vectorize=True, stop_after=10)  # both save 3, 6 and 9
+    if case == 'two apart':
+      _delete(dirs[1], 9, 6)
+    else:
+      _delete(dirs[1], 9)
+      _delete(dirs[0], 6)
+  before = [Checkpoints(d).steps() for d in dirs]
+  with pytest.raises(ValueError, match=rf'saved at steps \[{saved}\], not one checkpoint apart; '
                      'nothing was deleted; run them without --vectorize'):
     train(configs, dirs, vectorize=True)
-  assert Checkpoints(dirs[0]).steps() == [6]
+  assert [Checkpoints(d).steps() for d in dirs] == before
 
 
-def test_early_stopping_per_member(tmp_path):
-  configs = [_config(**m, steps=40) for m in MEMBERS[:2]]
+STEP_SCORE = """
+def metric_names(task):
+  return ('score',)
+
+
+def evaluate(context):
+  '''The step for members with β < 1 (better at every eval), 0 for the others (never).'''
+  states = context.runner.fetch(context.state)
+  return [{'score': float(s.step) if beta < 1 else 0.0} for s, beta in zip(states, context.betas)]
+"""
+
+
+def test_early_stopping_is_per_member(tmp_path, monkeypatch):
+  """Patience 2: the member whose score never improves stops at the third eval (step 15) and
+  keeps its state; the other trains to the end. A rerun trains neither again."""
+  (tmp_path / 'scores').mkdir()
+  (tmp_path / 'scores' / '__init__.py').write_text('')
+  (tmp_path / 'scores' / 'step.py').write_text(STEP_SCORE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  configs = [_config(**m, steps=40) for m in (MEMBERS[0], MEMBERS[2])]  # β 0.5 and 2.0
   for c in configs:
-    c.update(eval_every=5, checkpoint_every=5, early_stopping_patience=2)
-    c.optimizer.lr = 1e-12  # nothing improves after the first eval.
+    c.update(eval_every=5, checkpoint_every=5, early_stopping_patience=2, best_metric='score',
+             best_mode='max')
+    c.evals.score = dict(type='scores.step', at='eval')
+    del c.evals['attention_entropy']
   dirs = [str(tmp_path / f'm{i}') for i in range(2)]
   summaries, states = train(configs, dirs, vectorize=True)
-  for s, state, d in zip(summaries, states, dirs):
-    assert s['early_stopped'] and s['steps'] == int(state.step) == 15
-    assert Checkpoints(d).latest_step() == 15 and read_metrics(d)[-1]['step'] == 15
-  again, _ = train(configs, [str(tmp_path / 'n0'), str(tmp_path / 'n1')], vectorize=True)
-  assert [s['eval/accuracy'] for s in again] == [s['eval/accuracy'] for s in summaries]
+  assert [(s['steps'], s['early_stopped']) for s in summaries] == [(40, False), (15, True)]
+  assert [int(s.step) for s in states] == [40, 15]
+  assert [Checkpoints(d).latest_step() for d in dirs] == [40, 15]
+  metrics = [read_metrics(d) for d in dirs]
+  assert [m[-1]['step'] for m in metrics] == [40, 15]
+  ckpt = Checkpoints(dirs[1])
+  saved, _ = ckpt.restore(None)
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, saved['params'], states[1].params)
+  again, _ = train(configs, dirs, vectorize=True)
+  assert [read_metrics(d) for d in dirs] == metrics and [s['steps'] for s in again] == [40, 15]
 
 
 # --- SIGTERM to a real `python -m experiments.sweep --vectorize` --------------------------------

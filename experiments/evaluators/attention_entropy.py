@@ -3,7 +3,8 @@
 Per layer l, over the first `examples` test examples n, the heads h and the real queries q
 (seq2seq: non-pad source positions in the encoder, non-pad target positions in the decoder):
 
-  H_l = mean_{n, h, q} −Σ_k w_nhqk log w_nhqk    (nats; log T for uniform, 0 for one-hot)
+  H_l = mean_{n, h} mean_{q real in n} −Σ_k w_nhqk log w_nhqk    (nats; log T for uniform
+                                                                 over T keys, 0 for one-hot)
 
 Summary entries: 'attention_entropy' {layer path: H_l} and 'eval/attention_entropy', the mean
 over layers. The members of a vectorized group are evaluated in one compiled program, β traced.
