@@ -227,21 +227,24 @@ def test_early_stopping_is_per_member(tmp_path, monkeypatch):
 PAUSE = """
 import os, time
 
-def evaluate(context):
-  '''Waits at the end of a run while $PAUSE_FILE does not exist, once it wrote $READY_FILE.'''
-  if os.environ.get('READY_FILE'):
-    open(os.environ['READY_FILE'], 'w').close()
-    while not os.path.exists(os.environ['PAUSE_FILE']):
+def evaluate(context, ready, release):
+  '''Holds the run once: if $<ready> names a file not yet written, writes it and waits until
+  $<release> exists.'''
+  ready_file = os.environ.get(ready)
+  if ready_file and not os.path.exists(ready_file):
+    open(ready_file, 'w').close()
+    while not os.path.exists(os.environ[release]):
       time.sleep(0.05)
-  return [{'paused': False} for _ in context.betas]
+  return [{'held': False} for _ in context.betas]
 """
 GRID = """
 from configs import common, vit
 
 def get_config(arg=None):
   c = common.ablation_config(vit, 'quick')
-  c.update(dict(total_steps=20, eval_every=10, checkpoint_every=10, log_every=1))
-  c.evals.pause = dict(type='pausing.pause', at='end')
+  c.update(dict(total_steps=20, eval_every=6, checkpoint_every=10, log_every=1))
+  c.evals.hold_eval = dict(type='pausing.pause', at='eval', ready='EVAL_READY', release='GO')
+  c.evals.hold_end = dict(type='pausing.pause', at='end', ready='END_READY', release='GO')
   return c
 
 def sweep(add, arg=None):
@@ -253,7 +256,8 @@ def sweep(add, arg=None):
 
 @pytest.fixture(scope='module')
 def grid(tmp_path_factory):
-  """A 4-member ablation grid whose runs end with an evaluator that can be held waiting."""
+  """A 4-member ablation grid with evaluators that can hold a run at its first eval (step 6,
+  between the checkpoints at 10 and 20) or at its end."""
   root = tmp_path_factory.mktemp('grid')
   (root / 'pausing').mkdir()
   (root / 'pausing' / '__init__.py').write_text('')
@@ -309,31 +313,27 @@ def _rerun_equals(grid, workdir, uninterrupted, resumed_from):
   assert _results(workdir) == uninterrupted  # every value but the wall time, bit for bit.
 
 
-def _steps_seen(workdir) -> int:
-  lines = [l for l in _output(workdir).splitlines() if l.startswith('step ')]
-  return int(lines[-1].split()[1].split('/')[0]) if lines else 0
-
-
 def test_sigterm_during_training_saves_every_member_and_resumes_the_same_group(
     grid, uninterrupted, tmp_path):
-  workdir = tmp_path / 'sweep'
-  proc = _sweep(grid, workdir)
-  _wait(proc, lambda: _steps_seen(workdir) >= 12)
-  proc.send_signal(signal.SIGTERM)
+  workdir, ready, go = tmp_path / 'sweep', tmp_path / 'ready', tmp_path / 'go'
+  proc = _sweep(grid, workdir, EVAL_READY=str(ready), GO=str(go))
+  _wait(proc, ready.exists)
+  proc.send_signal(signal.SIGTERM)  # while the eval at step 6 holds the run
+  _wait(proc, lambda: 'SIGTERM received' in _output(workdir))
+  go.touch()
   proc.wait(timeout=120)
   out = _output(workdir)
   assert proc.returncode == 143 and 'Traceback' not in out, out[-3000:]
   saved = {Checkpoints(str(d)).latest_step() for d in workdir.iterdir()
            if (d / 'checkpoints').is_dir()}
-  (step,) = saved  # every member at the same step: the current one.
-  assert 12 <= step < 20 and f'SIGTERM: saved step {step} of 20 in 4 workdirs' in out, out
-  _rerun_equals(grid, workdir, uninterrupted, resumed_from=step)
+  assert saved == {6} and 'SIGTERM: saved step 6 of 20 in 4 workdirs' in out, out
+  _rerun_equals(grid, workdir, uninterrupted, resumed_from=6)
 
 
 def test_sigterm_during_the_end_of_run_evaluation_resumes_the_same_group(
     grid, uninterrupted, tmp_path):
   workdir, ready = tmp_path / 'sweep', tmp_path / 'ready'
-  proc = _sweep(grid, workdir, READY_FILE=str(ready), PAUSE_FILE=str(tmp_path / 'never'))
+  proc = _sweep(grid, workdir, END_READY=str(ready), GO=str(tmp_path / 'never'))
   _wait(proc, ready.exists)
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=120)
