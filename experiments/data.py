@@ -128,8 +128,22 @@ def seq2seq(task: str = 'reverse', train_size: int = 10000, test_size: int = 100
                  extrapolate)
 
 
+def _read_text(path: str) -> str:
+  """The text of the UTF-8 file `path`, newlines made '\\n' (as open() in text mode). Bytes that
+  are not UTF-8 raise a ValueError naming the first one: a binary file is refused, not learned
+  as U+FFFD replacement characters."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'data.path={path!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset '
+                     f'{e.start}); give a text file') from None
+  return text.replace('\r\n', '\n').replace('\r', '\n')
+
+
 def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 0.1) -> Dataset:
-  """Character-level language modelling on a local text file (default: the English text of
+  """Character-level language modelling on a local UTF-8 text file (default: the English text of
   Python's documentation topics, `pydoc_data`, ~465k characters, which ships with CPython).
   The text is split by position: the last `test_fraction` is the test set. Examples are
   windows of seq_len + 1 characters (inputs = first seq_len, targets = shifted by one); train
@@ -138,8 +152,7 @@ def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 
   if path:
     if not os.path.isfile(path):
       raise ValueError(f'data.path={path!r} is not a readable file')
-    with open(path, encoding='utf-8', errors='replace') as f:
-      text = f.read()
+    text = _read_text(path)
   else:
     from pydoc_data.topics import topics
     text = '\n\n'.join(topics[k] for k in sorted(topics))
@@ -157,18 +170,47 @@ def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 
                  {'vocab_size': len(chars), 'chars': ''.join(chars)})
 
 
-class _DataUnpickler(pickle.Unpickler):
-  """Unpickles plain data only: dicts, lists, bytes, numbers and NumPy arrays. Any other
-  global (the way a pickle runs code) is refused, so loading a data file executes nothing."""
+def _latin1(text: str, encoding: str) -> bytes:
+  """_codecs.encode as a pickle of protocol 0-2 calls it to rebuild bytes: latin-1 only."""
+  if encoding not in ('latin1', 'latin-1'):
+    raise pickle.UnpicklingError(f'it encodes bytes as {encoding!r}, not latin1')
+  return text.encode('latin1')
 
-  ALLOWED = {(module, name) for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
-             for name in ('_reconstruct', 'scalar')} | {('numpy', 'ndarray'), ('numpy', 'dtype')}
+
+def _pickled_data_globals() -> dict:
+  """(module, name) -> object, for the globals that pickles of NumPy arrays and bytes refer to,
+  as NumPy 1 (numpy.core) and NumPy 2 (numpy._core) name them, in protocols 0 to 5. Each one
+  builds data and calls nothing else: ndarray and dtype are the array and its element type;
+  _reconstruct(ndarray, shape, dtype) makes an empty array that the pickle then fills;
+  scalar(dtype, bytes) is a NumPy scalar; _frombuffer(buf, dtype, shape, order) is an array
+  over in-band bytes (protocol 5); in protocols 0-2, bytes() is b'' and
+  _codecs.encode(text, 'latin1') any other bytes (restricted here to latin-1)."""
+  if np.lib.NumpyVersion(np.__version__) >= '2.0.0':
+    from numpy._core import multiarray, numeric
+  else:
+    from numpy.core import multiarray, numeric
+  allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+             ('builtins', 'bytes'): bytes, ('__builtin__', 'bytes'): bytes,
+             ('_codecs', 'encode'): _latin1}
+  for core in ('numpy.core', 'numpy._core'):
+    allowed |= {(f'{core}.multiarray', '_reconstruct'): multiarray._reconstruct,
+                (f'{core}.multiarray', 'scalar'): multiarray.scalar,
+                (f'{core}.numeric', '_frombuffer'): numeric._frombuffer}
+  return allowed
+
+
+class _DataUnpickler(pickle.Unpickler):
+  """Unpickles plain data only: dicts, lists, bytes, numbers and NumPy arrays, whichever
+  protocol and NumPy version wrote them. Any other global (the way a pickle runs code) is
+  refused, so loading a data file executes nothing."""
+
+  ALLOWED = _pickled_data_globals()
 
   def find_class(self, module, name):
     if (module, name) not in self.ALLOWED:
       raise pickle.UnpicklingError(f'it refers to {module}.{name}, which a data file does not '
                                    'need; refusing to load it')
-    return super().find_class(module, name)
+    return self.ALLOWED[(module, name)]
 
 
 def cifar(dir: str) -> Dataset:  # noqa: A002 (the config key is data.dir)

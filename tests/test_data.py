@@ -1,12 +1,16 @@
 """Datasets and the batch sampler: determinism, per-host slices, task correctness, CIFAR format."""
 
+import codecs
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
 
 from experiments import data
+from experiments.config_check import check_config
 from experiments.train import train_and_evaluate
 from test_runner import tiny_config
 
@@ -148,3 +152,98 @@ def test_cifar_files_are_read_without_running_code_and_damage_is_one_line(tmp_pa
   with pytest.raises(ValueError, match=r"data.dir='.*c10': test_batch is not a CIFAR batch") as e:
     data.cifar(str(c10))
   assert '\n' not in str(e.value)
+
+
+class _Calls:
+  """Pickles as a call of fn(*args): what a malicious pickle does on load."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def __reduce__(self):
+    return self.fn, self.args
+
+
+@pytest.mark.parametrize('protocol', [2, 5])
+@pytest.mark.parametrize('payload, refusal', [
+    (_Calls(os.system, 'touch pwned'), r'refers to (posix|os)\.system'),
+    (_Calls(eval, "open('pwned', 'w')"), r'refers to (__builtin__|builtins)\.eval'),
+    (_Calls(np.ndarray.tofile, np.zeros(1), 'pwned'), r'refers to (__builtin__|builtins)\.getattr'),
+    (_Calls(codecs.encode, 'pwned', 'rot13'), r"encodes bytes as 'rot13', not latin1"),
+], ids=['os.system', 'eval', 'getattr', 'codecs-rot13'])
+def test_cifar_pickles_that_call_anything_are_refused(tmp_path, monkeypatch, protocol, payload,
+                                                      refusal):
+  monkeypatch.chdir(tmp_path)
+  _write_cifar(tmp_path, ['data_batch_1'], b'labels', 10)
+  with open(tmp_path / 'test_batch', 'wb') as f:
+    pickle.dump({b'data': payload, b'labels': [0]}, f, protocol=protocol)
+  with pytest.raises(ValueError, match=r'test_batch is not a CIFAR batch .*' + refusal):
+    data.cifar(str(tmp_path))
+  assert not (tmp_path / 'pwned').exists()
+
+
+class _Python2Pickler(pickle._Pickler):
+  """Writes bytes and (ASCII) str as Python 2 wrote its str, SHORT_BINSTRING / BINSTRING, as
+  in the files of the CIFAR download (Python 2, protocol 2, NumPy 1)."""
+
+  dispatch = dict(pickle._Pickler.dispatch)
+
+  def save_str(self, obj):
+    obj = obj.encode('ascii') if isinstance(obj, str) else obj
+    head = (pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256
+            else pickle.BINSTRING + struct.pack('<i', len(obj)))
+    self.write(head + obj)
+
+  dispatch[bytes] = dispatch[str] = save_str
+
+
+def _cifar_pickle(batch: dict, style) -> bytes:
+  """batch pickled with protocol `style`, or as the CIFAR download was ('python2-numpy1')."""
+  if style != 'python2-numpy1':
+    return pickle.dumps(batch, protocol=style)
+  f = io.BytesIO()
+  _Python2Pickler(f, protocol=2).dump(batch)
+  return f.getvalue().replace(b'numpy._core.', b'numpy.core.')  # NumPy 1's module names.
+
+
+@pytest.mark.parametrize('style', [0, 1, 2, 3, 4, 5, 'python2-numpy1'])
+def test_cifar_batches_load_from_every_pickle_protocol(tmp_path, style):
+  rng = np.random.default_rng(0)
+  batches = {name: {b'batch_label': name.encode(), b'filenames': [b'%d.png' % i for i in range(20)],
+                    b'data': rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                    b'labels': [int(y) for y in rng.integers(0, 10, 20)]}
+             for name in ('data_batch_1', 'data_batch_2', 'test_batch')}
+  batches['test_batch'][b'labels'] = list(rng.integers(0, 10, 20))  # NumPy scalars too.
+  for name, batch in batches.items():
+    (tmp_path / name).write_bytes(_cifar_pickle(batch, style))
+  d = data.cifar(str(tmp_path))
+  images = lambda *names: np.concatenate([batches[n][b'data'] for n in names]).reshape(
+      -1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32) / 255.0
+  labels = lambda *names: np.concatenate([batches[n][b'labels'] for n in names])
+  np.testing.assert_array_equal(d.train['inputs'], images('data_batch_1', 'data_batch_2'))
+  np.testing.assert_array_equal(d.train['targets'], labels('data_batch_1', 'data_batch_2'))
+  np.testing.assert_array_equal(d.test['inputs'], images('test_batch'))
+  np.testing.assert_array_equal(d.test['targets'], labels('test_batch'))
+
+
+def test_char_lm_reads_utf8_text_and_refuses_other_bytes(tmp_path):
+  text = tmp_path / 'text.txt'
+  text.write_bytes('naïve café, 世界 ✓\r\n'.encode() * 40)
+  d = data.char_lm(str(text), seq_len=16)
+  assert set(d.info['chars']) == set('naïve café, 世界 ✓\n')  # newlines made \n.
+  png = tmp_path / 'x.png'
+  png.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)) * 8)
+  with pytest.raises(ValueError) as e:
+    data.char_lm(str(png), seq_len=16)
+  assert str(e.value) == (f"data.path='{png}' is not UTF-8 text (byte 0x89 at offset 0); "
+                          'give a text file')
+  latin1 = tmp_path / 'latin1.txt'
+  latin1.write_bytes('plain ascii, then café'.encode('latin1') * 100)
+  with pytest.raises(ValueError, match=r'is not UTF-8 text \(byte 0xe9 at offset 21\)'):
+    data.char_lm(str(latin1), seq_len=16)
+  config = tiny_config('lm')
+  config.data.path = str(png)
+  with pytest.raises(ValueError) as e:
+    check_config(config)
+  assert str(e.value) == (f"config.data.path='{png}' is not UTF-8 text (byte 0x89 at offset 0); "
+                          'give a text file')
