@@ -5,6 +5,7 @@ Only process 0 writes files; every process may print.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,11 +18,29 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def replace_atomically(path: str, write):
+  """Calls write(temporary path), then renames that file to `path`: whatever happens (a kill,
+  a full disk), `path` is the old file or the complete new one, never part of it. The
+  temporary file, .<name>.<pid>.tmp, is beside `path` (a rename within one file system is
+  atomic) and named for this process (two writers never share one). If the write raises, the
+  temporary file is removed and the error raised again."""
+  head, tail = os.path.split(path)
+  temporary = os.path.join(head, f'.{tail}.{os.getpid()}.tmp')
+  try:
+    write(temporary)
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+    raise
+
+
 def write_atomically(path: str, text: str):
-  """Writes a temporary file and renames it: a kill leaves the old file or the new one."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  """Writes `text` (UTF-8, newlines as given) to `path` through `replace_atomically`."""
+  def write(temporary):
+    with open(temporary, 'w', encoding='utf-8', newline='') as f:
+      f.write(text)
+  replace_atomically(path, write)
 
 
 def _jsonable(v):
@@ -107,10 +126,12 @@ def pyplot():
 
 
 def save_figure(fig, path: str, dpi: int = 100):
-  """Lays out, writes (PNG) and closes `fig`."""
+  """Lays out `fig`, writes it as a PNG through `replace_atomically`, and closes it."""
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
-  pyplot().close(fig)
+  try:
+    replace_atomically(path, lambda temporary: fig.savefig(temporary, dpi=dpi, format='png'))
+  finally:
+    pyplot().close(fig)
 
 
 def plot_learning_curves(workdir: str) -> str | None:

@@ -27,6 +27,7 @@ from absl import app, flags
 
 from experiments.bench import attention_kernels, plots, report, specs, step_time
 from experiments.bench.timing import environment
+from experiments.metrics import write_atomically
 
 SECTIONS = ('matmul', 'train', 'peer', 'attention', 'parallel', 'vectorized')
 SIMULATED_DEVICES = 8
@@ -67,11 +68,9 @@ def save(results: dict, out: str) -> str:
   """Writes bench.json, bench.md and the plots of what has been measured so far; returns
   the markdown. Called after every section, so that a run stopped part-way keeps its numbers."""
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'bench.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+  write_atomically(os.path.join(out, 'bench.json'), json.dumps(results, indent=1))
   text = report.markdown(results)
-  with open(os.path.join(out, 'bench.md'), 'w') as f:
-    f.write(text + '\n')
+  write_atomically(os.path.join(out, 'bench.md'), text + '\n')
   plots.draw(results, out)
   return text
 

@@ -22,6 +22,7 @@ from absl import app, flags
 
 import tx
 from experiments.bench.timing import environment, measure
+from experiments.metrics import write_atomically
 
 
 def time_generation(model, params, prompt, length: int, use_cache: bool, repeats: int) -> dict:
@@ -66,8 +67,7 @@ def main(argv):
   print(markdown(rows))
   os.makedirs(f.workdir, exist_ok=True)
   path = os.path.join(f.workdir, 'kv_cache.json')
-  with open(path, 'w') as fh:
-    json.dump({'environment': environment(), 'rows': rows}, fh, indent=1)
+  write_atomically(path, json.dumps({'environment': environment(), 'rows': rows}, indent=1))
   print(f'wrote {path}')
 
 

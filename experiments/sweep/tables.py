@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 
 import numpy as np
+
+from experiments.metrics import write_atomically
 
 
 def write_csv(rows: list[dict], path: str):
@@ -13,10 +16,11 @@ def write_csv(rows: list[dict], path: str):
            for k, v in row.items() for sub, x in (v.items() if isinstance(v, dict) else [(k, v)])}
           for row in rows]
   columns = list(dict.fromkeys(k for row in flat for k in row))
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(flat)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(flat)
+  write_atomically(path, text.getvalue())
 
 
 def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
@@ -54,5 +58,4 @@ def write_markdown(groups: list[dict], path: str, title: str):
   for g in groups:
     lines.append(row([str(g[k]) for k in keys]
                      + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' if g[m] else 'n/a' for m in metrics]))
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  write_atomically(path, '\n'.join(lines) + '\n')
