@@ -1,7 +1,10 @@
-"""Command-line error reporting shared by the entry points: one line, exit code 2."""
+"""Command-line error reporting shared by the entry points: one line, exit code 2 (130 after
+Ctrl-C)."""
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import traceback
 
@@ -40,6 +43,7 @@ def fail_unless_verbose(e: BaseException, verbose: bool):
 
 def parse_flags(argv):
   """absl flag parsing with one-line errors and exit code 2 (a bad flag or config override)."""
+  check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # a bad flag, a bad :key=value in get_config, a misspelt --config.key
@@ -89,3 +93,35 @@ def start_run_reader(argv, usage: str):
   logging.set_verbosity(logging.WARNING)
   if not flags.FLAGS.workdir:
     fail(f'--workdir is required; use {usage}')
+
+
+INTERRUPTED = 130  # 128 + SIGINT: the exit code a shell reports for a command stopped by Ctrl-C.
+
+
+def exit_on_interrupt(main, outcome='nothing was written'):
+  """`main` for absl's app.run, where Ctrl-C (KeyboardInterrupt) ends the command with one line
+  on stderr, 'interrupted (Ctrl-C): <outcome>', and exit code 130, instead of a traceback.
+  `outcome` (a string, or a function returning one when Ctrl-C comes) says what was kept."""
+
+  @functools.wraps(main)
+  def interruptible(argv):
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      print(f'interrupted (Ctrl-C): {outcome() if callable(outcome) else outcome}',
+            file=sys.stderr, flush=True)
+      sys.exit(INTERRUPTED)
+
+  return interruptible
+
+
+def check_config_file(argv, flag_values=flags.FLAGS):
+  """A --config=PATH[:arg] whose PATH is not a file, for a command with a --config flag: one
+  line, exit code 2. (ml_collections defers that error to the config's first use.)"""
+  if 'config' not in flag_values:
+    return
+  specs = [arg.partition('=')[2] for arg in argv if arg.startswith('--config=')]
+  specs += [value for arg, value in zip(argv, argv[1:]) if arg == '--config']
+  for path in (spec.partition(':')[0] for spec in specs):
+    if not os.path.isfile(path):
+      fail(f'--config={path}: no such file')

@@ -7,7 +7,7 @@
 
 Decoding is tx.generate / tx.beam_search: one compiled loop over a KV cache. The methods and
 the length flags (--max_new_tokens, and --max_len, the older spelling) are in
-docs/generation.md.
+docs/generation.md. Ctrl-C: one line on stderr, exit code 130.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from absl import app, flags
 
 import tx
-from experiments.cli import (define_run_reader_flags, fail_unless_verbose, parse_flags,
-                             start_run_reader)
+from experiments.cli import (define_run_reader_flags, exit_on_interrupt, fail_unless_verbose,
+                             parse_flags, start_run_reader)
 from experiments.data import EOS, symbol_names
 from experiments.restore import load_run
 from tx.validate import check_choice
@@ -138,4 +138,5 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(exit_on_interrupt(main, 'generate writes no files, so nothing was left behind'),
+          flags_parser=parse_flags)

@@ -3,8 +3,11 @@ runs, and how to read them: docs/inspect.md."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 
@@ -18,6 +21,16 @@ from experiments.metrics import save_figure
 from experiments.restore import load_run
 
 
+# The files inspect writes: a folder holding only these is an earlier output it may replace.
+OUTPUT_FILES = re.compile(r'attention_example\d+\.png|(rollout|cross_attention|head_statistics|'
+                          r'position_content|offset_profiles)\.png|inspection\.json')
+
+
+def output_dir(workdir: str, out: str | None = None) -> str:
+  """Where inspect writes: `out`, default RUN/inspect."""
+  return out or os.path.join(workdir, 'inspect')
+
+
 def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
                 stat_examples: int = 256, step: int | None = None,
                 max_tokens: int = 32) -> list[str]:
@@ -25,19 +38,36 @@ def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
   the first test examples and writes into `out` (default RUN/inspect/): attention_example<i>.png
   for the first `examples` (causal layers cropped to `max_tokens` tokens), rollout.png (ViT),
   cross_attention.png (seq2seq), head_statistics.png, position_content.png and
-  offset_profiles.png over the first `stat_examples`, and inspection.json. Returns the paths."""
+  offset_profiles.png over the first `stat_examples`, and inspection.json. Returns the paths.
+
+  `examples` is capped at the test set's size, with a line saying so, and each drawn example
+  prints a progress line. The files are written into a temporary folder beside `out`, which
+  replaces `out` (and an earlier output there) only once complete: an error or Ctrl-C leaves
+  `out` as it was."""
   for name, value in (('examples', examples), ('stat_examples', stat_examples),
                       ('max_tokens', max_tokens)):
     if value <= 0:
       raise ValueError(f'--{name}={value}; it must be a positive integer')
+  out = output_dir(workdir, out)
+  _check_replaceable(out)
   run, params, step = load_run(workdir, step)
-  out = out or os.path.join(workdir, 'inspect')
-  os.makedirs(out, exist_ok=True)
+  available = len(run.dataset.test['inputs'])
+  if examples > available:
+    print(f'--examples={examples}: the test set has {available}; drawing {available}',
+          flush=True)
+    examples = available
+  with _staged(out) as staging:
+    names = _write(run, params, step, staging, examples, stat_examples, max_tokens, workdir)
+  return [os.path.join(out, name) for name in names]
+
+
+def _write(run, params, step, out, examples, stat_examples, max_tokens, workdir) -> list[str]:
+  """Computes and writes inspect's files into `out`; returns their names."""
   written = []
 
   def save(name, fig):
-    written.append(os.path.join(out, name))
-    save_figure(fig, written[-1])
+    written.append(name)
+    save_figure(fig, os.path.join(out, name))
 
   batch = {key: v[:max(examples, stat_examples)] for key, v in run.dataset.test.items()}
   all_layers = attention_layers(run, params, batch)
@@ -46,6 +76,7 @@ def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
   titles = _titles(run, params, shown)
   for i, title in enumerate(titles):
     save(f'attention_example{i}.png', figures.attention_grid(layers, i, title, max_tokens))
+    print(f'example {i + 1}/{len(titles)}: attention_example{i}.png', flush=True)
   if isinstance(run.model, tx.ViT):
     save('rollout.png', figures.rollout(np.asarray(shown['inputs']), rollout_maps(layers), titles))
   if run.task == 'seq2seq':
@@ -61,10 +92,47 @@ def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
             'alignment_mass': alignment_mass(run.config.data.get('task', ''), stats_layers,
                                              batch.get('length')),
             'layers': stats}
-  written.append(os.path.join(out, 'inspection.json'))
-  with open(written[-1], 'w') as f:
+  written.append('inspection.json')
+  with open(os.path.join(out, written[-1]), 'w') as f:
     json.dump(record, f, indent=1, default=lambda array: np.asarray(array).tolist())
   return written
+
+
+def _check_replaceable(out: str):
+  """ValueError unless `out` is absent, empty, or an earlier output of inspect (which the new
+  one replaces as a whole)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out} is a file; give a folder')
+  others = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else ())
+                  if not OUTPUT_FILES.fullmatch(name))
+  if others:
+    raise ValueError(f'{out} holds {others[0]!r}, which inspect does not write; inspect replaces '
+                     'its output folder as a whole: give --out a new folder')
+
+
+@contextlib.contextmanager
+def _staged(out: str):
+  """Yields a new folder beside `out` to write into. It is renamed to `out` when the block
+  completes (an earlier `out` is removed only then), and removed when the block raises or
+  Ctrl-C stops it."""
+  parent, name = os.path.split(os.path.abspath(out))
+  staging = os.path.join(parent, f'.{name}.partial-{os.getpid()}')
+  old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
+  os.makedirs(parent, exist_ok=True)
+  for left in (staging, old):  # left by a killed earlier process with this pid.
+    shutil.rmtree(left, ignore_errors=True)
+  os.mkdir(staging)
+  try:
+    yield staging
+    if os.path.isdir(out):
+      os.replace(out, old)
+    os.replace(staging, out)
+  except BaseException:
+    if os.path.isdir(old) and not os.path.exists(out):  # stopped between the two renames.
+      os.replace(old, out)
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def _titles(run, params, batch: dict) -> list[str]:
