@@ -5,10 +5,14 @@ orbax stores arrays with tensorstore and the record as JSON. orbax renames a ste
 into place when it is complete, so a kill during a save leaves no step behind; a step whose
 files were later truncated or altered fails the check against its record (each array's shape
 and dtype, and a CRC-32 of the state's bytes), and `restore_latest` moves it aside.
+
+Only step folders tx wrote count: a directory (not a link) holding the state and meta items. Anything else in checkpoints/ (a stray or linked `100/`, a copy) is
+never restored, counted towards `keep` or deleted; `foreign()` names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -20,12 +24,43 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 
+ORBAX_TEMPORARY = '.orbax-checkpoint-tmp'  # in the names of saves not yet complete
+
+
+def is_step_folder(path) -> bool:
+  """Whether `path` is a step folder tx wrote."""
+  path = str(path)
+  return (os.path.isdir(path) and not os.path.islink(path)
+          and all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta')))
+
+
+class _StepFolders(ocp.step.NameFormat):
+  """orbax's standard step names (checkpoints/<step>), finding only folders tx wrote."""
+
+  def __init__(self):
+    self.standard = ocp.step.standard_name_format()
+
+  def build_name(self, step: int) -> str:
+    return self.standard.build_name(step)
+
+  def find_all(self, base_path):
+    return (m for m in self.standard.find_all(base_path) if is_step_folder(m.path))
+
+  def find_step(self, base_path, step: int):
+    metadata = self.standard.find_step(base_path, step)
+    if not is_step_folder(metadata.path):
+      raise ValueError(f'{metadata.path} is not a step folder tx wrote')
+    return metadata
+
+
 class Checkpoints:
   """checkpoints/<step>/{state, meta}: state = {step, params, opt_state, rng}; meta = the
   caller's JSON (config, data: {seed, position}, history, metrics) and state: its record."""
 
   def __init__(self, workdir: str, keep: int = 2, best_metric: str = 'accuracy',
-               best_mode: str = 'max'):
+               best_mode: str = 'max', reader: bool = False):
+    """reader: for a command that only reads (possibly while the run trains): it leaves
+    orbax's saves in progress alone."""
     self.best_metric = best_metric
     preserve = [policies.LatestN(keep)]
     if best_metric:
@@ -34,8 +69,11 @@ class Checkpoints:
                                      reverse=False, keep_checkpoints_without_metrics=False))
     # best_fn/best_mode also make orbax write each step's metrics to disk, so that the best
     # checkpoint is still known (and kept) after a restart.
+    # create=False: the directory appears with the first save, not when a run that is then
+    # refused only looked; the run (not a reader) removes orbax's leftovers of a killed save.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(preserve), create=True,
+        preservation_policy=policies.AnyPreservationPolicy(preserve), create=False,
+        cleanup_tmp_directories=not reader, step_name_format=_StepFolders(),
         enable_async_checkpointing=True,
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
@@ -49,13 +87,43 @@ class Checkpoints:
     """The saved steps, oldest first."""
     return sorted(self.manager.all_steps())
 
+  def foreign(self) -> dict[str, str]:
+    """{name: what it is} of the entries in checkpoints/ that are not step folders tx wrote
+    (orbax's incomplete saves aside)."""
+    if not os.path.isdir(self.directory):
+      return {}
+    out = {}
+    for name in sorted(os.listdir(self.directory)):
+      path = os.path.join(self.directory, name)
+      if ORBAX_TEMPORARY in name or is_step_folder(path):
+        continue
+      out[name] = ('a link' if os.path.islink(path) else 'a file' if not os.path.isdir(path)
+                   else 'not a step folder')
+    return out
+
   def save(self, step: int, state, meta: dict, metrics: dict | None = None):
-    """Saves a host `state` (NumPy leaves) and `meta` (JSON) with meta['state'] = its record."""
+    """Starts saving a host `state` (NumPy leaves) and `meta` (JSON) with meta['state'] = its
+    record; SaveFailed if this save or an earlier one failed."""
     metrics = metrics if metrics and self.best_metric in metrics else None
     meta = dict(meta, state=state_record(state))
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+    with self._saving():
+      os.makedirs(self.directory, exist_ok=True)
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
+
+  def complete_steps(self) -> list[int]:
+    """The steps on disk now, re-read (a save that failed is not among them)."""
+    self.manager.reload()
+    return self.steps()
+
+  def check_saves(self):
+    """SaveFailed if an asynchronous save has failed (a full disk, say); cheap."""
+    with self._saving():
+      self.manager.check_for_errors()
+
+  def _saving(self):
+    return _raise_as_save_failed(self.directory)
 
   def restore(self, like, step: int | None = None):
     """Restores (host state shaped like `like`, meta) from `step` (default: the latest);
@@ -110,11 +178,38 @@ class Checkpoints:
       self.manager.delete(later)
 
   def wait(self):
-    """Blocks until every asynchronous save is on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until every asynchronous save is on disk; SaveFailed if one failed."""
+    with self._saving():
+      self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+class SaveFailed(ValueError):
+  """A save that failed, in one line; with `step`, where the run stopped and what is left."""
+
+  def __init__(self, directory: str, error: BaseException, step: int | None = None,
+               newest: int | None = None):
+    if isinstance(error, SaveFailed):
+      text = str(error)
+    else:
+      first = next((line.strip() for line in str(error).splitlines() if line.strip()), '')
+      text = f'saving a checkpoint in {directory} failed: {type(error).__name__}: {first[:300]}'
+    if step is not None:
+      text += (f'; the run stopped at step {step}; its newest complete checkpoint is '
+               + (f'step {newest}' if newest is not None else 'none'))
+    super().__init__(text)
+
+
+@contextlib.contextmanager
+def _raise_as_save_failed(directory: str):
+  try:
+    yield
+  except SaveFailed:
+    raise
+  except Exception as e:  # orbax and tensorstore raise many types; all mean the same here.
+    raise SaveFailed(directory, e) from e
 
 
 class CorruptCheckpoint(Exception):

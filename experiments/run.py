@@ -3,8 +3,9 @@
   python -m experiments.run --config=configs/vit.py [--workdir=DIR] [--config.KEY=VALUE ...]
 
 The workdir (default: a new runs/<config>-<time>/) receives config.json, metrics.jsonl,
-checkpoints/, summary.json and learning_curves.png. Rerunning with a workdir that holds a
-checkpoint resumes from it. SIGTERM or SIGINT (Ctrl-C) saves the current step and exits with
+checkpoints/, summary.json and learning_curves.png; it is locked while the run writes it.
+Rerunning with a workdir that holds a checkpoint resumes from it, with the config it was
+trained with (a change is refused unless --allow_config_change names it; docs/reliability.md). SIGTERM or SIGINT (Ctrl-C) saves the current step and exits with
 128 + the signal number (143, 130).
 """
 
@@ -17,12 +18,18 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.cli import fail, fail_unless_verbose, parse_flags
+from experiments import library_log
+from experiments import workdir as workdir_lib
+from experiments.cli import exit_on_interrupt, fail, fail_unless_verbose, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default: a new one under runs/.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
+_ALLOW = flags.DEFINE_list('allow_config_change', [], 'Config fields (or sections) a resume may '
+                           'change from the config the workdir was trained with, e.g. '
+                           'total_steps,optimizer.lr; the change is recorded in the workdir.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks, and library messages '
+                             '(orbax, absl) on the console instead of WORKDIR/library.log.')
 
 
 def default_workdir(config_path: str) -> str:
@@ -64,12 +71,15 @@ def main(argv):
     import jax
     from experiments.config_check import check_config
     check_config(config)  # before the workdir exists: a bad config leaves nothing on disk.
+    workdir_lib.check_allow_flag(_ALLOW.value, config)
     if jax.process_count() > 1 and not _WORKDIR.value:
       raise ValueError('--workdir is required with several processes (they must share one)')
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
     print(f'workdir: {workdir}', flush=True)
+    if not _VERBOSE.value:
+      library_log.route_to(os.path.join(workdir, workdir_lib.LIBRARY_LOG))
     from experiments.train import train_and_evaluate
-    summary, _ = train_and_evaluate(config, workdir)
+    summary, _ = train_and_evaluate(config, workdir, allow_config_change=_ALLOW.value)
   except Exception as e:  # one line unless --verbose; a signal: saved, exit 128 + signal.
     fail_unless_verbose(e, _VERBOSE.value)
   print('summary: ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
@@ -78,4 +88,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(exit_on_interrupt(main, 'the checkpoints saved so far are kept; the same command '
+                                  'resumes'), flags_parser=parse_flags)

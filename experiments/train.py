@@ -17,10 +17,12 @@ on; the program keeps its size, so the others compute what they would have compu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -31,43 +33,57 @@ from experiments import data as data_lib
 from experiments import evaluators as evaluators_lib
 from experiments import metrics as metrics_lib
 from experiments import runners, steps
-from experiments.checkpoints import Checkpoints
+from experiments import workdir as workdir_lib
+from experiments.checkpoints import Checkpoints, SaveFailed
 from experiments.preemption import Preempted, catch_stop_signals
 
 FINITE = ('loss', 'grad_norm', 'param_norm')  # checked after every step
 MAY_DIFFER = ('seed', 'model.beta_scale')  # within a vectorized group
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None):
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       allow_config_change=()):
   """Trains, evaluates and checkpoints one run; resumes from the workdir's newest readable
   checkpoint. Returns (summary, final host TrainState). A diverged run raises
   FloatingPointError naming the step and the metric, after its summary.json says so.
+
+  allow_config_change: the config fields (or sections) a resume may change from the config
+  the run was trained with; any other difference is refused (experiments.workdir).
 
   stop_after: stop (without saving) after this many steps, as a crash would; for tests of
   resume. config.debug_nans: JAX's NaN checking (jax_debug_nans), which re-runs a failing
   program op by op and names the first op that made a NaN; slow.
   """
-  (summary,), (state,) = train([config], [workdir], stop_after=stop_after)
+  (summary,), (state,) = train([config], [workdir], stop_after=stop_after,
+                              allow_config_change=allow_config_change)
   if 'diverged' in summary:
     raise FloatingPointError(summary['diverged'])
   return summary, state
 
 
-def train(configs, workdirs, *, vectorize: bool = False, stop_after: int | None = None):
+def train(configs, workdirs, *, vectorize: bool = False, stop_after: int | None = None,
+          allow_config_change=()):
   """Trains one config (the runner its config.parallel names), or with `vectorize` several
   that differ only in MAY_DIFFER as one vmapped program. Returns (summaries, final host
-  states), one per member. Group members whose summary.json exists are left as they are
-  (they only keep the program's size)."""
+  states), one per member. Group members that finished (a summary.json of their config) are
+  left as they are (they only keep the program's size). Each workdir is locked while it
+  trains, and nothing is written to it before its config and checkpoints were accepted."""
   if vectorize:
     check_group(configs)
   elif len(configs) != 1:
     raise ValueError(f'{len(configs)} configs: train several together with vectorize=True')
-  with jax.debug_nans(bool(configs[0].get('debug_nans', False))):  # for this run only.
-    loop = _Loop(configs, workdirs, vectorize)
+  for w in workdirs:
+    workdir_lib.check_usable(w)
+  with workdir_lib.locked(workdirs), jax.debug_nans(bool(configs[0].get('debug_nans', False))):
+    loop = _Loop(configs, workdirs, vectorize, tuple(allow_config_change))
     try:
-      return loop.train(stop_after)
-    finally:  # saves in flight are finished even when the run stops on an error.
-      loop.close()
+      result = loop.train(stop_after)
+    except BaseException:
+      with contextlib.suppress(Exception):  # the error that stopped the run is the one to show.
+        loop.close()
+      raise
+    loop.close()  # saves in flight are finished.
+    return result
 
 
 def check_group(configs):
@@ -100,6 +116,8 @@ class Member:
   last_saved: int = 0
   diverged: dict = dataclasses.field(default_factory=dict)  # its summary, once it diverged
   frozen: Any = None  # the host state it stopped with, while the others go on
+  finished: dict | None = None  # a passive member's summary
+  changed: dict = dataclasses.field(default_factory=dict)  # config changes since its checkpoint
 
   @property
   def active(self) -> bool:
@@ -120,7 +138,7 @@ def itstime(step: int, every: int, total: int) -> bool:
 class _Loop:
   """The state of one call of `train`; its methods are the loop's named actions."""
 
-  def __init__(self, configs, workdirs, vectorize: bool):
+  def __init__(self, configs, workdirs, vectorize: bool, allow_config_change: tuple = ()):
     self.start_time = time.time()
     self.config = c = configs[0]
     self.run = steps.setup(c)
@@ -133,9 +151,12 @@ class _Loop:
     self.runner = runners.make_runner('vmap' if vectorize else c.parallel, devices, self.run,
                                       self.betas)
     self.evaluators = evaluators_lib.configured(c)
-    passive = lambda w: vectorize and os.path.exists(os.path.join(w, 'summary.json'))
-    self.members = [Member(x, w, 'passive' if passive(w) else 'training')
-                    for x, w in zip(configs, workdirs)]
+    self.allow_config_change = allow_config_change
+    self.members = []
+    for x, w in zip(configs, workdirs):
+      finished = workdir_lib.finished_summary(w, x) if vectorize else None
+      self.members.append(Member(x, w, 'training' if finished is None else 'passive',
+                                 finished=finished))
 
   # --- the story of a run ------------------------------------------------------------------
 
@@ -149,6 +170,7 @@ class _Loop:
         state, metrics = self.runner.train_step(state, self.batches(step))
         self.settle(last)  # the previous step's, while this one runs.
         done, last = step + 1, (step + 1, metrics)
+        self.check_saves(done)
         if itstime(done, c.eval_every, total) or itstime(done, c.checkpoint_every, total):
           self.settle(last)  # nothing diverged is evaluated or saved.
           last = None
@@ -182,11 +204,13 @@ class _Loop:
     for i, m in enumerate(self.members):
       if m.status == 'passive':
         continue
-      os.makedirs(m.workdir, exist_ok=True)
       c = m.config
-      if metrics_lib.is_writer():
-        metrics_lib.write_atomically(os.path.join(m.workdir, 'config.json'), c.to_json(indent=2))
       m.checkpoints = Checkpoints(m.workdir, c.keep_checkpoints, c.best_metric, c.best_mode)
+      if m.checkpoints.steps():  # checked before anything is written.
+        m.changed = workdir_lib.differences(workdir_lib.recorded(m.workdir),
+                                            workdir_lib.as_json(c))
+        workdir_lib.check_allowed(m.changed, self.allow_config_change, m.workdir)
+      self._check_foreign(m)
       restored = m.checkpoints.restore_latest(fresh[i])
       if restored is not None:
         states[i], meta = restored
@@ -201,7 +225,37 @@ class _Loop:
       if m.history['stopped_early'] or m.last_saved >= self.run.total_steps:
         m.status, m.frozen = 'done', states[i]
       m.writer = metrics_lib.MetricsWriter(m.workdir, m.config.tensorboard, drop_after=m.last_saved)
+      if metrics_lib.is_writer():
+        self._record_config(m)
     return self.runner.put_state(states), first
+
+  def _check_foreign(self, m: Member):
+    """Warns of entries in checkpoints/ that tx did not write (left alone, never counted as
+    checkpoints); refuses one named like a step this run may save."""
+    foreign = m.checkpoints.foreign()
+    if not foreign:
+      return
+    clash = [name for name in foreign if name.isdigit() and int(name) <= self.run.total_steps
+             and int(name) > (m.checkpoints.latest_step() or 0)]
+    if clash:
+      raise ValueError(f'{m.checkpoints.directory}/{clash[0]} is not a checkpoint tx wrote '
+                       f'({foreign[clash[0]]}) and this run may save step {clash[0]} there; '
+                       'move it out of checkpoints/')
+    print(f'warning: {m.checkpoints.directory} holds ' +
+          ', '.join(f'{name} ({why})' for name, why in foreign.items()) +
+          ', which tx did not write: left alone and not counted as checkpoints',
+          file=sys.stderr, flush=True)
+
+  def _record_config(self, m: Member):
+    """config.json for a run that starts from nothing; for a resume, the allowed changes (in
+    config_changes.json and as a metrics.jsonl record at the step they take effect)."""
+    if not m.last_saved:
+      workdir_lib.write_config(m.workdir, m.config)
+    elif m.changed:
+      workdir_lib.record_change(m.workdir, m.last_saved, m.changed)
+      m.writer.write(m.last_saved, 'config', {'changed': m.changed})
+      print(f'{m.workdir}: config changed at step {m.last_saved}: '
+            f'{workdir_lib.describe(m.changed)}', flush=True)
 
   def _align(self, states, fresh) -> int:
     """The step the training members continue from. They were saved together, but a kill
@@ -313,13 +367,32 @@ class _Loop:
         eval_metrics = m.history['last_eval'] if evaluated else None
         meta = {'config': c.to_dict(), 'data': {'seed': c.seed, 'position': step},
                 'history': m.history, 'metrics': eval_metrics}
-        m.checkpoints.save(step, hosts[i], json.loads(json.dumps(meta, default=str)),
-                           eval_metrics)
+        try:
+          m.checkpoints.save(step, hosts[i], json.loads(json.dumps(meta, default=str)),
+                             eval_metrics)
+        except SaveFailed as e:
+          raise SaveFailed(m.checkpoints.directory, e, step, self._newest(m)) from e
         m.last_saved = step
       if m.history['stopped_early']:
         print(f'{m.workdir + ": " if self.vectorized else ""}Early stopping at step {step}: no '
               f'{c.best_metric} improvement in {c.early_stopping_patience} evals', flush=True)
         m.status, m.frozen = 'done', hosts[i]
+
+  def check_saves(self, step: int):
+    """A failed asynchronous save (a full disk, say) stops the run at once, its earlier
+    checkpoints intact."""
+    for m in self.members:
+      if m.checkpoints is not None:
+        try:
+          m.checkpoints.check_saves()
+        except SaveFailed as e:
+          raise SaveFailed(m.checkpoints.directory, e, step, self._newest(m)) from e
+
+  @staticmethod
+  def _newest(m: Member) -> int | None:
+    with contextlib.suppress(Exception):  # the disk that failed the save may fail this too.
+      return max(m.checkpoints.complete_steps(), default=None)
+    return None
 
   def preempt(self, state, step: int, last, stop):
     """SIGTERM/SIGINT: checks and saves the current step of every training member, waits for
@@ -354,8 +427,7 @@ class _Loop:
     if m.status == 'diverged':
       return m.diverged
     if m.status == 'passive':  # finished before this call.
-      with open(os.path.join(m.workdir, 'summary.json')) as f:
-        return json.load(f)
+      return m.finished
     out = {f'eval/{k}': v for k, v in m.history['last_eval'].items()}
     out.update(steps=int(state.step), total_steps=self.run.total_steps,
                early_stopped=m.history['stopped_early'],

@@ -200,14 +200,21 @@ def test_debug_nans_is_turned_on_for_the_run(tmp_path):
 
 
 def test_restoring_into_another_shape_names_the_parameter(tmp_path):
+  """Another model is refused as a config change; allowed, the checkpoint names the first
+  parameter that does not fit. Either way nothing in the workdir changes."""
   config = tiny_config('vit', steps=2)
   train_and_evaluate(config, str(tmp_path))
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
   config.model.d_ff = 64
+  with pytest.raises(ValueError, match=r'was trained with another config: model.d_ff 32 -> 64; '
+                     r'resume with --allow_config_change=model.d_ff'):
+    train_and_evaluate(config, str(tmp_path))
   with pytest.raises(ValueError, match=r"checkpoint step 2 in .* does not fit the model: "
                      r"\.params\['encoder'\]\['block_0'\]\['ffn'\]\['hidden'\]\['bias'\] is "
                      r"\(32,\) float32 there and \(64,\) float32 in the model"):
-    train_and_evaluate(config, str(tmp_path))
-  assert latest_step(tmp_path) == 2  # nothing moved or deleted.
+    train_and_evaluate(config, str(tmp_path), allow_config_change=['model.d_ff'])
+  assert latest_step(tmp_path) == 2  # nothing moved or deleted,
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # or written.
 
 
 def test_the_same_seed_gives_identical_metrics(tmp_path):

@@ -199,6 +199,7 @@ def test_two_processes_match_one_also_across_a_sigterm_and_resume(tmp_path):
   assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
   saved = [line for out in outs for line in out.splitlines() if line.startswith('SIGTERM: saved')]
   assert len(saved) == 2 and saved[0] == saved[1]  # the same step in both processes.
+  assert not (tmp_path / 'multi' / 'lock.json').exists()  # process 0's, released on the signal.
   procs = launch()
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from experiments.cli import fail_unless_verbose, parse_flags
+from experiments.cli import exit_on_interrupt, fail_unless_verbose, parse_flags
 from experiments.sweep.grid import run_sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'An ablation config file[:arg].')
@@ -16,7 +16,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; default runs/s
 flags.DEFINE_alias('sweepdir', 'workdir')  # the older spelling
 _VECTORIZE = flags.DEFINE_bool('vectorize', False, 'Train runs that differ only in seed and '
                                 'model.beta_scale together, as one vmapped program.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
+_ALLOW = flags.DEFINE_list('allow_config_change', [], 'Config fields (or sections) the resumed '
+                           'runs may change from the configs they were trained with.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show full tracebacks, and library messages '
+                             '(orbax, absl) on the console instead of SWEEPDIR/library.log.')
 
 
 def main(argv):
@@ -25,10 +28,12 @@ def main(argv):
   try:
     if not _CONFIG.value:
       raise ValueError('--config is required, e.g. --config=configs/ablations/posemb_vit.py:quick')
-    run_sweep(_CONFIG.value, _WORKDIR.value, _VECTORIZE.value)
+    run_sweep(_CONFIG.value, _WORKDIR.value, _VECTORIZE.value, _ALLOW.value,
+              library_log=not _VERBOSE.value)
   except Exception as e:  # one line unless --verbose; a signal: saved, exit 128 + signal.
     fail_unless_verbose(e, _VERBOSE.value)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(exit_on_interrupt(main, 'every run and file finished so far is kept; the same command '
+                                  'resumes'), flags_parser=parse_flags)

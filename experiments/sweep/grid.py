@@ -8,10 +8,11 @@ dotted config paths.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 
+from experiments import library_log as library_logs
+from experiments import workdir as workdir_lib
 from experiments.sweep import charts, tables
 
 
@@ -65,9 +66,12 @@ def groups(points: list[dict], vectorize: bool) -> dict[str, list[dict]]:
   return out
 
 
-def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = False) -> list[dict]:
-  """Trains every group with a point whose workdir (SWEEPDIR/<run_name>) has no summary.json
-  yet; returns one row per point: the point, its summary and its workdir."""
+def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = False,
+            allow_config_change=()) -> list[dict]:
+  """Trains every group with a point whose workdir (SWEEPDIR/<run_name>) holds no finished
+  run of its config (experiments.workdir.finished_summary: a summary.json that parses, and
+  the point's config recorded there; a run of another config is an error); returns one row
+  per point: the point, its summary and its workdir."""
   import jax  # imported here: after absl has parsed the flags.
   from experiments.config_check import check_config
   from experiments.train import train
@@ -77,16 +81,17 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
     jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweepdir, '.jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   base = module.get_config(arg)
+  workdir_lib.check_allow_flag(allow_config_change, base)
   for point in points:  # every run's config, before the first one trains.
     try:
       check_config(configure(base, point))
     except ValueError as e:
       raise ValueError(f'sweep point {run_name(point)}: {e}') from None
-  os.makedirs(sweepdir, exist_ok=True)
   workdir = lambda point: os.path.join(sweepdir, run_name(point))
+  finished = lambda point: workdir_lib.finished_summary(workdir(point), configure(base, point))
   start, trained, done = time.time(), 0, 0
   for name, group in groups(points, vectorize).items():
-    todo = [p for p in group if not os.path.exists(os.path.join(workdir(p), 'summary.json'))]
+    todo = [p for p in group if finished(p) is None]
     if not todo:
       done += len(group)
       print(f'[{done}/{len(points)}] {name}: done before, skipped', flush=True)
@@ -101,33 +106,38 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
       print(f'[{done + 1}-{done + len(group)}/{len(points)}] {len(group)} runs as one program '
             f'({len(todo)} to finish): {name}{eta}', flush=True)
     summaries, _ = train([configure(base, p) for p in group], [workdir(p) for p in group],
-                         vectorize=len(group) > 1)
+                         vectorize=len(group) > 1, allow_config_change=allow_config_change)
     for point, summary in zip(group, summaries):
       if 'diverged' in summary and point in todo:
         print(f'{run_name(point)}: {summary["diverged"]}', flush=True)
     trained += len(todo)
     done += len(group)
-  rows = []
-  for point in points:
-    with open(os.path.join(workdir(point), 'summary.json')) as f:
-      rows.append({**point, **json.load(f), 'workdir': workdir(point)})
-  return rows
+  return [{**point, **finished(point), 'workdir': workdir(point)} for point in points]
 
 
-def run_sweep(config_spec: str, sweepdir: str | None = None, vectorize: bool = False) -> str:
+def run_sweep(config_spec: str, sweepdir: str | None = None, vectorize: bool = False,
+              allow_config_change=(), library_log: bool = False) -> str:
   """Expands, trains (skipping finished runs, resuming interrupted ones) and summarises a sweep
   in `sweepdir` (default runs/sweep-<name>[-arg]) as results.csv, results.md and the plots;
-  returns its directory."""
+  returns its directory. The sweep directory is locked while it runs; with `library_log`,
+  library messages go to its library.log instead of the console (the command does this)."""
   module, arg = load(config_spec)
   name = module.__name__  # the config file's name
   sweepdir = sweepdir or os.path.join('runs', f'sweep-{name}' + (f'-{arg}' if arg else ''))
   print(f'workdir: {sweepdir}', flush=True)
   points = expand(module, arg)
-  rows = run_all(module, arg, points, sweepdir, vectorize)
+  if library_log:
+    library_logs.route_to(os.path.join(sweepdir, workdir_lib.LIBRARY_LOG))
+  with workdir_lib.locked([sweepdir]):
+    rows = run_all(module, arg, points, sweepdir, vectorize, allow_config_change)
+    summarise(rows, points, sweepdir, name + (f' ({arg})' if arg else ''))
+  return sweepdir
+
+
+def summarise(rows: list[dict], points: list[dict], sweepdir: str, title: str):
+  """results.csv, results.md and the plots."""
   keys = list(dict.fromkeys(k for p in points for k in p))
   tables.write_csv(rows, os.path.join(sweepdir, 'results.csv'))
-  tables.write_markdown(tables.aggregate(rows, keys), os.path.join(sweepdir, 'results.md'),
-                        name + (f' ({arg})' if arg else ''))
+  tables.write_markdown(tables.aggregate(rows, keys), os.path.join(sweepdir, 'results.md'), title)
   written = ['results.csv', 'results.md'] + charts.plot_sweep(rows, keys, sweepdir)
   print(f'wrote {", ".join(written)} in {sweepdir}', flush=True)
-  return sweepdir
