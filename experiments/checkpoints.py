@@ -6,7 +6,7 @@ into place when it is complete, so a kill during a save leaves no step behind; a
 files were later truncated or altered fails the check against its record (each array's shape
 and dtype, and a CRC-32 of the state's bytes), and `restore_latest` moves it aside.
 
-Only step folders tx wrote count: a directory (not a link) holding the state and meta items. Anything else in checkpoints/ (a stray or linked `100/`, a copy) is
+Only step folders tx wrote count: a directory (not a link) holding the state or meta item. Anything else in checkpoints/ (a stray or linked `100/`, a copy) is
 never restored, counted towards `keep` or deleted; `foreign()` names it.
 """
 
@@ -28,10 +28,11 @@ ORBAX_TEMPORARY = '.orbax-checkpoint-tmp'  # in the names of saves not yet compl
 
 
 def is_step_folder(path) -> bool:
-  """Whether `path` is a step folder tx wrote."""
+  """Whether `path` is a step folder tx wrote (one that lost an item is still one: restoring
+  it fails, and it is moved aside as corrupt)."""
   path = str(path)
   return (os.path.isdir(path) and not os.path.islink(path)
-          and all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta')))
+          and any(os.path.isdir(os.path.join(path, item)) for item in ('state', 'meta')))
 
 
 class _StepFolders(ocp.step.NameFormat):
@@ -118,9 +119,13 @@ class Checkpoints:
     return self.steps()
 
   def check_saves(self):
-    """SaveFailed if an asynchronous save has failed (a full disk, say); cheap."""
+    """SaveFailed if an asynchronous save has failed (a full disk, say); cheap. (orbax's own
+    finalize thread collects a failed save's error, so `check_for_errors` alone misses it:
+    waiting on a save no longer in progress returns at once and raises it.)"""
     with self._saving():
       self.manager.check_for_errors()
+      if not self.manager.is_saving_in_progress():
+        self.manager.wait_until_finished()
 
   def _saving(self):
     return _raise_as_save_failed(self.directory)
@@ -183,7 +188,8 @@ class Checkpoints:
       self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    with self._saving():
+      self.manager.close()
 
 
 class SaveFailed(ValueError):

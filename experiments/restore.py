@@ -11,8 +11,6 @@ import contextlib
 import os
 import time
 
-import ml_collections
-
 from experiments import steps
 from experiments import workdir as workdir_lib
 from experiments.checkpoints import Checkpoints, CorruptCheckpoint
@@ -31,7 +29,7 @@ def load_run(workdir: str, step: int | None = None):
                      'written by experiments.run')
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise ValueError(f'--workdir={workdir!r} has no checkpoints/ yet; it needs a saved step')
-  config = workdir_lib.recorded_config(workdir)
+  config = workdir_lib.recorded_config(workdir, step)
   run = steps.setup(config)
   ckpt = Checkpoints(workdir, best_metric=config.best_metric, best_mode=config.best_mode,
                      reader=True)

@@ -77,7 +77,7 @@ def main(argv):
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
     print(f'workdir: {workdir}', flush=True)
     if not _VERBOSE.value:
-      library_log.route_to(os.path.join(workdir, workdir_lib.LIBRARY_LOG))
+      library_log.route_to(workdir_lib.library_log(workdir, jax.process_index()))
     from experiments.train import train_and_evaluate
     summary, _ = train_and_evaluate(config, workdir, allow_config_change=_ALLOW.value)
   except Exception as e:  # one line unless --verbose; a signal: saved, exit 128 + signal.

@@ -154,7 +154,8 @@ class _Loop:
     self.allow_config_change = allow_config_change
     self.members = []
     for x, w in zip(configs, workdirs):
-      finished = workdir_lib.finished_summary(w, x) if vectorize else None
+      finished = (workdir_lib.finished_summary(w, x, allow_config_change) if vectorize
+                  else None)
       self.members.append(Member(x, w, 'training' if finished is None else 'passive',
                                  finished=finished))
 
@@ -210,13 +211,15 @@ class _Loop:
         m.changed = workdir_lib.differences(workdir_lib.recorded(m.workdir),
                                             workdir_lib.as_json(c))
         workdir_lib.check_allowed(m.changed, self.allow_config_change, m.workdir)
-      self._check_foreign(m)
       restored = m.checkpoints.restore_latest(fresh[i])
       if restored is not None:
         states[i], meta = restored
         m.history.update(meta['history'])
         m.last_saved = int(states[i].step)
     first = self._align(states, fresh)
+    for m in self.members:
+      if m.status != 'passive':
+        self._check_foreign(m)  # the last check before anything is written.
     for i, m in enumerate(self.members):
       if m.status == 'passive':
         continue
@@ -235,8 +238,8 @@ class _Loop:
     foreign = m.checkpoints.foreign()
     if not foreign:
       return
-    clash = [name for name in foreign if name.isdigit() and int(name) <= self.run.total_steps
-             and int(name) > (m.checkpoints.latest_step() or 0)]
+    clash = [name for name in foreign
+             if name.isdigit() and m.last_saved < int(name) <= self.run.total_steps]
     if clash:
       raise ValueError(f'{m.checkpoints.directory}/{clash[0]} is not a checkpoint tx wrote '
                        f'({foreign[clash[0]]}) and this run may save step {clash[0]} there; '
@@ -250,7 +253,7 @@ class _Loop:
     """config.json for a run that starts from nothing; for a resume, the allowed changes (in
     config_changes.json and as a metrics.jsonl record at the step they take effect)."""
     if not m.last_saved:
-      workdir_lib.write_config(m.workdir, m.config)
+      workdir_lib.start_record(m.workdir, m.config)
     elif m.changed:
       workdir_lib.record_change(m.workdir, m.last_saved, m.changed)
       m.writer.write(m.last_saved, 'config', {'changed': m.changed})
@@ -454,17 +457,28 @@ class _Loop:
     return dirs[0] if len(dirs) == 1 else f'{len(dirs)} workdirs ({dirs[0]}, ...)'
 
   def close_saves(self):
+    """Waits for every member's saves (all of them, also after one failed), then raises the
+    first failure."""
+    failures = []
     for m in self.members:
       if m.checkpoints is not None:
-        m.checkpoints.wait()
+        try:
+          m.checkpoints.wait()
+        except SaveFailed as e:
+          failures.append(e)
+    if failures:
+      raise failures[0]
 
   def close(self):
-    self.close_saves()
-    for m in self.members:
-      if m.checkpoints is not None:
-        m.checkpoints.close()
-      if m.writer is not None:
-        m.writer.close()
+    try:
+      self.close_saves()
+    finally:
+      for m in self.members:
+        if m.checkpoints is not None:
+          with contextlib.suppress(SaveFailed):  # raised by close_saves already.
+            m.checkpoints.close()
+        if m.writer is not None:
+          m.writer.close()
 
 
 def update_history(history: dict, eval_metrics: dict, config):

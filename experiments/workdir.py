@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 
 import ml_collections
@@ -26,7 +27,7 @@ import numpy as np
 LOCK = 'lock.json'
 CONFIG = 'config.json'
 CHANGES = 'config_changes.json'
-LIBRARY_LOG = 'library.log'
+LIBRARY_LOG = 'library.log'  # process i > 0 of a multi-host run: library.<i>.log
 # Fields that change how a run is executed or watched, not what it computes: these may differ
 # on resume without being allowed (the change is still recorded).
 FREE = ('parallel', 'num_devices', 'distributed', 'eval_batch_size', 'log_every',
@@ -37,6 +38,11 @@ RENAMED = {('model', 'max_len'): 'num_positions', ('data', 'min_len'): 'min_leng
            ('data', 'max_len'): 'max_length', ('data', 'test_max_len'): 'extrapolate_max_length'}
 
 
+def library_log(directory: str, process: int = 0) -> str:
+  """Where a process's library messages go (experiments.library_log)."""
+  return os.path.join(directory, LIBRARY_LOG if not process else f'library.{process}.log')
+
+
 # --- what a workdir may be -------------------------------------------------------------------
 
 def check_usable(workdir: str):
@@ -45,7 +51,8 @@ def check_usable(workdir: str):
     raise ValueError(f'--workdir={workdir!r} is a file; give a directory')
   if not os.path.isdir(workdir):
     return
-  entries = sorted(set(os.listdir(workdir)) - {LOCK, LIBRARY_LOG})
+  entries = sorted(name for name in os.listdir(workdir)
+                   if name != LOCK and not (name.startswith('library.') and name.endswith('.log')))
   if entries and CONFIG not in entries:
     shown = ', '.join(entries[:3]) + (', ...' if len(entries) > 3 else '')
     raise ValueError(f'--workdir={workdir!r} holds {shown} but no {CONFIG}: it is not a run '
@@ -54,33 +61,40 @@ def check_usable(workdir: str):
 
 # --- the lock --------------------------------------------------------------------------------
 
-def _boot_id() -> str | None:
+HEARTBEAT_S = 60  # the holder touches its lock this often
+STALE_S = 15 * 60  # a lock from another host untouched this long is taken over
+
+
+def _first_line(path: str) -> str | None:
   with contextlib.suppress(OSError):
-    with open('/proc/sys/kernel/random/boot_id') as f:
-      return f.read().strip()
+    with open(path) as f:
+      return f.readline().strip()
   return None
 
 
 def _process_start(pid: int) -> str | None:
   """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-  with contextlib.suppress(OSError, IndexError):
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rpartition(')')[2].split()[19]
-  return None
+  text = _first_line(f'/proc/{pid}/stat')
+  fields = text.rpartition(')')[2].split() if text else []
+  return fields[19] if len(fields) > 19 else None
 
 
 def _me() -> dict:
   return {'pid': os.getpid(), 'host': socket.gethostname(),
-          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'boot_id': _boot_id(),
-          'process_start': _process_start(os.getpid())}
+          'machine_id': _first_line('/etc/machine-id'),
+          'boot_id': _first_line('/proc/sys/kernel/random/boot_id'),
+          'process_start': _process_start(os.getpid()),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
 
 
-def _running(holder: dict) -> bool | None:
-  """Whether the lock's holder still runs; None where this host cannot tell (another host)."""
-  if holder.get('host') != socket.gethostname():
-    return None
-  if holder.get('boot_id') and holder['boot_id'] != _boot_id():
-    return False  # the host rebooted since.
+def _running(holder: dict, age_s: float) -> bool | None:
+  """Whether the lock's holder still runs; None when it cannot be told (another machine whose
+  lock was touched within STALE_S)."""
+  me = _me()
+  if (holder.get('host'), holder.get('machine_id')) != (me['host'], me['machine_id']):
+    return None if age_s < STALE_S else False
+  if holder.get('boot_id') and holder['boot_id'] != me['boot_id']:
+    return False  # the machine rebooted since.
   pid = holder.get('pid')
   if not isinstance(pid, int):
     return False
@@ -91,7 +105,7 @@ def _running(holder: dict) -> bool | None:
   except PermissionError:
     pass  # it exists, under another user.
   start = holder.get('process_start')
-  return not start or _process_start(pid) in (None, start)  # a reused pid started later.
+  return not start or _process_start(pid) in (None, start)  # or a later process has its pid.
 
 
 def _read(path: str) -> dict:
@@ -100,35 +114,65 @@ def _read(path: str) -> dict:
       holder = json.load(f)
     return holder if isinstance(holder, dict) else {}
   except (OSError, ValueError):
-    return {}  # being written this instant, or damaged: judged by its age below.
+    return {}  # being written this instant, or damaged: judged by its age.
+
+
+def _create(path: str, me: dict) -> bool:
+  """Creates the lock file with O_EXCL (atomic also on NFS); False if it exists."""
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+  except BaseException:
+    os.remove(path)  # a full disk, say: no empty lock left behind.
+    raise
+  return True
+
+
+def _take_over(path: str, holder: dict) -> bool:
+  """Moves the lock judged dead aside; puts it back if another process replaced it meanwhile
+  (it took the dead lock over first)."""
+  aside = f'{path}.stale-{os.getpid()}'
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:
+    return False
+  taken = _read(aside) == holder
+  if not taken:
+    with contextlib.suppress(FileExistsError):
+      os.link(aside, path)
+  os.remove(aside)
+  return taken
 
 
 def _acquire(directory: str) -> dict:
-  """Creates directory/lock.json with O_EXCL (atomic also on NFS) and returns what it holds."""
+  """Takes directory/lock.json; returns what it holds. ValueError naming a live holder."""
   path, me = os.path.join(directory, LOCK), _me()
-  for _ in range(3):
+  for _ in range(5):
+    if _create(path, me):
+      return me
+    holder = _read(path)
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      holder = _read(path)
-      if not holder and time.time() - os.path.getmtime(path) < 10:
-        time.sleep(0.5)  # another process is writing its lock now.
-        continue
-      running = _running(holder)
-      who = (f'pid {holder.get("pid")} on host {holder.get("host")} (started '
-             f'{holder.get("started")})' if holder else 'an unreadable lock')
-      if running is False or not holder:
+      age_s = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+      continue  # released meanwhile.
+    if not holder and age_s < 10:
+      time.sleep(0.5)  # another process is writing its lock now.
+      continue
+    running = _running(holder, age_s) if holder else False
+    who = (f'pid {holder.get("pid")} on host {holder.get("host")} (started '
+           f'{holder.get("started")})' if holder else 'an unreadable lock')
+    if running is False:
+      if _take_over(path, holder):
         print(f'warning: {directory} was locked by {who}, which is no longer running; taking '
               'the lock over', file=sys.stderr, flush=True)
-        with contextlib.suppress(FileNotFoundError):
-          os.rename(path, f'{path}.stale-{os.getpid()}')
-          os.remove(f'{path}.stale-{os.getpid()}')
-        continue
-      hint = f'; if it is gone, delete {path}' if running is None else ''
-      raise ValueError(f'{directory} is in use by {who}: wait for it to finish or stop it{hint}')
-    with os.fdopen(fd, 'w') as f:
-      json.dump(me, f)
-    return me
+      continue
+    hint = (f'; if it is gone, delete {path} (or wait: a lock from another host is taken over '
+            f'once untouched for {STALE_S // 60} minutes)' if running is None else '')
+    raise ValueError(f'{directory} is in use by {who}: wait for it to finish or stop it{hint}')
   raise ValueError(f'{directory}: could not take {path} (other processes keep taking it)')
 
 
@@ -139,6 +183,14 @@ def _release(directory: str, me: dict, created: bool):
   if created:
     with contextlib.suppress(OSError):
       os.rmdir(directory)  # only if it is empty: a run refused before writing anything.
+
+
+def _heartbeat(paths: list[str], stop: threading.Event):
+  """Touches the locks every HEARTBEAT_S, so that another host can tell a live holder."""
+  while not stop.wait(HEARTBEAT_S):
+    for path in paths:
+      with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 @contextlib.contextmanager
@@ -155,7 +207,11 @@ def locked(directories):
           os.makedirs(d, exist_ok=True)
           me = _acquire(d)
           stack.callback(_release, d, me, created)
-      except ValueError as e:
+        stop = threading.Event()
+        threading.Thread(target=_heartbeat, daemon=True, name='workdir-lock-heartbeat',
+                         args=([os.path.join(d, LOCK) for d in directories], stop)).start()
+        stack.callback(stop.set)
+      except BaseException as e:  # told to the other processes before it is raised.
         error = e
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -180,23 +236,27 @@ def as_json(config) -> dict:
   return json.loads(config.to_json())
 
 
-def recorded(workdir: str) -> dict:
-  """The config the workdir's run trains with now: config.json (older field names updated)
-  with the changes of config_changes.json applied. ValueError naming a file that does not read."""
+def recorded(workdir: str, step: int | None = None) -> dict:
+  """The config the workdir's run trains with (at `step`; default: now): config.json (older
+  field names updated) with the changes of config_changes.json made up to then applied.
+  ValueError naming a file that does not read."""
   values = _load_json(os.path.join(workdir, CONFIG), dict)
   for (section, old), new in RENAMED.items():
     if old in values.get(section, {}):
       values[section][new] = values[section].pop(old)
-  flat_values = flat(values)
   for change in changes(workdir):
-    for field, (_, new) in change['changed'].items():
-      flat_values[field] = new
-  from flax import traverse_util
-  return traverse_util.unflatten_dict(flat_values, sep='.')
+    if step is None or change['step'] <= step:
+      for field, (_, new) in change['changed'].items():
+        *sections, leaf = field.split('.')
+        node = values
+        for s in sections:
+          node = node.setdefault(s, {})
+        node[leaf] = new
+  return values
 
 
-def recorded_config(workdir: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(recorded(workdir))
+def recorded_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(recorded(workdir, step))
 
 
 def changes(workdir: str) -> list[dict]:
@@ -226,22 +286,27 @@ def _load_json(path: str, kind: type):
 
 
 def differences(before: dict, after: dict) -> dict:
-  """{field: [before, after]} for every dotted field whose value differs (or exists in one)."""
+  """{field: [before, after]} for every dotted field of both whose value differs. A field in
+  one only is not a difference: configs gain fields as tx grows (a run recorded before a
+  field existed ran as its default does), and lose ones it no longer reads."""
   a, b = flat(before), flat(after)
-  missing = '<absent>'
-  return {k: [a.get(k, missing), b.get(k, missing)] for k in sorted(a.keys() | b.keys())
-          if a.get(k, missing) != b.get(k, missing)}
+  return {k: [a[k], b[k]] for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
 def describe(diff: dict) -> str:
   return ', '.join(f'{k} {json.dumps(old)} -> {json.dumps(new)}' for k, (old, new) in diff.items())
 
 
+def _refused(diff: dict, allowed) -> dict:
+  """The part of `diff` in fields neither FREE nor in `allowed` (fields or whole sections)."""
+  covered = lambda k: any(k == a or k.startswith(a + '.') for a in (*FREE, *allowed))
+  return {k: v for k, v in diff.items() if not covered(k)}
+
+
 def check_allowed(diff: dict, allowed, workdir: str):
   """ValueError listing the fields of `diff` that are neither FREE nor in `allowed` (dotted
   fields or whole sections, e.g. 'optimizer')."""
-  covered = lambda k: any(k == a or k.startswith(a + '.') for a in (*FREE, *allowed))
-  refused = {k: v for k, v in diff.items() if not covered(k)}
+  refused = _refused(diff, allowed)
   if refused:
     raise ValueError(f'{workdir} was trained with another config: {describe(refused)}; '
                      f'resume with --allow_config_change={",".join(refused)} to record the '
@@ -256,8 +321,11 @@ def check_allow_flag(allowed, config):
       raise ValueError(f'--allow_config_change={a}: not a config field')
 
 
-def write_config(workdir: str, config):
+def start_record(workdir: str, config):
+  """config.json of a run that starts from no checkpoint (changes recorded before go)."""
   from experiments.metrics import write_atomically
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(workdir, CHANGES))
   write_atomically(os.path.join(workdir, CONFIG), config.to_json(indent=2))
 
 
@@ -269,10 +337,11 @@ def record_change(workdir: str, step: int, diff: dict):
                    json.dumps(changes(workdir) + [entry], indent=2))
 
 
-def finished_summary(workdir: str, config) -> dict | None:
+def finished_summary(workdir: str, config, allowed=()) -> dict | None:
   """The summary of the finished run of `config` in `workdir`, or None if it has not finished
   there (no summary.json; or one that does not parse: a warning, and the run is resumed to
-  write it again). ValueError when the workdir holds a run of another config."""
+  write it again; or its config differs in `allowed` fields only: the run is resumed with
+  the change). ValueError when the workdir holds a run of another config."""
   path = os.path.join(workdir, 'summary.json')
   if not os.path.exists(path):
     return None
@@ -285,8 +354,9 @@ def finished_summary(workdir: str, config) -> dict | None:
     raise ValueError(f'{workdir} has a summary.json but no {CONFIG}: it is not a run of this '
                      'sweep; move it away')
   diff = differences(recorded(workdir), as_json(config))
-  diff = {k: v for k, v in diff.items() if not any(k == f or k.startswith(f + '.') for f in FREE)}
-  if diff:
-    raise ValueError(f'{workdir} holds a finished run of another config ({describe(diff)}); '
-                     'move it away or use a new --workdir')
-  return summary
+  refused = _refused(diff, allowed)
+  if refused:
+    raise ValueError(f'{workdir} holds a finished run of another config ({describe(refused)}); '
+                     'move it away, use a new --workdir, or resume it with '
+                     f'--allow_config_change={",".join(refused)}')
+  return None if _refused(diff, ()) else summary

@@ -6,11 +6,14 @@ library noise kept out of the console."""
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
+import types
 
 import pytest
 
@@ -42,7 +45,6 @@ def trained(tmp_path_factory):
 
 
 def copy_of(trained, tmp_path):
-  import shutil
   shutil.copytree(trained, tmp_path / 'run')
   return tmp_path / 'run'
 
@@ -77,17 +79,20 @@ def test_a_second_process_on_a_workdir_gets_one_line_naming_the_first(tmp_path):
   first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
   try:
+    deadline = time.time() + 120
     while not ready.exists():
-      assert first.poll() is None, first.stdout.read()
+      assert first.poll() is None and time.time() < deadline, first.stdout.read()
+      time.sleep(0.05)
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
   finally:
     go.touch()
   out = first.communicate(timeout=120)[0]
   assert first.returncode == 0, out[-3000:]
-  assert second.returncode == 2 and second.stderr.count('\n') == 1, second.stderr
-  assert (f'{workdir} is in use by pid {first.pid} on host {socket.gethostname()} (started '
-          in second.stderr), second.stderr
+  errors = [line for line in second.stderr.splitlines() if line.startswith('error:')]
+  assert second.returncode == 2 and len(errors) == 1, second.stderr
+  assert errors[0].startswith(f'error: {workdir} is in use by pid {first.pid} on host '
+                              f'{socket.gethostname()} (started '), second.stderr
   assert 'Traceback' not in second.stderr + out
   assert not (workdir / 'lock.json').exists()
   train = [r['step'] for r in read_metrics(str(workdir)) if r['split'] == 'train']
@@ -120,12 +125,22 @@ def test_a_lock_is_taken_over_only_from_a_process_that_is_gone(tmp_path, capsys)
     with workdir_lib.locked([str(tmp_path / 'live')]):
       pass
   with pytest.raises(ValueError, match=r'remote is in use by pid \d+ on host elsewhere .* if it '
-                     r'is gone, delete .*remote/lock.json'):
+                     r'is gone, delete .*remote/lock.json \(or wait: a lock from another host is '
+                     r'taken over once untouched for 15 minutes\)'):
     with workdir_lib.locked([str(tmp_path / 'remote')]):
       pass
+  old = os.path.getmtime(tmp_path / 'remote' / 'lock.json') - workdir_lib.STALE_S
+  os.utime(tmp_path / 'remote' / 'lock.json', (old, old))  # its holder stopped touching it.
+  with workdir_lib.locked([str(tmp_path / 'remote')]):
+    assert 'which is no longer running; taking the lock over' in capsys.readouterr().err
 
 
-def test_the_lock_goes_on_errors_and_a_refused_new_workdir_is_not_left_behind(tmp_path):
+def test_the_lock_is_touched_while_held_and_goes_on_errors(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_S', 0.05)
+  with workdir_lib.locked([str(tmp_path / 'held')]):
+    os.utime(tmp_path / 'held' / 'lock.json', (1, 1))
+    time.sleep(0.5)
+    assert os.path.getmtime(tmp_path / 'held' / 'lock.json') > 1
   with pytest.raises(RuntimeError):
     with workdir_lib.locked([str(tmp_path / 'new')]):
       assert (tmp_path / 'new' / 'lock.json').exists()
@@ -164,6 +179,10 @@ def test_an_allowed_change_is_recorded_with_its_step(trained, tmp_path):
   assert workdir_lib.recorded(str(workdir)) == workdir_lib.as_json(config)
   train_and_evaluate(config, str(workdir))  # the recorded config now: no change, no flag.
   assert len(workdir_lib.changes(str(workdir))) == 1
+  shutil.rmtree(workdir / 'checkpoints')  # nothing trained is left: a fresh start, recorded anew.
+  train_and_evaluate(config, str(workdir))
+  assert workdir_lib.changes(str(workdir)) == [] and json.loads(
+      (workdir / 'config.json').read_text()) == workdir_lib.as_json(config)
   with pytest.raises(ValueError, match='--allow_config_change=optimiser: not a config field'):
     workdir_lib.check_allow_flag(['optimiser'], config)
 
@@ -186,13 +205,36 @@ def test_a_sweep_skips_only_a_parsing_summary_of_its_own_config(trained, tmp_pat
   assert workdir_lib.finished_summary(str(workdir), config)['steps'] == 4
   other = tiny_config('vit', steps=4, checkpoint_every=2, seed=3)
   with pytest.raises(ValueError, match=r'run holds a finished run of another config \(seed 0 -> '
-                     r'3\); move it away or use a new --workdir'):
+                     r'3\); move it away, use a new --workdir, or resume it with '
+                     '--allow_config_change=seed'):
     workdir_lib.finished_summary(str(workdir), other)
+  assert workdir_lib.finished_summary(str(workdir), other, allowed=['seed']) is None  # resumed.
   (workdir / 'summary.json').write_text('')
   assert workdir_lib.finished_summary(str(workdir), config) is None
   assert 'summary.json is not JSON (empty file)' in capsys.readouterr().err
   summary, _ = train_and_evaluate(config, str(workdir))  # resumed at its end: summary again.
   assert workdir_lib.finished_summary(str(workdir), config) == summary
+
+
+def test_a_sweep_refuses_a_point_folder_holding_another_run(trained, tmp_path):
+  """Before training anything: the folder of point seed=0 holds a run of seed 0 with another
+  d_ff, so it is not that point's finished run."""
+  config = tiny_config('vit', steps=4, checkpoint_every=2)
+  config.model.d_ff = 64
+  module = types.SimpleNamespace(get_config=lambda arg: config,
+                                 sweep=lambda add, arg: [add(seed=s) for s in (0, 1)])
+  shutil.copytree(trained, tmp_path / 'sweep' / 'seed=0')
+  with pytest.raises(ValueError, match=r'seed=0 holds a finished run of another config '
+                     r'\(model.d_ff 32 -> 64\)'):
+    grid.run_all(module, None, grid.expand(module, None), str(tmp_path / 'sweep'))
+  assert sorted(os.listdir(tmp_path / 'sweep')) == ['seed=0']
+
+
+def test_a_damaged_config_json_is_one_line_naming_it(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  (workdir / 'config.json').write_text('')
+  with pytest.raises(ValueError, match=r'run/config.json is not JSON \(empty file\)'):
+    train_and_evaluate(tiny_config('vit', steps=4, checkpoint_every=2), str(workdir))
 
 
 # --- checkpoints/ entries tx did not write ---------------------------------------------------
@@ -259,15 +301,18 @@ def test_library_noise_goes_to_library_log(trained, tmp_path):
 
 def test_a_full_disk_stops_the_run_at_the_failed_save(trained, tmp_path):
   workdir = copy_of(trained, tmp_path)
-  run = _resume(workdir, '--config.total_steps=40', '--allow_config_change=total_steps',
+  run = _resume(workdir, '--config.total_steps=120', '--config.eval_every=60',
+                '--allow_config_change=total_steps,eval_every', '--config.log_every=100',
+                '--config.checkpoint_every=60',  # fails at 60; the next save is the last.
                 limit=12_000)  # past metrics and meta; short of the state's files.
   assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
   (line,) = [line for line in run.stderr.splitlines() if line]
   assert line.startswith(f'error: saving a checkpoint in {workdir}/checkpoints failed: ') and (
       line.endswith('its newest complete checkpoint is step 4')), line
   stopped = int(line.split('the run stopped at step ')[1].split(';')[0])
-  assert stopped <= 8  # at once: the save at 6 failed, not at the end of 40 steps.
+  assert 60 < stopped < 120  # at once, not at the next save.
   assert max(r['step'] for r in read_metrics(str(workdir))) <= stopped
   assert Checkpoints(str(workdir)).steps() == [2, 4]
-  again = _resume(workdir, '--config.total_steps=40')  # intact: it resumes from 4.
-  assert again.returncode == 0 and 'Resumed from step 4' in again.stdout, again.stderr[-3000:]
+  config = tiny_config('vit', steps=120, eval_every=60, checkpoint_every=60, log_every=100)
+  summary, _ = train_and_evaluate(config, str(workdir), stop_after=1)  # intact: it resumes.
+  assert summary['steps'] == 5

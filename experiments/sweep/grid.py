@@ -88,7 +88,8 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
     except ValueError as e:
       raise ValueError(f'sweep point {run_name(point)}: {e}') from None
   workdir = lambda point: os.path.join(sweepdir, run_name(point))
-  finished = lambda point: workdir_lib.finished_summary(workdir(point), configure(base, point))
+  finished = lambda point: workdir_lib.finished_summary(workdir(point), configure(base, point),
+                                                        allow_config_change)
   start, trained, done = time.time(), 0, 0
   for name, group in groups(points, vectorize).items():
     todo = [p for p in group if finished(p) is None]
@@ -127,7 +128,7 @@ def run_sweep(config_spec: str, sweepdir: str | None = None, vectorize: bool = F
   print(f'workdir: {sweepdir}', flush=True)
   points = expand(module, arg)
   if library_log:
-    library_logs.route_to(os.path.join(sweepdir, workdir_lib.LIBRARY_LOG))
+    library_logs.route_to(workdir_lib.library_log(sweepdir))
   with workdir_lib.locked([sweepdir]):
     rows = run_all(module, arg, points, sweepdir, vectorize, allow_config_change)
     summarise(rows, points, sweepdir, name + (f' ({arg})' if arg else ''))
