@@ -247,7 +247,8 @@ def check_fits(saved: dict, like, directory: str, step: int):
     if saved[path] != [shape, dtype]:
       raise ValueError(f'{where} does not fit the model: {path} is {tuple(saved[path][0])} '
                        f'{saved[path][1]} there and {tuple(shape)} {dtype} in the model; restore '
-                       "with the run's own config (its config.json) or use a new --workdir")
+                       "with the config the run was trained with (its config.json, with "
+                       "config_changes.json) or use a new --workdir")
   extra = sorted(set(saved) - set(wanted))
   if extra:
     raise ValueError(f'{where} has {extra[0]} that the model does not: {hint}')

@@ -27,6 +27,7 @@ from absl import app, flags
 
 from experiments.bench import attention_kernels, plots, report, specs, step_time
 from experiments.bench.timing import environment
+from experiments.cli import exit_on_interrupt
 from experiments.metrics import write_atomically
 
 SECTIONS = ('matmul', 'train', 'peer', 'attention', 'parallel', 'vectorized')
@@ -210,4 +211,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', 'runs/bench', 'Directory for bench.json, bench.md and the plots.')
   flags.DEFINE_alias('out', 'workdir')
   flags.DEFINE_string('sections', ','.join(SECTIONS), 'Comma-separated sections to run.')
-  app.run(main)
+  app.run(exit_on_interrupt(main, lambda: 'the sections measured so far are in '
+                            f'{flags.FLAGS.workdir}/bench.json'))

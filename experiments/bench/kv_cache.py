@@ -22,6 +22,7 @@ from absl import app, flags
 
 import tx
 from experiments.bench.timing import environment, measure
+from experiments.cli import exit_on_interrupt
 from experiments.metrics import write_atomically
 
 
@@ -77,4 +78,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('repeats', 3, 'Timed calls per measurement (median reported).')
   flags.DEFINE_string('workdir', 'runs/bench', 'Output directory for kv_cache.json.')
   flags.DEFINE_alias('out', 'workdir')
-  app.run(main)
+  app.run(exit_on_interrupt(main, 'nothing was written'))
