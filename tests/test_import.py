@@ -24,6 +24,6 @@ def test_import_tx_is_clean():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['env_same'] and result['cfg_same']
   forbidden = {'optax', 'orbax', 'ml_collections', 'sklearn', 'mnist1d', 'matplotlib',
-               'tensorflow', 'torch', 'experiments'}
+               'tensorflow', 'torch', 'experiments', 'safetensors', 'transformers'}
   assert not forbidden & set(result['new']), result['new']
   assert 'flax' in result['new'] and 'tx' in result['new']

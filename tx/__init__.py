@@ -3,8 +3,9 @@
 Pure functions (no state): attention with an explicit temperature β, masks,
 alignment scores and positional encodings. Linen modules: multi-head attention,
 encoder/decoder blocks and stacks, encoder-decoder, decoder-only LM, encoder
-classifier and ViT. Decoding: greedy, sampling and beam search over a KV cache. Importing tx has no side effects and imports only jax,
-flax and numpy.
+classifier and ViT. Decoding: greedy, sampling and beam search over a KV cache. Pretrained
+weights: `tx.pretrained` (Hugging Face ViT checkpoints, in and out). Importing tx has no side
+effects and imports only jax, flax and numpy.
 """
 
 from tx.analysis import (AttentionLayer, attention_entropy, attention_rollout, attention_weights,
@@ -19,6 +20,7 @@ from tx.models import (Decoder, DecoderLM, Encoder, EncoderClassifier, EncoderDe
 from tx.posemb import AddPositionEmbs, resample_posemb, rope, sincos_2d, sinusoidal_1d
 from tx.scores import (AdditiveScore, GeneralScore, LocationScore, cosine_score, dot_score,
                        scaled_dot_score)
+from tx import pretrained
 from tx.vit import VARIANTS as VIT_VARIANTS
 from tx.vit import ViT, vit_variant
 

@@ -8,6 +8,7 @@ the storage dtype (float32); softmax and LayerNorm statistics stay in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -24,7 +25,10 @@ from tx.validate import check_beta, check_choice, concrete
 Dtype = Any
 SCORES = ('dot', 'general', 'additive', 'cosine', 'location')
 NORMS = ('post', 'pre')
-ACTIVATIONS = {'relu': nn.relu, 'gelu': nn.gelu}
+# 'gelu' is the tanh approximation 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) (BERT's paper,
+# GPT-2); 'gelu_exact' is x·Φ(x) with the normal CDF Φ (erf), as HF ViT, timm and BERT compute.
+ACTIVATIONS = {'relu': nn.relu, 'gelu': nn.gelu,
+               'gelu_exact': functools.partial(nn.gelu, approximate=False)}
 kernel_init = nn.initializers.xavier_uniform()
 
 
@@ -198,7 +202,8 @@ class BlockHParams(nn.Module):
   implementation: str | None = None
   attention_fn: Callable = dot_product_attention  # a library-only hook: see MultiHeadAttention.
   norm: str = 'post'  # 'post': LN(x + f(x)) (Vaswani); 'pre': x + f(LN(x)) (ViT, GPT-2).
-  activation: str = 'relu'
+  layer_norm_epsilon: float = 1e-6  # ε in LN(x) = (x − μ)/√(σ² + ε)·γ + b; HF ViT, BERT 1e-12.
+  activation: str = 'relu'  # 'relu' | 'gelu' (tanh approximation) | 'gelu_exact' (erf).
   num_positions: int = 512  # rows of a learned posemb table; keys of score='location'.
   decode: bool = False
   dtype: Dtype = jnp.float32
@@ -225,7 +230,8 @@ class _Block(BlockHParams, kw_only=True):
   def sublayer(self, x, f: Callable, name: str, deterministic: bool):
     """Residual connection with LayerNorm: post-LN LN(x + f(x)) or pre-LN x + f(LN(x))."""
     check_choice('norm', self.norm, NORMS)
-    ln = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f'{name}_norm')
+    ln = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=f'{name}_norm')
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
     if self.norm == 'pre':
       return x + drop(f(ln(x)))

@@ -129,7 +129,8 @@ class Encoder(ModelHParams):
     call = lambda block, x, mask: block(x, mask, deterministic=deterministic)
     x = _stack(self, EncoderBlock, call, x, mask)
     if self.norm == 'pre':
-      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm')(x)
+      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='final_norm')(x)
     return x
 
 
@@ -152,7 +153,8 @@ class Decoder(ModelHParams):
         x, memory, self_mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
     x = _stack(self, DecoderBlock, call, x, memory, self_mask, cross_mask)
     if self.norm == 'pre':
-      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='final_norm')(x)
+      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='final_norm')(x)
     return x
 
 

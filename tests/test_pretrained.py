@@ -1,0 +1,118 @@
+"""Pretrained checkpoints: random-init Hugging Face ViTs, every parameter moved away from its
+init, saved as transformers saves them, loaded into tx: the same logits. And back."""
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+safetensors_torch = pytest.importorskip('safetensors.torch')
+
+import tx  # noqa: E402
+from tx import pretrained  # noqa: E402
+
+CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              image_size=16, patch_size=4, num_labels=5)
+
+
+def hf_vit(**overrides):
+  """A random ViTForImageClassification whose every parameter is perturbed (LayerNorm scales
+  not 1, biases not 0), in eval mode."""
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(transformers.ViTConfig(**{**CONFIG,
+                                                                          **overrides}))
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  return model.eval()
+
+
+def images(n=3, size=16):
+  return np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+def hf_logits(model, x):
+  with torch.no_grad():
+    return model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
+
+
+def tx_logits(model, params, x):
+  return np.asarray(model.apply({'params': params}, x))
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  model = hf_vit()
+  directory = tmp_path_factory.mktemp('hf') / 'vit'
+  model.save_pretrained(directory)
+  return model, str(directory)
+
+
+def test_a_saved_hf_vit_gives_the_same_logits_in_tx(saved):
+  model, directory = saved
+  tx_model, params = pretrained.load_hf_vit(directory)
+  assert (tx_model.activation, tx_model.layer_norm_epsilon) == ('gelu_exact', 1e-12)
+  x = images()
+  expected = hf_logits(model, x)
+  np.testing.assert_allclose(tx_logits(tx_model, params, x), expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(expected).max() > 0.5  # the perturbed head gives logits worth comparing.
+  weights = tx.attention_weights(tx_model, {'params': params}, x)  # inspectable as any tx ViT.
+  assert len(weights) == 2
+
+
+def test_transformers_5_in_memory_names_load_too(saved, tmp_path):
+  model, _ = saved
+  if not any('q_proj' in k for k in model.state_dict()):
+    pytest.skip('transformers < 5 names its modules as the Hub files do')
+  (tmp_path / 'config.json').write_text(model.config.to_json_string())
+  safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                              str(tmp_path / 'model.safetensors'))
+  tx_model, params = pretrained.load_hf_vit(str(tmp_path))
+  x = images()
+  np.testing.assert_allclose(tx_logits(tx_model, params, x), hf_logits(model, x), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_tx_to_hf_and_back_keeps_the_logits(tmp_path):
+  model = tx.ViT(num_classes=4, patch_size=4, num_layers=2, d_model=32, num_heads=4, d_ff=64,
+                 activation='gelu_exact', layer_norm_epsilon=1e-12)
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(1), images(1))['params'])
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(np.float32), params)
+  pretrained.save_hf_vit(model, params, str(tmp_path), image_size=16)
+  hf = transformers.ViTForImageClassification.from_pretrained(str(tmp_path)).eval()
+  x = images()
+  ours = tx_logits(model, params, x)
+  np.testing.assert_allclose(hf_logits(hf, x), ours, rtol=1e-5, atol=1e-5)
+  again, again_params = pretrained.load_hf_vit(str(tmp_path))
+  np.testing.assert_array_equal(tx_logits(again, again_params, x), ours)
+
+
+def test_checkpoints_tx_cannot_load_exactly_are_one_clear_error(saved, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  _, directory = saved
+  weights = load_file(f'{directory}/model.safetensors')
+  config = open(f'{directory}/config.json').read()
+
+  def write(w, c=config):
+    (tmp_path / 'config.json').write_text(c)
+    save_file(w, str(tmp_path / 'model.safetensors'))
+    return str(tmp_path)
+
+  missing = {k: v for k, v in weights.items() if 'layer.1.output.dense.weight' not in k}
+  with pytest.raises(ValueError, match=r'has no vit.encoder.layer.1.output.dense.weight \(tx '
+                     r'needs it for encoder/block_1/ffn/output/kernel\)'):
+    pretrained.load_hf_vit(write(missing))
+  with pytest.raises(ValueError, match=r'has vit.pooler.dense.bias \(and 1 more\) that tx does '
+                     'not use'):
+    pretrained.load_hf_vit(write({**weights, 'vit.pooler.dense.weight': np.zeros((32, 32),
+                                  np.float32), 'vit.pooler.dense.bias': np.zeros(32, np.float32)}))
+  wrong = dict(weights, **{'classifier.weight': np.zeros((5, 31), np.float32)})
+  with pytest.raises(ValueError, match=r'classifier.weight is \(5, 31\) .* tx needs head/kernel '
+                     r'of \(32, 5\)'):
+    pretrained.load_hf_vit(write(wrong))
+  with pytest.raises(ValueError, match="model_type='bert': load_hf_vit reads 'vit'"):
+    pretrained.load_hf_vit(write(weights, config.replace('"vit"', '"bert"')))
+  with pytest.raises(ValueError, match="has no config.json: give a directory as save_pretrained"):
+    pretrained.load_hf_vit(str(tmp_path / 'nowhere'))
