@@ -116,3 +116,57 @@ def test_checkpoints_tx_cannot_load_exactly_are_one_clear_error(saved, tmp_path)
     pretrained.load_hf_vit(write(weights, config.replace('"vit"', '"bert"')))
   with pytest.raises(ValueError, match="has no config.json: give a directory as save_pretrained"):
     pretrained.load_hf_vit(str(tmp_path / 'nowhere'))
+
+
+GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=24, vocab_size=50, bos_token_id=None,
+            eos_token_id=None)  # no eos: both generate to the end.
+
+
+@pytest.fixture(scope='module')
+def gpt2(tmp_path_factory):
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2))
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  directory = tmp_path_factory.mktemp('hf') / 'gpt2'
+  model.eval().save_pretrained(directory)
+  return model, str(directory)
+
+
+def test_a_saved_gpt2_gives_the_same_logits_and_greedy_text_in_tx(gpt2):
+  model, directory = gpt2
+  tx_model, params = pretrained.load_hf_gpt2(directory)
+  assert (tx_model.activation, tx_model.layer_norm_epsilon, tx_model.scale_embeddings) == (
+      'gelu', 1e-5, False)
+  tokens = np.random.default_rng(0).integers(0, GPT2['vocab_size'], (2, 12))
+  with torch.no_grad():
+    expected = model(torch.from_numpy(tokens)).logits.numpy()
+  ours = np.asarray(tx_model.apply({'params': params}, tokens))
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(expected).std() > 0.5
+  prompt = tokens[:, :5]
+  with torch.no_grad():
+    hf_tokens = model.generate(torch.from_numpy(prompt), max_new_tokens=10, do_sample=False,
+                               pad_token_id=0).numpy()
+  decoded = tx.generate(tx_model, params, prompt, max_new_tokens=10)
+  np.testing.assert_array_equal(np.asarray(decoded.tokens), hf_tokens)
+
+
+def test_gpt2_files_without_the_transformer_prefix_and_other_variants(gpt2, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  _, directory = gpt2
+  weights = {k.removeprefix('transformer.'): v
+             for k, v in load_file(f'{directory}/model.safetensors').items()}
+  weights['h.0.attn.bias'] = np.tril(np.ones((1, 1, 24, 24), np.float32))  # old files' buffer
+  config = open(f'{directory}/config.json').read()
+  (tmp_path / 'config.json').write_text(config)
+  save_file(weights, str(tmp_path / 'model.safetensors'))
+  model, params = pretrained.load_hf_gpt2(str(tmp_path))
+  reference, reference_params = pretrained.load_hf_gpt2(directory)
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  (tmp_path / 'config.json').write_text(config.replace('"scale_attn_weights": true',
+                                                       '"scale_attn_weights": false'))
+  with pytest.raises(ValueError, match='scale_attn_weights=False is a GPT-2 variant tx does not '
+                     'build'):
+    pretrained.load_hf_gpt2(str(tmp_path))

@@ -41,6 +41,7 @@ class ModelHParams(BlockHParams, kw_only=True):
   num_layers: int = 6
   d_model: int = 512
   posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'rope' | 'none'.
+  scale_embeddings: bool = True  # token embeddings × √d_model (Vaswani); GPT-2, BERT: False.
   remat: bool = False
   scan_layers: bool = False
 
@@ -159,7 +160,8 @@ class Decoder(ModelHParams):
 
 
 class TokenEmbedding(nn.Module):
-  """Token embedding scaled by sqrt(d_model) (Vaswani et al.), and the output logits.
+  """Token embedding scaled by sqrt(d_model) (Vaswani et al.; `scale=False`: unscaled, as GPT-2
+  and BERT), and the output logits.
 
   The table is initialised N(0, 1/d_model), so embeddings start at unit scale.
   With `tie`, logits = x Eᵀ reuse the table (Press & Wolf, 2017).
@@ -169,6 +171,7 @@ class TokenEmbedding(nn.Module):
   tie: bool = True
   dtype: object = jnp.float32
   param_dtype: object = jnp.float32
+  scale: bool = True
 
   def setup(self):
     self.embedding = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype,
@@ -178,7 +181,8 @@ class TokenEmbedding(nn.Module):
       self.head = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def __call__(self, tokens):
-    return self.embedding(tokens) * jnp.sqrt(jnp.asarray(self.d_model, self.dtype))
+    x = self.embedding(tokens)
+    return x * jnp.sqrt(jnp.asarray(self.d_model, self.dtype)) if self.scale else x
 
   def logits(self, x):
     """[batch..., T, d_model] -> float32 logits [batch..., T, vocab_size]."""
@@ -197,7 +201,7 @@ class DecoderLM(ModelHParams, kw_only=True):
   @nn.compact
   def __call__(self, tokens, *, deterministic: bool = True):
     embed = TokenEmbedding(self.vocab_size, self.d_model, self.tie_embeddings, self.dtype,
-                           self.param_dtype, name='embed')
+                           self.param_dtype, self.scale_embeddings, name='embed')
     x = Decoder(**hparams(self, ModelHParams), name='decoder')(embed(tokens),
                                                                deterministic=deterministic)
     return embed.logits(x)
@@ -218,7 +222,7 @@ class EncoderDecoder(ModelHParams, kw_only=True):
 
   def setup(self):
     self.embed = TokenEmbedding(self.vocab_size, self.d_model, self.tie_embeddings, self.dtype,
-                                self.param_dtype)
+                                self.param_dtype, self.scale_embeddings)
     # The encoder never caches: decode mode only concerns the decoder's self-attention.
     self.encoder = Encoder(**dict(hparams(self, ModelHParams), decode=False))
     self.decoder = Decoder(**hparams(self, ModelHParams))
@@ -266,7 +270,8 @@ class EncoderClassifier(ModelHParams, kw_only=True):
       valid = jnp.ones(x.shape[:-1], bool)
     else:
       x = TokenEmbedding(self.vocab_size, self.d_model, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name='embed')(inputs)
+                         param_dtype=self.param_dtype, scale=self.scale_embeddings,
+                         name='embed')(inputs)
       valid = valid_from_tokens(inputs, self.pad_id)
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (self.d_model,), self.param_dtype)

@@ -1,5 +1,6 @@
-"""Pretrained weights in and out of tx: Hugging Face ViT checkpoints (`ViTForImageClassification`,
-a `model.safetensors` + `config.json` directory as the Hub and `save_pretrained` write them).
+"""Pretrained weights in and out of tx: Hugging Face ViT (`ViTForImageClassification`) and GPT-2
+(`GPT2LMHeadModel`) checkpoints, a `model.safetensors` + `config.json` directory as the Hub and
+`save_pretrained` write them.
 
     model, params = tx.pretrained.load_hf_vit('path/to/vit-base-patch16-224')
     logits = model.apply({'params': params}, images)   # images [batch, H, W, C], normalised
@@ -32,6 +33,7 @@ import re
 import jax
 import numpy as np
 
+from tx.models import DecoderLM
 from tx.vit import ViT
 
 # transformers 5's in-memory names → the historical names that Hub files use.
@@ -55,8 +57,8 @@ def _historical(name: str) -> str:
   return name
 
 
-def _read_directory(directory: str) -> tuple[dict, dict]:
-  """(config.json, {historical name: array}) of a Hugging Face checkpoint directory."""
+def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
+  """(config.json, {rename(name): array}) of a Hugging Face checkpoint directory."""
   config_path = os.path.join(directory, 'config.json')
   weights_path = os.path.join(directory, 'model.safetensors')
   for path in (config_path, weights_path):
@@ -70,7 +72,7 @@ def _read_directory(directory: str) -> tuple[dict, dict]:
                       "'tx[pretrained]'") from None
   with open(config_path) as f:
     config = json.load(f)
-  return config, {_historical(k): v for k, v in load_file(weights_path).items()}
+  return config, {rename(k): v for k, v in load_file(weights_path).items()}
 
 
 def vit_from_hf_config(config: dict) -> ViT:
@@ -130,25 +132,19 @@ def _vit_pairs(model: ViT):
   return pairs
 
 
-def _expected(model: ViT, image_size: int, channels: int) -> dict:
-  """{path: shape} of the model's parameters for images of that size."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, image_size, image_size, channels), np.float32))
+def _expected(model, example) -> dict:
+  """{path: shape} of the model's parameters for an example input."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), example)
   return {tuple(k.key for k in path): leaf.shape
           for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params'])}
 
 
-def load_hf_vit(directory: str):
-  """(tx.ViT, params) of a Hugging Face ViT checkpoint directory; float32 params as NumPy."""
-  config, weights = _read_directory(directory)
-  model = vit_from_hf_config(config)
-  expected = _expected(model, config['image_size'], config.get('num_channels', 3))
+def _convert(pairs, weights: dict, expected: dict, directory: str, ignored=()) -> dict:
+  """The params tree from `weights` by `pairs` (hf name, tx path, to_tx, ...), checked to be
+  exactly `expected`: every path filled with its shape, every weight used (or `ignored`)."""
   params, used = {}, set()
-  for hf, path, to_tx, _ in _vit_pairs(model):
+  for hf, path, to_tx, *_ in pairs:
     if hf not in weights:
-      if path[0] == 'head':
-        raise ValueError(f'{directory!r} has no {hf}: load_hf_vit reads '
-                         'ViTForImageClassification checkpoints (a ViTModel has no classifier)')
       raise ValueError(f'{directory!r} has no {hf} (tx needs it for {"/".join(path)})')
     value = np.asarray(to_tx(weights[hf]), np.float32)
     if value.shape != expected[path]:
@@ -159,11 +155,26 @@ def load_hf_vit(directory: str):
       node = node.setdefault(key, {})
     node[path[-1]] = value
     used.add(hf)
-  left = sorted(set(weights) - used)
+  missing = sorted(set(expected) - {path for _, path, *_ in pairs})
+  if missing:  # a mapping that forgot a parameter: a bug in this module, said plainly.
+    raise ValueError(f'no mapping fills {"/".join(missing[0])}')
+  left = sorted(k for k in set(weights) - used if not any(re.search(i, k) for i in ignored))
   if left:
     raise ValueError(f'{directory!r} has {left[0]} (and {len(left) - 1} more) that tx does not '
-                     'use: an architecture load_hf_vit does not support (a pooler?)')
-  return model, params
+                     'use: an architecture this loader does not support')
+  return params
+
+
+def load_hf_vit(directory: str):
+  """(tx.ViT, params) of a Hugging Face ViT checkpoint directory; float32 params as NumPy."""
+  config, weights = _read_directory(directory)
+  model = vit_from_hf_config(config)
+  if 'classifier.weight' not in weights:
+    raise ValueError(f'{directory!r} has no classifier.weight: load_hf_vit reads '
+                     'ViTForImageClassification checkpoints (a ViTModel has no classifier)')
+  size, channels = config['image_size'], config.get('num_channels', 3)
+  expected = _expected(model, jax.ShapeDtypeStruct((1, size, size, channels), np.float32))
+  return model, _convert(_vit_pairs(model), weights, expected, directory)
 
 
 def save_hf_vit(model: ViT, params, directory: str, image_size: int = 224, channels: int = 3):
@@ -192,3 +203,73 @@ def save_hf_vit(model: ViT, params, directory: str, image_size: int = 224, chann
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
   save_file(weights, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------
+
+def gpt2_from_hf_config(config: dict) -> DecoderLM:
+  """The tx DecoderLM of a Hugging Face GPT2Config (as a dict): pre-LN, learned positions,
+  unscaled and tied token embeddings; ValueError for what tx lacks."""
+  if config.get('model_type') != 'gpt2':
+    raise ValueError(f"model_type={config.get('model_type')!r}: load_hf_gpt2 reads 'gpt2' "
+                     'checkpoints (GPT2LMHeadModel)')
+  act = config.get('activation_function', 'gelu_new')
+  unsupported = {'activation_function': act not in _ACTIVATIONS,
+                 'scale_attn_weights': not config.get('scale_attn_weights', True),
+                 'scale_attn_by_inverse_layer_idx': config.get('scale_attn_by_inverse_layer_idx'),
+                 'add_cross_attention': config.get('add_cross_attention'),
+                 'tie_word_embeddings': not config.get('tie_word_embeddings', True)}
+  for field, bad in unsupported.items():
+    if bad:
+      raise ValueError(f'{field}={config.get(field)!r} is a GPT-2 variant tx does not build')
+  d = config['n_embd']
+  return DecoderLM(vocab_size=config['vocab_size'], num_layers=config['n_layer'], d_model=d,
+                   num_heads=config['n_head'], d_ff=config.get('n_inner') or 4 * d,
+                   posemb='learn', num_positions=config['n_positions'], norm='pre',
+                   activation=_ACTIVATIONS[act],
+                   layer_norm_epsilon=config.get('layer_norm_epsilon', 1e-5),
+                   scale_embeddings=False, tie_embeddings=True)
+
+
+def _gpt2_pairs(model: DecoderLM):
+  """(HF name, tx path, to_tx) for every parameter. GPT-2's Conv1D stores W [in, out] (x W + b,
+  no transpose); c_attn holds [W_q | W_k | W_v] side by side."""
+  d, h = model.d_model, model.num_heads
+  same = lambda x: x
+  pairs = [('wte.weight', ('embed', 'embedding', 'embedding'), same),
+           ('wpe.weight', ('decoder', 'posemb', 'pos_embedding'), same),
+           ('ln_f.weight', ('decoder', 'final_norm', 'scale'), same),
+           ('ln_f.bias', ('decoder', 'final_norm', 'bias'), same)]
+  for i in range(model.num_layers):
+    hf, block = f'h.{i}.', ('decoder', f'block_{i}')
+    for j, name in enumerate(('query', 'key', 'value')):
+      pairs += [(f'{hf}attn.c_attn.weight', (*block, 'self_attention', name, 'kernel'),
+                 lambda w, j=j: w[:, j * d:(j + 1) * d].reshape(d, h, d // h)),
+                (f'{hf}attn.c_attn.bias', (*block, 'self_attention', name, 'bias'),
+                 lambda b, j=j: b[j * d:(j + 1) * d].reshape(h, d // h))]
+    pairs += [(f'{hf}attn.c_proj.weight', (*block, 'self_attention', 'out', 'kernel'),
+               lambda w: w.reshape(h, d // h, d)),
+              (f'{hf}attn.c_proj.bias', (*block, 'self_attention', 'out', 'bias'), same),
+              (f'{hf}mlp.c_fc.weight', (*block, 'ffn', 'hidden', 'kernel'), same),
+              (f'{hf}mlp.c_fc.bias', (*block, 'ffn', 'hidden', 'bias'), same),
+              (f'{hf}mlp.c_proj.weight', (*block, 'ffn', 'output', 'kernel'), same),
+              (f'{hf}mlp.c_proj.bias', (*block, 'ffn', 'output', 'bias'), same)]
+    for hf_norm, tx_norm in (('ln_1', 'self_attention_norm'), ('ln_2', 'ffn_norm')):
+      pairs += [(f'{hf}{hf_norm}.weight', (*block, tx_norm, 'scale'), same),
+                (f'{hf}{hf_norm}.bias', (*block, tx_norm, 'bias'), same)]
+  return pairs
+
+
+def load_hf_gpt2(directory: str):
+  """(tx.DecoderLM, params) of a Hugging Face GPT-2 checkpoint directory (GPT2LMHeadModel or
+  GPT2Model, names with or without 'transformer.'); float32 params as NumPy. The LM head is
+  the token table (tied), as in GPT-2; old files' attention-mask buffers are skipped."""
+  config, weights = _read_directory(directory, lambda k: k.removeprefix('transformer.'))
+  model = gpt2_from_hf_config(config)
+  if 'lm_head.weight' in weights and not np.array_equal(weights['lm_head.weight'],
+                                                        weights.get('wte.weight')):
+    raise ValueError(f'{directory!r}: lm_head.weight differs from wte.weight; tx ties them')
+  expected = _expected(model, jax.ShapeDtypeStruct((1, 1), np.int32))
+  params = _convert(_gpt2_pairs(model), weights, expected, directory,
+                    ignored=(r'^lm_head\.weight$', r'^h\.\d+\.attn\.(masked_)?bias$'))
+  return model, params
