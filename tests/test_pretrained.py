@@ -170,3 +170,25 @@ def test_gpt2_files_without_the_transformer_prefix_and_other_variants(gpt2, tmp_
   with pytest.raises(ValueError, match='scale_attn_weights=False is a GPT-2 variant tx does not '
                      'build'):
     pretrained.load_hf_gpt2(str(tmp_path))
+
+
+def test_a_saved_bert_classifier_gives_the_same_logits_with_padding_and_token_types(tmp_path):
+  torch.manual_seed(0)
+  model = transformers.BertForSequenceClassification(transformers.BertConfig(
+      vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=20, num_labels=3, pad_token_id=0))
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  model.eval().save_pretrained(tmp_path)
+  tx_model, params = pretrained.load_hf_bert(str(tmp_path))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 60, (3, 12))
+  tokens[1, 8:], tokens[2, 5:] = 0, 0  # right padding
+  types = (np.arange(12) >= rng.integers(3, 9, (3, 1))).astype(np.int64)
+  with torch.no_grad():
+    expected = model(input_ids=torch.from_numpy(tokens), token_type_ids=torch.from_numpy(types),
+                     attention_mask=torch.from_numpy((tokens != 0).astype(np.int64))).logits
+  ours = np.asarray(tx_model.apply({'params': params}, tokens, types))
+  np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)
+  assert np.abs(ours - np.asarray(tx_model.apply({'params': params}, tokens))).max() > 1e-3

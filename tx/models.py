@@ -42,6 +42,7 @@ class ModelHParams(BlockHParams, kw_only=True):
   d_model: int = 512
   posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'rope' | 'none'.
   scale_embeddings: bool = True  # token embeddings × √d_model (Vaswani); GPT-2, BERT: False.
+  embedding_norm: bool = False  # a LayerNorm over the embedded inputs after the posemb (BERT).
   remat: bool = False
   scan_layers: bool = False
 
@@ -116,6 +117,14 @@ def stack_layers(tree):
   return out
 
 
+def _embedding_norm(model: ModelHParams, x):
+  """LN(x) over the embedded inputs with model.embedding_norm (BERT), else x."""
+  if not model.embedding_norm:
+    return x
+  return nn.LayerNorm(epsilon=model.layer_norm_epsilon, dtype=model.dtype,
+                      param_dtype=model.param_dtype, name='embedding_norm')(x)
+
+
 class Encoder(ModelHParams):
   """N encoder blocks over embedded inputs x [batch..., T, d_model], after the posemb.
 
@@ -126,6 +135,7 @@ class Encoder(ModelHParams):
   def __call__(self, x, mask=None, *, deterministic: bool = True):
     x = AddPositionEmbs(self.posemb, self.num_positions, param_dtype=self.param_dtype,
                         name='posemb')(x)
+    x = _embedding_norm(self, x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     call = lambda block, x, mask: block(x, mask, deterministic=deterministic)
     x = _stack(self, EncoderBlock, call, x, mask)
@@ -148,6 +158,7 @@ class Decoder(ModelHParams):
                deterministic: bool = True):
     x = AddPositionEmbs(self.posemb, self.num_positions, decode=self.decode,
                         param_dtype=self.param_dtype, name='posemb')(x)
+    x = _embedding_norm(self, x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))
     call = lambda block, x, memory, self_mask, cross_mask: block(
@@ -250,20 +261,30 @@ class EncoderDecoder(ModelHParams, kw_only=True):
 
 
 class EncoderClassifier(ModelHParams, kw_only=True):
-  """BERT-style sequence classifier: encoder, then CLS-token or mean pooling, then a linear head.
+  """BERT-style sequence classifier: encoder, then pooling, then a linear head.
 
   Inputs are token ids [batch..., T] when `vocab_size` is set (tokens equal to
   `pad_id` are masked out), or feature vectors [batch..., T, F] otherwise
   (projected to d_model; e.g. MNIST-1D as 1-D patches).
+
+  pool: 'cls' (a learned token prepended to the inputs), 'first' (the first input's output:
+    BERT's [CLS] is a token of the input) or 'mean' (over the unmasked positions).
+  num_token_types: with T > 0, `token_types` [batch..., T] in 0..T−1 (BERT's segments; default
+    all 0) select an embedding added to the tokens' (name 'token_type_embed').
+  pooler: the pooled vector goes through tanh(W h + b) before the head (BERT; name 'pooler').
   """
   num_classes: int
   vocab_size: int | None = None
   pad_id: int = 0
   pool: str = 'cls'
+  num_token_types: int = 0
+  pooler: bool = False
 
   @nn.compact
-  def __call__(self, inputs, *, deterministic: bool = True):
-    check_choice('pool', self.pool, POOLS)
+  def __call__(self, inputs, token_types=None, *, deterministic: bool = True):
+    check_choice('pool', self.pool, POOLS + ('first',))
+    if token_types is not None and not self.num_token_types:
+      raise ValueError('token_types given to a model with num_token_types=0')
     if self.vocab_size is None:
       x = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                    name='input_projection')(inputs)
@@ -273,6 +294,10 @@ class EncoderClassifier(ModelHParams, kw_only=True):
                          param_dtype=self.param_dtype, scale=self.scale_embeddings,
                          name='embed')(inputs)
       valid = valid_from_tokens(inputs, self.pad_id)
+    if self.num_token_types:
+      types = jnp.zeros(x.shape[:-1], jnp.int32) if token_types is None else token_types
+      x = x + nn.Embed(self.num_token_types, self.d_model, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='token_type_embed')(types)
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (self.d_model,), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), x.shape[:-2] + (1, x.shape[-1])),
@@ -280,10 +305,13 @@ class EncoderClassifier(ModelHParams, kw_only=True):
       valid = jnp.concatenate([jnp.ones(valid.shape[:-1] + (1,), bool), valid], axis=-1)
     x = Encoder(**hparams(self, ModelHParams), name='encoder')(
         x, padding_mask(valid), deterministic=deterministic)
-    if self.pool == 'cls':
+    if self.pool in ('cls', 'first'):
       pooled = x[..., 0, :]
     else:
       w = valid[..., None].astype(x.dtype)
       pooled = (x * w).sum(-2) / jnp.maximum(w.sum(-2), 1)
+    if self.pooler:
+      pooled = jnp.tanh(nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name='pooler')(pooled))
     return nn.Dense(self.num_classes, param_dtype=self.param_dtype, name='head')(
         pooled).astype(jnp.float32)

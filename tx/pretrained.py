@@ -1,23 +1,19 @@
-"""Pretrained weights in and out of tx: Hugging Face ViT (`ViTForImageClassification`) and GPT-2
-(`GPT2LMHeadModel`) checkpoints, a `model.safetensors` + `config.json` directory as the Hub and
-`save_pretrained` write them.
+"""Pretrained weights in and out of tx: Hugging Face ViT (`ViTForImageClassification`), GPT-2
+(`GPT2LMHeadModel`) and BERT (`BertForSequenceClassification`) checkpoints, each a directory
+holding `model.safetensors` and `config.json` as the Hub and `save_pretrained` write them.
 
     model, params = tx.pretrained.load_hf_vit('path/to/vit-base-patch16-224')
     logits = model.apply({'params': params}, images)   # images [batch, H, W, C], normalised
-    tx.pretrained.save_hf_vit(model, params, 'out/')      # loads with ViTForImageClassification
+    tx.pretrained.save_hf_vit(model, params, 'out/')   # loads with ViTForImageClassification
 
-The mapping (torch's Linear stores W [out, in] and computes x Wᵀ + b; tx's kernels are
-[in, ...out]): for each layer i of vit.encoder.layer.i,
-    attention.attention.{query,key,value}.weight  [D, D]   → self_attention.{query,key,value}.kernel  Wᵀ as [D, H, D/H]
-    attention.output.dense.weight                [D, D]   → self_attention.out.kernel  Wᵀ as [H, D/H, D]
-    intermediate.dense / output.dense            [F, D], [D, F] → ffn.hidden / ffn.output  Wᵀ
-    layernorm_before / layernorm_after           → self_attention_norm / ffn_norm  (weight → scale)
-and embeddings.patch_embeddings.projection.weight [D, C, p, p] → embedding.kernel [p, p, C, D],
-embeddings.cls_token → cls, embeddings.position_embeddings → pos_embedding, vit.layernorm →
-encoder.final_norm, classifier → head. transformers 5 names its modules differently in memory
-(vit.layers.i.attention.q_proj, mlp.fc1, ...); files with either spelling load. HF ViT computes
-exact (erf) GELU and LayerNorm with ε = 1e-12: the model gets activation='gelu_exact' and
-layer_norm_epsilon from the config.
+torch's Linear stores W [out, in] and computes x Wᵀ + b; tx's kernels are [in, ...out]. So
+for each attention, a query, key or value W [D, D] becomes the kernel Wᵀ reshaped to
+[D, H, D/H], the output W becomes Wᵀ as [H, D/H, D], and every other Linear's kernel is Wᵀ;
+GPT-2's Conv1D already stores [in, out], with W_q, W_k, W_v side by side in c_attn. A LayerNorm's
+weight is the scale; a patch-embedding convolution [D, C, p, p] becomes [p, p, C, D]. The
+activation (exact or tanh GELU) and LayerNorm ε come from config.json. transformers 5 names
+ViT's modules differently in memory (vit.layers.i.attention.q_proj, mlp.fc1, ...) than the
+Hub's files (vit.encoder.layer.i.attention.attention.query, intermediate.dense, ...): both load.
 
 Every load checks that the converted tree is exactly the model's (no parameter missing or left
 over, every shape equal) and names the first difference. safetensors is imported only here, when
@@ -33,7 +29,7 @@ import re
 import jax
 import numpy as np
 
-from tx.models import DecoderLM
+from tx.models import DecoderLM, EncoderClassifier
 from tx.vit import ViT
 
 # transformers 5's in-memory names → the historical names that Hub files use.
@@ -75,60 +71,90 @@ def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
   return config, {rename(k): v for k, v in load_file(weights_path).items()}
 
 
+def _activation(config: dict, model_type: str, reads: str, field: str, default: str) -> str:
+  """tx's activation for a config of `model_type`; ValueError for another model type (the
+  loader `reads` its checkpoints) or an activation tx lacks."""
+  if config.get('model_type') != model_type:
+    raise ValueError(f"model_type={config.get('model_type')!r}: {reads} checkpoints")
+  act = config.get(field, default)
+  if act not in _ACTIVATIONS:
+    raise ValueError(f'{field}={act!r}; allowed: {", ".join(map(repr, _ACTIVATIONS))}')
+  return _ACTIVATIONS[act]
+
+
+def _num_labels(config: dict) -> int:
+  return config.get('num_labels') or len(config.get('id2label') or {}) or 2
+
+
 def vit_from_hf_config(config: dict) -> ViT:
   """The tx ViT of a Hugging Face ViTConfig (as a dict); ValueError for what tx lacks."""
-  if config.get('model_type') != 'vit':
-    raise ValueError(f"model_type={config.get('model_type')!r}: load_hf_vit reads 'vit' "
-                     'checkpoints (ViTForImageClassification)')
-  act = config.get('hidden_act', 'gelu')
-  if act not in _ACTIVATIONS:
-    raise ValueError(f'hidden_act={act!r}; allowed: {", ".join(map(repr, _ACTIVATIONS))}')
+  act = _activation(config, 'vit', "load_hf_vit reads 'vit' (ViTForImageClassification)",
+                    'hidden_act', 'gelu')
   if not config.get('qkv_bias', True):
     raise ValueError('qkv_bias=False: tx attention always has query, key and value biases')
-  num_labels = config.get('num_labels') or len(config.get('id2label') or {}) or 2
-  return ViT(num_classes=num_labels, patch_size=config['patch_size'],
+  return ViT(num_classes=_num_labels(config), patch_size=config['patch_size'],
              num_layers=config['num_hidden_layers'], d_model=config['hidden_size'],
              num_heads=config['num_attention_heads'], d_ff=config['intermediate_size'],
-             activation=_ACTIVATIONS[act], layer_norm_epsilon=config.get('layer_norm_eps', 1e-12),
+             activation=act, layer_norm_epsilon=config.get('layer_norm_eps', 1e-12),
              posemb='learn', pool='cls', norm='pre')
+
+
+_SAME = (lambda x: x, lambda x: x)
+
+
+def _dense(hf: str, path: tuple) -> list:
+  """torch Linear `hf` (W [out, in], b) ↔ a flax Dense at `path` (kernel [in, out], bias)."""
+  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T, lambda k: k.T),
+          (f'{hf}.bias', (*path, 'bias'), *_SAME)]
+
+
+def _heads_in(hf: str, path: tuple, d: int, h: int) -> list:
+  """A torch Linear d → d ↔ tx's query/key/value DenseGeneral (kernel [d, h, d/h])."""
+  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(d, h, d // h),
+           lambda k: k.reshape(d, d).T),
+          (f'{hf}.bias', (*path, 'bias'), lambda b: b.reshape(h, d // h),
+           lambda b: b.reshape(d))]
+
+
+def _heads_out(hf: str, path: tuple, d: int, h: int) -> list:
+  """A torch Linear d → d ↔ tx's attention output DenseGeneral (kernel [h, d/h, d])."""
+  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(h, d // h, d),
+           lambda k: k.reshape(d, d).T),
+          (f'{hf}.bias', (*path, 'bias'), *_SAME)]
+
+
+def _norm(hf: str, path: tuple) -> list:
+  """A torch LayerNorm (weight, bias) ↔ a flax LayerNorm (scale, bias)."""
+  return [(f'{hf}.weight', (*path, 'scale'), *_SAME), (f'{hf}.bias', (*path, 'bias'), *_SAME)]
+
+
+def _attention(hf_qkv: str, hf_out: str, names: tuple, path: tuple, d: int, h: int) -> list:
+  """Separate torch query, key, value Linears `hf_qkv`.<name> and output `hf_out` ↔ a tx
+  MultiHeadAttention at `path`."""
+  pairs = _heads_out(hf_out, (*path, 'out'), d, h)
+  for hf_name, tx_name in zip(names, ('query', 'key', 'value')):
+    pairs += _heads_in(f'{hf_qkv}.{hf_name}', (*path, tx_name), d, h)
+  return pairs
 
 
 def _vit_pairs(model: ViT):
   """(HF name, tx path, to_tx, from_tx) for every parameter of `model`."""
   d, h = model.d_model, model.num_heads
-  linear = (lambda w: w.T, lambda k: k.T)  # torch [out, in] ↔ flax [in, out]
-  qkv = (lambda w: w.T.reshape(d, h, d // h), lambda k: k.reshape(d, d).T)
-  out = (lambda w: w.T.reshape(h, d // h, d), lambda k: k.reshape(d, d).T)
-  heads = (lambda b: b.reshape(h, d // h), lambda b: b.reshape(d))
-  same = (lambda x: x, lambda x: x)
-  pairs = [('vit.embeddings.cls_token', ('cls',), *same),
-           ('vit.embeddings.position_embeddings', ('pos_embedding',), *same),
+  pairs = [('vit.embeddings.cls_token', ('cls',), *_SAME),
+           ('vit.embeddings.position_embeddings', ('pos_embedding',), *_SAME),
            ('vit.embeddings.patch_embeddings.projection.weight', ('embedding', 'kernel'),
             lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-           ('vit.embeddings.patch_embeddings.projection.bias', ('embedding', 'bias'), *same),
-           ('vit.layernorm.weight', ('encoder', 'final_norm', 'scale'), *same),
-           ('vit.layernorm.bias', ('encoder', 'final_norm', 'bias'), *same),
-           ('classifier.weight', ('head', 'kernel'), *linear),
-           ('classifier.bias', ('head', 'bias'), *same)]
+           ('vit.embeddings.patch_embeddings.projection.bias', ('embedding', 'bias'), *_SAME),
+           *_norm('vit.layernorm', ('encoder', 'final_norm')),
+           *_dense('classifier', ('head',))]
   for i in range(model.num_layers):
     hf, block = f'vit.encoder.layer.{i}.', ('encoder', f'block_{i}')
-    for name, tx_name in (('query', 'query'), ('key', 'key'), ('value', 'value')):
-      pairs += [(f'{hf}attention.attention.{name}.weight', (*block, 'self_attention', tx_name,
-                                                           'kernel'), *qkv),
-                (f'{hf}attention.attention.{name}.bias', (*block, 'self_attention', tx_name,
-                                                         'bias'), *heads)]
-    pairs += [(f'{hf}attention.output.dense.weight', (*block, 'self_attention', 'out', 'kernel'),
-               *out),
-              (f'{hf}attention.output.dense.bias', (*block, 'self_attention', 'out', 'bias'),
-               *same),
-              (f'{hf}intermediate.dense.weight', (*block, 'ffn', 'hidden', 'kernel'), *linear),
-              (f'{hf}intermediate.dense.bias', (*block, 'ffn', 'hidden', 'bias'), *same),
-              (f'{hf}output.dense.weight', (*block, 'ffn', 'output', 'kernel'), *linear),
-              (f'{hf}output.dense.bias', (*block, 'ffn', 'output', 'bias'), *same)]
-    for hf_norm, tx_norm in (('layernorm_before', 'self_attention_norm'),
-                             ('layernorm_after', 'ffn_norm')):
-      pairs += [(f'{hf}{hf_norm}.weight', (*block, tx_norm, 'scale'), *same),
-                (f'{hf}{hf_norm}.bias', (*block, tx_norm, 'bias'), *same)]
+    pairs += [*_attention(f'{hf}attention.attention', f'{hf}attention.output.dense',
+                          ('query', 'key', 'value'), (*block, 'self_attention'), d, h),
+              *_dense(f'{hf}intermediate.dense', (*block, 'ffn', 'hidden')),
+              *_dense(f'{hf}output.dense', (*block, 'ffn', 'output')),
+              *_norm(f'{hf}layernorm_before', (*block, 'self_attention_norm')),
+              *_norm(f'{hf}layernorm_after', (*block, 'ffn_norm'))]
   return pairs
 
 
@@ -210,12 +236,9 @@ def save_hf_vit(model: ViT, params, directory: str, image_size: int = 224, chann
 def gpt2_from_hf_config(config: dict) -> DecoderLM:
   """The tx DecoderLM of a Hugging Face GPT2Config (as a dict): pre-LN, learned positions,
   unscaled and tied token embeddings; ValueError for what tx lacks."""
-  if config.get('model_type') != 'gpt2':
-    raise ValueError(f"model_type={config.get('model_type')!r}: load_hf_gpt2 reads 'gpt2' "
-                     'checkpoints (GPT2LMHeadModel)')
-  act = config.get('activation_function', 'gelu_new')
-  unsupported = {'activation_function': act not in _ACTIVATIONS,
-                 'scale_attn_weights': not config.get('scale_attn_weights', True),
+  act = _activation(config, 'gpt2', "load_hf_gpt2 reads 'gpt2' (GPT2LMHeadModel)",
+                    'activation_function', 'gelu_new')
+  unsupported = {'scale_attn_weights': not config.get('scale_attn_weights', True),
                  'scale_attn_by_inverse_layer_idx': config.get('scale_attn_by_inverse_layer_idx'),
                  'add_cross_attention': config.get('add_cross_attention'),
                  'tie_word_embeddings': not config.get('tie_word_embeddings', True)}
@@ -226,8 +249,7 @@ def gpt2_from_hf_config(config: dict) -> DecoderLM:
   return DecoderLM(vocab_size=config['vocab_size'], num_layers=config['n_layer'], d_model=d,
                    num_heads=config['n_head'], d_ff=config.get('n_inner') or 4 * d,
                    posemb='learn', num_positions=config['n_positions'], norm='pre',
-                   activation=_ACTIVATIONS[act],
-                   layer_norm_epsilon=config.get('layer_norm_epsilon', 1e-5),
+                   activation=act, layer_norm_epsilon=config.get('layer_norm_epsilon', 1e-5),
                    scale_embeddings=False, tie_embeddings=True)
 
 
@@ -238,8 +260,7 @@ def _gpt2_pairs(model: DecoderLM):
   same = lambda x: x
   pairs = [('wte.weight', ('embed', 'embedding', 'embedding'), same),
            ('wpe.weight', ('decoder', 'posemb', 'pos_embedding'), same),
-           ('ln_f.weight', ('decoder', 'final_norm', 'scale'), same),
-           ('ln_f.bias', ('decoder', 'final_norm', 'bias'), same)]
+           *_norm('ln_f', ('decoder', 'final_norm'))]
   for i in range(model.num_layers):
     hf, block = f'h.{i}.', ('decoder', f'block_{i}')
     for j, name in enumerate(('query', 'key', 'value')):
@@ -253,10 +274,9 @@ def _gpt2_pairs(model: DecoderLM):
               (f'{hf}mlp.c_fc.weight', (*block, 'ffn', 'hidden', 'kernel'), same),
               (f'{hf}mlp.c_fc.bias', (*block, 'ffn', 'hidden', 'bias'), same),
               (f'{hf}mlp.c_proj.weight', (*block, 'ffn', 'output', 'kernel'), same),
-              (f'{hf}mlp.c_proj.bias', (*block, 'ffn', 'output', 'bias'), same)]
-    for hf_norm, tx_norm in (('ln_1', 'self_attention_norm'), ('ln_2', 'ffn_norm')):
-      pairs += [(f'{hf}{hf_norm}.weight', (*block, tx_norm, 'scale'), same),
-                (f'{hf}{hf_norm}.bias', (*block, tx_norm, 'bias'), same)]
+              (f'{hf}mlp.c_proj.bias', (*block, 'ffn', 'output', 'bias'), same),
+              *_norm(f'{hf}ln_1', (*block, 'self_attention_norm')),
+              *_norm(f'{hf}ln_2', (*block, 'ffn_norm'))]
   return pairs
 
 
@@ -273,3 +293,68 @@ def load_hf_gpt2(directory: str):
   params = _convert(_gpt2_pairs(model), weights, expected, directory,
                     ignored=(r'^lm_head\.weight$', r'^h\.\d+\.attn\.(masked_)?bias$'))
   return model, params
+
+
+# --- BERT --------------------------------------------------------------------------------------
+
+def bert_from_hf_config(config: dict) -> EncoderClassifier:
+  """The tx EncoderClassifier of a Hugging Face BertConfig (as a dict): post-LN, learned
+  positions, token types, a LayerNorm over the embeddings, the first token pooled through the
+  tanh pooler, unscaled embeddings; ValueError for what tx lacks."""
+  act = _activation(config, 'bert', "load_hf_bert reads 'bert' (BertForSequenceClassification)",
+                    'hidden_act', 'gelu')
+  if config.get('position_embedding_type', 'absolute') != 'absolute':
+    raise ValueError(f"position_embedding_type={config['position_embedding_type']!r}: tx "
+                     "builds BERT's absolute (learned) positions only")
+  return EncoderClassifier(
+      num_classes=_num_labels(config), vocab_size=config['vocab_size'],
+      pad_id=config.get('pad_token_id') or 0, num_layers=config['num_hidden_layers'],
+      d_model=config['hidden_size'], num_heads=config['num_attention_heads'],
+      d_ff=config['intermediate_size'], posemb='learn',
+      num_positions=config['max_position_embeddings'], norm='post',
+      activation=act, layer_norm_epsilon=config.get('layer_norm_eps', 1e-12),
+      scale_embeddings=False, embedding_norm=True, pool='first',
+      num_token_types=config.get('type_vocab_size', 2), pooler=True)
+
+
+def _bert_pairs(model: EncoderClassifier):
+  d, h = model.d_model, model.num_heads
+  pairs = [('bert.embeddings.word_embeddings.weight', ('embed', 'embedding', 'embedding'),
+            *_SAME),
+           ('bert.embeddings.position_embeddings.weight', ('encoder', 'posemb', 'pos_embedding'),
+            *_SAME),
+           ('bert.embeddings.token_type_embeddings.weight', ('token_type_embed', 'embedding'),
+            *_SAME),
+           *_norm('bert.embeddings.LayerNorm', ('encoder', 'embedding_norm')),
+           *_dense('bert.pooler.dense', ('pooler',)),
+           *_dense('classifier', ('head',))]
+  for i in range(model.num_layers):
+    hf, block = f'bert.encoder.layer.{i}.', ('encoder', f'block_{i}')
+    pairs += [*_attention(f'{hf}attention.self', f'{hf}attention.output.dense',
+                          ('query', 'key', 'value'), (*block, 'self_attention'), d, h),
+              *_norm(f'{hf}attention.output.LayerNorm', (*block, 'self_attention_norm')),
+              *_dense(f'{hf}intermediate.dense', (*block, 'ffn', 'hidden')),
+              *_dense(f'{hf}output.dense', (*block, 'ffn', 'output')),
+              *_norm(f'{hf}output.LayerNorm', (*block, 'ffn_norm'))]
+  return pairs
+
+
+def _bert_name(name: str) -> str:
+  """Older BERT files name LayerNorm's weight and bias gamma and beta."""
+  return re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight',
+                re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', name))
+
+
+def load_hf_bert(directory: str):
+  """(tx.EncoderClassifier, params) of a Hugging Face BertForSequenceClassification directory;
+  float32 params as NumPy. Call the model as model.apply({'params': params}, input_ids,
+  token_type_ids): positions equal to pad_token_id are masked out, as an attention_mask of
+  input_ids != pad_token_id does in transformers."""
+  config, weights = _read_directory(directory, _bert_name)
+  model = bert_from_hf_config(config)
+  if 'classifier.weight' not in weights:
+    raise ValueError(f'{directory!r} has no classifier.weight: load_hf_bert reads '
+                     'BertForSequenceClassification checkpoints')
+  expected = _expected(model, jax.ShapeDtypeStruct((1, 1), np.int32))
+  return model, _convert(_bert_pairs(model), weights, expected, directory,
+                         ignored=(r'^bert\.embeddings\.position_ids$',))
