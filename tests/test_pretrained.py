@@ -1,6 +1,8 @@
 """Pretrained checkpoints: random-init Hugging Face ViTs, every parameter moved away from its
 init, saved as transformers saves them, loaded into tx: the same logits. And back."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -80,7 +82,7 @@ def test_tx_to_hf_and_back_keeps_the_logits(tmp_path):
   params = jax.tree.map(np.asarray, model.init(jax.random.key(1), images(1))['params'])
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: p + 0.2 * rng.normal(size=p.shape).astype(np.float32), params)
-  pretrained.save_hf_vit(model, params, str(tmp_path), image_size=16)
+  pretrained.save_hf_vit(model, params, str(tmp_path))
   hf = transformers.ViTForImageClassification.from_pretrained(str(tmp_path)).eval()
   x = images()
   ours = tx_logits(model, params, x)
@@ -192,3 +194,49 @@ def test_a_saved_bert_classifier_gives_the_same_logits_with_padding_and_token_ty
   ours = np.asarray(tx_model.apply({'params': params}, tokens, types))
   np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)
   assert np.abs(ours - np.asarray(tx_model.apply({'params': params}, tokens))).max() > 1e-3
+
+
+def test_other_shapes_round_trip_and_what_hf_vit_cannot_compute_is_refused(tmp_path):
+  """1 channel, 24-pixel images, patch 8, 3 heads of 16, d_ff not 4·d, 7 labels."""
+  hf = hf_vit(num_channels=1, image_size=24, patch_size=8, hidden_size=48,
+              num_attention_heads=3, intermediate_size=40, num_labels=7)
+  hf.save_pretrained(tmp_path / 'hf')
+  model, params = pretrained.load_hf_vit(str(tmp_path / 'hf'))
+  x = np.random.default_rng(2).normal(size=(2, 24, 24, 1)).astype(np.float32)
+  np.testing.assert_allclose(tx_logits(model, params, x), hf_logits(hf, x), rtol=1e-5, atol=1e-5)
+  pretrained.save_hf_vit(model, params, str(tmp_path / 'again'))  # size and channels from params
+  again = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / 'again'))
+  np.testing.assert_allclose(hf_logits(again.eval(), x), hf_logits(hf, x), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='learn_beta=True: HF ViT has'):
+    pretrained.save_hf_vit(model.clone(learn_beta=True), params, str(tmp_path / 'no'))
+  with pytest.raises(ValueError, match='beta_scale=2.0: HF ViT has'):
+    pretrained.save_hf_vit(model.clone(beta_scale=2.0), params, str(tmp_path / 'no'))
+
+
+def test_older_bert_files_and_sharded_or_bin_only_directories(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=24,
+                                   max_position_embeddings=10, num_labels=2)
+  transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / 'new')
+  _, reference = pretrained.load_hf_bert(str(tmp_path / 'new'))
+  weights = load_file(str(tmp_path / 'new' / 'model.safetensors'))
+  old = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias',
+                                                                  'LayerNorm.beta'): v
+         for k, v in weights.items()}
+  old['bert.embeddings.position_ids'] = np.arange(10)[None]
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'config.json').write_text((tmp_path / 'new' / 'config.json').read_text())
+  names = sorted(old)  # two shards and their index, as save_pretrained writes large models
+  for i, part in enumerate((names[:10], names[10:])):
+    save_file({k: old[k] for k in part}, str(tmp_path / 'old' / f'model-0000{i + 1}.safetensors'))
+  (tmp_path / 'old' / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': {
+      k: f'model-0000{1 + (k in names[10:])}.safetensors' for k in names}}))
+  _, params = pretrained.load_hf_bert(str(tmp_path / 'old'))
+  jax.tree.map(np.testing.assert_array_equal, params, reference)
+  (tmp_path / 'bin').mkdir()
+  (tmp_path / 'bin' / 'config.json').write_text('{}')
+  (tmp_path / 'bin' / 'pytorch_model.bin').write_bytes(b'')
+  with pytest.raises(ValueError, match='has only pytorch_model.bin: convert it once'):
+    pretrained.load_hf_bert(str(tmp_path / 'bin'))

@@ -4,7 +4,7 @@ Pure functions (no state): attention with an explicit temperature β, masks,
 alignment scores and positional encodings. Linen modules: multi-head attention,
 encoder/decoder blocks and stacks, encoder-decoder, decoder-only LM, encoder
 classifier and ViT. Decoding: greedy, sampling and beam search over a KV cache. Pretrained
-weights: `tx.pretrained` (Hugging Face ViT checkpoints, in and out). Importing tx has no side
+weights: `tx.pretrained` (Hugging Face ViT, GPT-2 and BERT checkpoints). Importing tx has no side
 effects and imports only jax, flax and numpy.
 """
 

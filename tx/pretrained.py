@@ -22,7 +22,9 @@ called: `import tx` does not need it (`pip install 'tx[pretrained]'`).
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 import re
 
@@ -53,22 +55,46 @@ def _historical(name: str) -> str:
   return name
 
 
-def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
-  """(config.json, {rename(name): array}) of a Hugging Face checkpoint directory."""
-  config_path = os.path.join(directory, 'config.json')
-  weights_path = os.path.join(directory, 'model.safetensors')
-  for path in (config_path, weights_path):
-    if not os.path.isfile(path):
-      raise ValueError(f'{directory!r} has no {os.path.basename(path)}: give a directory as '
-                       'save_pretrained or the Hub writes it (config.json, model.safetensors)')
+def _safetensors(module: str):
+  """safetensors.<module>, or an ImportError saying how to install it."""
   try:
-    from safetensors.numpy import load_file
+    return importlib.import_module(f'safetensors.{module}')
   except ImportError:
-    raise ImportError("reading safetensors needs the safetensors package: pip install "
+    raise ImportError("safetensors files need the safetensors package: pip install "
                       "'tx[pretrained]'") from None
+
+
+def _weight_files(directory: str) -> list[str]:
+  """model.safetensors, or the shards its index (model.safetensors.index.json) lists."""
+  single = os.path.join(directory, 'model.safetensors')
+  index = single + '.index.json'
+  if os.path.isfile(single):
+    return [single]
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    return [os.path.join(directory, shard) for shard in shards]
+  hint = ('; it has only pytorch_model.bin: convert it once with transformers '
+          '(from_pretrained, then save_pretrained) to safetensors'
+          if os.path.isfile(os.path.join(directory, 'pytorch_model.bin')) else '')
+  raise ValueError(f'{directory!r} has no model.safetensors (nor a sharded index){hint}')
+
+
+def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
+  """(config.json, {rename(name): float32 array}) of a Hugging Face checkpoint directory.
+  bfloat16 files are read through safetensors' flax reader (NumPy has no bfloat16)."""
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(config_path):
+    raise ValueError(f'{directory!r} has no config.json: give a directory as save_pretrained '
+                     'or the Hub writes it (config.json, model.safetensors)')
+  files = _weight_files(directory)
+  load_file = _safetensors('flax').load_file
   with open(config_path) as f:
     config = json.load(f)
-  return config, {rename(k): v for k, v in load_file(weights_path).items()}
+  weights = {}
+  for path in files:
+    weights.update({rename(k): np.asarray(v, np.float32) for k, v in load_file(path).items()})
+  return config, weights
 
 
 def _activation(config: dict, model_type: str, reads: str, field: str, default: str) -> str:
@@ -83,7 +109,8 @@ def _activation(config: dict, model_type: str, reads: str, field: str, default: 
 
 
 def _num_labels(config: dict) -> int:
-  return config.get('num_labels') or len(config.get('id2label') or {}) or 2
+  """As transformers counts them: id2label first."""
+  return len(config.get('id2label') or {}) or config.get('num_labels') or 2
 
 
 def vit_from_hf_config(config: dict) -> ViT:
@@ -92,7 +119,12 @@ def vit_from_hf_config(config: dict) -> ViT:
                     'hidden_act', 'gelu')
   if not config.get('qkv_bias', True):
     raise ValueError('qkv_bias=False: tx attention always has query, key and value biases')
-  return ViT(num_classes=_num_labels(config), patch_size=config['patch_size'],
+  patch = config['patch_size']
+  if isinstance(patch, (list, tuple)):
+    if len(set(patch)) != 1:
+      raise ValueError(f'patch_size={patch}: tx ViT patches are square')
+    patch = patch[0]
+  return ViT(num_classes=_num_labels(config), patch_size=patch,
              num_layers=config['num_hidden_layers'], d_model=config['hidden_size'],
              num_heads=config['num_attention_heads'], d_ff=config['intermediate_size'],
              activation=act, layer_norm_epsilon=config.get('layer_norm_eps', 1e-12),
@@ -170,6 +202,8 @@ def _convert(pairs, weights: dict, expected: dict, directory: str, ignored=()) -
   exactly `expected`: every path filled with its shape, every weight used (or `ignored`)."""
   params, used = {}, set()
   for hf, path, to_tx, *_ in pairs:
+    if path not in expected:
+      raise ValueError(f'{directory!r}: {hf} has no place in the model ({"/".join(path)})')
     if hf not in weights:
       raise ValueError(f'{directory!r} has no {hf} (tx needs it for {"/".join(path)})')
     value = np.asarray(to_tx(weights[hf]), np.float32)
@@ -199,36 +233,53 @@ def load_hf_vit(directory: str):
     raise ValueError(f'{directory!r} has no classifier.weight: load_hf_vit reads '
                      'ViTForImageClassification checkpoints (a ViTModel has no classifier)')
   size, channels = config['image_size'], config.get('num_channels', 3)
-  expected = _expected(model, jax.ShapeDtypeStruct((1, size, size, channels), np.float32))
+  height, width = size if isinstance(size, (list, tuple)) else (size, size)
+  expected = _expected(model, jax.ShapeDtypeStruct((1, height, width, channels), np.float32))
   return model, _convert(_vit_pairs(model), weights, expected, directory)
 
 
-def save_hf_vit(model: ViT, params, directory: str, image_size: int = 224, channels: int = 3):
+def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None):
   """Writes `model` and `params` as a ViTForImageClassification directory (config.json,
-  model.safetensors, the Hub's names), which transformers and `load_hf_vit` load."""
-  if (model.posemb, model.pool, model.norm) != ('learn', 'cls', 'pre') or model.scan_layers:
-    raise ValueError('save_hf_vit writes ViTs with posemb="learn", pool="cls", norm="pre" and '
-                     'unscanned layers, as HF ViT is')
+  model.safetensors, the Hub's names), which transformers and `load_hf_vit` load. The image
+  size and channels are those the parameters were made for (square images). ValueError for a
+  ViT that HF's computes differently."""
+  differs = {'posemb': model.posemb != 'learn', 'pool': model.pool != 'cls',
+             'norm': model.norm != 'pre', 'scan_layers': model.scan_layers,
+             'beta_scale': model.beta_scale != 1.0, 'learn_beta': model.learn_beta,
+             'score': model.score != 'dot', 'embedding_norm': model.embedding_norm}
+  for field, bad in differs.items():
+    if bad:
+      raise ValueError(f'{field}={getattr(model, field)!r}: HF ViT has posemb="learn", '
+                       'pool="cls", norm="pre", beta_scale=1, score="dot" and none of '
+                       'scan_layers, learn_beta, embedding_norm')
+  pairs = _vit_pairs(model)
+  flat = {tuple(k.key for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  left = sorted(set(flat) - {path for _, path, *_ in pairs})
+  if left:
+    raise ValueError(f'params has {"/".join(left[0])}, which HF ViT has no place for')
+  tokens, channels = flat[('pos_embedding',)].shape[1] - 1, flat[('embedding', 'kernel')].shape[2]
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f'the position table has {tokens} patch rows: not a square grid')
   activation = {v: k for k, v in _ACTIVATIONS.items() if k != 'gelu_new'}.get(model.activation)
-  from safetensors.numpy import save_file
-  weights = {}
-  for hf, path, _, from_tx in _vit_pairs(model):
-    node = params
-    for key in path:
-      node = node[key]
-    weights[hf] = np.ascontiguousarray(from_tx(np.asarray(node, np.float32)))
+  weights = {hf: np.ascontiguousarray(from_tx(np.asarray(flat[path], np.float32)))
+             for hf, path, _, from_tx in pairs}
+  labels = id2label or {i: f'LABEL_{i}' for i in range(model.num_classes)}
   config = {'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
             'hidden_size': model.d_model, 'num_hidden_layers': model.num_layers,
             'num_attention_heads': model.num_heads, 'intermediate_size': model.d_ff,
             'hidden_act': activation, 'layer_norm_eps': model.layer_norm_epsilon,
-            'image_size': image_size, 'patch_size': model.patch_size, 'num_channels': channels,
-            'qkv_bias': True, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-            'id2label': {str(i): f'LABEL_{i}' for i in range(model.num_classes)},
-            'label2id': {f'LABEL_{i}': i for i in range(model.num_classes)}}
+            'image_size': side * model.patch_size, 'patch_size': model.patch_size,
+            'num_channels': channels, 'qkv_bias': True, 'hidden_dropout_prob': 0.0,
+            'attention_probs_dropout_prob': 0.0,
+            'id2label': {str(i): label for i, label in labels.items()},
+            'label2id': {label: int(i) for i, label in labels.items()}}
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
-  save_file(weights, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+  _safetensors('numpy').save_file(weights, os.path.join(directory, 'model.safetensors'),
+                                  metadata={'format': 'pt'})
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------
@@ -248,7 +299,8 @@ def gpt2_from_hf_config(config: dict) -> DecoderLM:
   d = config['n_embd']
   return DecoderLM(vocab_size=config['vocab_size'], num_layers=config['n_layer'], d_model=d,
                    num_heads=config['n_head'], d_ff=config.get('n_inner') or 4 * d,
-                   posemb='learn', num_positions=config['n_positions'], norm='pre',
+                   posemb='learn', num_positions=config.get('n_positions') or config.get(
+                       'n_ctx', 1024), norm='pre',
                    activation=act, layer_norm_epsilon=config.get('layer_norm_epsilon', 1e-5),
                    scale_embeddings=False, tie_embeddings=True)
 
@@ -286,8 +338,10 @@ def load_hf_gpt2(directory: str):
   the token table (tied), as in GPT-2; old files' attention-mask buffers are skipped."""
   config, weights = _read_directory(directory, lambda k: k.removeprefix('transformer.'))
   model = gpt2_from_hf_config(config)
+  if 'wte.weight' not in weights:
+    raise ValueError(f'{directory!r} has no wte.weight (the token table) under any prefix')
   if 'lm_head.weight' in weights and not np.array_equal(weights['lm_head.weight'],
-                                                        weights.get('wte.weight')):
+                                                        weights['wte.weight']):
     raise ValueError(f'{directory!r}: lm_head.weight differs from wte.weight; tx ties them')
   expected = _expected(model, jax.ShapeDtypeStruct((1, 1), np.int32))
   params = _convert(_gpt2_pairs(model), weights, expected, directory,
