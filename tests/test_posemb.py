@@ -76,3 +76,17 @@ def test_learned_posemb_module():
   # 'none' and 'rope' leave the inputs unchanged (rope acts inside attention).
   for kind in ('none', 'rope'):
     np.testing.assert_array_equal(tx.AddPositionEmbs(kind).apply({}, x + 1), x + 1)
+
+
+def test_explicit_positions_equal_the_default_ones_and_shift_per_row():
+  x = jnp.zeros((2, 5, 8))
+  for posemb in ('sinusoidal', 'learn'):
+    module = tx.AddPositionEmbs(posemb, num_positions=10)
+    variables = module.init(jax.random.key(0), x)
+    default = module.apply(variables, x)
+    positions = jnp.stack([jnp.arange(5), jnp.arange(5) + 3])
+    explicit = module.apply(variables, x, positions)
+    np.testing.assert_array_equal(explicit[0], default[0])
+    np.testing.assert_allclose(explicit[1, :2], default[0, 3:], atol=1e-6)
+  with pytest.raises(ValueError, match="positions with posemb='rope'"):
+    tx.AddPositionEmbs('rope').apply({}, x, positions)

@@ -240,3 +240,21 @@ def test_older_bert_files_and_sharded_or_bin_only_directories(tmp_path):
   (tmp_path / 'bin' / 'pytorch_model.bin').write_bytes(b'')
   with pytest.raises(ValueError, match='has only pytorch_model.bin: convert it once'):
     pretrained.load_hf_bert(str(tmp_path / 'bin'))
+
+
+def test_a_left_padded_gpt2_batch_gives_each_row_its_own_logits(gpt2):
+  model, directory = gpt2
+  tx_model, params = pretrained.load_hf_gpt2(directory)
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(1, GPT2['vocab_size'], (3, 9))
+  valid = np.arange(9) >= np.array([[0], [3], [6]])  # rows padded on the left by 0, 3, 6
+  tokens = np.where(valid, tokens, 0)
+  positions = np.maximum(np.cumsum(valid, -1) - 1, 0)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(tokens), attention_mask=torch.from_numpy(valid.astype(int)),
+                     position_ids=torch.from_numpy(positions)).logits.numpy()
+  ours = np.asarray(tx_model.apply({'params': params}, tokens, valid=valid, positions=positions))
+  np.testing.assert_allclose(ours[valid], expected[valid], rtol=1e-5, atol=1e-5)
+  for row in range(3):  # and what the row's tokens give alone.
+    alone = np.asarray(tx_model.apply({'params': params}, tokens[row][valid[row]][None]))
+    np.testing.assert_allclose(ours[row][valid[row]], alone[0], rtol=1e-5, atol=1e-5)

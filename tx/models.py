@@ -154,10 +154,10 @@ class Decoder(ModelHParams):
   """
 
   @nn.compact
-  def __call__(self, x, memory=None, *, mask=None, cross_mask=None,
+  def __call__(self, x, memory=None, *, mask=None, cross_mask=None, positions=None,
                deterministic: bool = True):
     x = AddPositionEmbs(self.posemb, self.num_positions, decode=self.decode,
-                        param_dtype=self.param_dtype, name='posemb')(x)
+                        param_dtype=self.param_dtype, name='posemb')(x, positions)
     x = _embedding_norm(self, x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))
@@ -205,16 +205,25 @@ class DecoderLM(ModelHParams, kw_only=True):
 
   With decode=True, call once with the full-length input through `init` to size
   the cache, then feed tokens chunk by chunk with mutable=['cache'].
+
+  valid: [batch..., T] bool, False at padding (keys there are masked out); positions:
+    [batch..., T] the positions the posemb adds ('learn', 'sinusoidal'). A left-padded batch,
+    as transformers' attention_mask and position_ids = max(cumsum(valid) − 1, 0) describe it,
+    gives each row's real tokens the outputs they have alone. Outputs at padding are
+    meaningless. Neither with decode=True.
   """
   vocab_size: int
   tie_embeddings: bool = True
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True):
+  def __call__(self, tokens, *, valid=None, positions=None, deterministic: bool = True):
+    if valid is not None and self.decode:
+      raise ValueError('valid with decode=True: a KV cache of padded rows is not supported')
     embed = TokenEmbedding(self.vocab_size, self.d_model, self.tie_embeddings, self.dtype,
                            self.param_dtype, self.scale_embeddings, name='embed')
-    x = Decoder(**hparams(self, ModelHParams), name='decoder')(embed(tokens),
-                                                               deterministic=deterministic)
+    x = Decoder(**hparams(self, ModelHParams), name='decoder')(
+        embed(tokens), mask=None if valid is None else padding_mask(valid), positions=positions,
+        deterministic=deterministic)
     return embed.logits(x)
 
 

@@ -109,6 +109,9 @@ class AddPositionEmbs(nn.Module):
   decode: positions continue from a counter in the 'cache' collection, one
     call per generated chunk. Positions past num_positions are not checked at
     run time (the index is traced): the decoding loop must stop there.
+  positions: [batch..., T] integer positions instead of 0 ... T−1 (left-padded batches,
+    whose first real token is position 0): PE[positions] ('learn'; 'sinusoidal' at those
+    positions). Not with decode or 'rope'.
   """
   posemb: str = 'sinusoidal'
   num_positions: int = 512  # rows of the learned table.
@@ -117,8 +120,11 @@ class AddPositionEmbs(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, positions=None):
     check_choice('posemb', self.posemb, SEQUENCE_POSEMBS)
+    if positions is not None and (self.decode or self.posemb == 'rope'):
+      raise ValueError(f'positions with posemb={self.posemb!r}, decode={self.decode}: explicit '
+                       "positions are for posemb 'learn' or 'sinusoidal' without decode")
     if self.posemb in ('rope', 'none'):
       return x
     t, d = x.shape[-2], x.shape[-1]
@@ -129,6 +135,10 @@ class AddPositionEmbs(nn.Module):
       if initialized:
         offset = index.value
         index.value = offset + t
+    if self.posemb == 'sinusoidal' and positions is not None:
+      angles = _angles(positions, d, self.base)  # [batch..., T, ceil(d/2)]
+      pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+      return x + pe.reshape(pe.shape[:-2] + (-1,))[..., :d].astype(x.dtype)
     if self.posemb == 'sinusoidal':
       return x + sinusoidal_1d(t, d, self.base, offset).astype(x.dtype)
     if t > self.num_positions:
@@ -137,4 +147,6 @@ class AddPositionEmbs(nn.Module):
                        'posemb="sinusoidal"/"rope"')
     table = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                        (self.num_positions, d), self.param_dtype)
+    if positions is not None:
+      return x + jnp.take(table, positions, axis=0).astype(x.dtype)
     return x + jax.lax.dynamic_slice_in_dim(table, offset, t).astype(x.dtype)
