@@ -22,8 +22,12 @@ def hf_vit(**overrides):
   """A random ViTForImageClassification whose every parameter is perturbed (LayerNorm scales
   not 1, biases not 0), in eval mode."""
   torch.manual_seed(0)
-  model = transformers.ViTForImageClassification(transformers.ViTConfig(**{**CONFIG,
-                                                                          **overrides}))
+  return perturbed(transformers.ViTForImageClassification(transformers.ViTConfig(
+      **{**CONFIG, **overrides})))
+
+
+def perturbed(model):
+  """`model` in eval mode, N(0, 0.2²) added to every parameter (torch's current seed)."""
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.2 * torch.randn_like(p))
@@ -127,12 +131,9 @@ GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=24, vocab_size=50, bos_t
 @pytest.fixture(scope='module')
 def gpt2(tmp_path_factory):
   torch.manual_seed(0)
-  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2))
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.2 * torch.randn_like(p))
+  model = perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)))
   directory = tmp_path_factory.mktemp('hf') / 'gpt2'
-  model.eval().save_pretrained(directory)
+  model.save_pretrained(directory)
   return model, str(directory)
 
 
@@ -176,13 +177,10 @@ def test_gpt2_files_without_the_transformer_prefix_and_other_variants(gpt2, tmp_
 
 def test_a_saved_bert_classifier_gives_the_same_logits_with_padding_and_token_types(tmp_path):
   torch.manual_seed(0)
-  model = transformers.BertForSequenceClassification(transformers.BertConfig(
+  model = perturbed(transformers.BertForSequenceClassification(transformers.BertConfig(
       vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-      intermediate_size=64, max_position_embeddings=20, num_labels=3, pad_token_id=0))
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  model.eval().save_pretrained(tmp_path)
+      intermediate_size=64, max_position_embeddings=20, num_labels=3, pad_token_id=0)))
+  model.save_pretrained(tmp_path)
   tx_model, params = pretrained.load_hf_bert(str(tmp_path))
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 60, (3, 12))

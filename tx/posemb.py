@@ -33,9 +33,14 @@ def sinusoidal_1d(length: int, d_model: int, base: float = 10000.0, offset=0):
 
   for pos = offset, ..., offset + length - 1 (`offset` may be traced, for decoding).
   """
-  angles = _angles(offset + jnp.arange(length), d_model, base)  # [L, ceil(d/2)]
-  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)
-  return pe[:, :d_model]
+  return _sinusoids(offset + jnp.arange(length), d_model, base)
+
+
+def _sinusoids(positions, d_model: int, base: float):
+  """PE at integer `positions` [...], interleaved as in `sinusoidal_1d`: [..., d_model]."""
+  angles = _angles(positions, d_model, base)  # [..., ceil(d/2)]
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return pe.reshape(pe.shape[:-2] + (-1,))[..., :d_model]
 
 
 def sincos_2d(h: int, w: int, d_model: int, base: float = 10000.0):
@@ -135,12 +140,9 @@ class AddPositionEmbs(nn.Module):
       if initialized:
         offset = index.value
         index.value = offset + t
-    if self.posemb == 'sinusoidal' and positions is not None:
-      angles = _angles(positions, d, self.base)  # [batch..., T, ceil(d/2)]
-      pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-      return x + pe.reshape(pe.shape[:-2] + (-1,))[..., :d].astype(x.dtype)
     if self.posemb == 'sinusoidal':
-      return x + sinusoidal_1d(t, d, self.base, offset).astype(x.dtype)
+      at = offset + jnp.arange(t) if positions is None else positions
+      return x + _sinusoids(at, d, self.base).astype(x.dtype)
     if t > self.num_positions:
       raise ValueError(f'sequence length {t} exceeds the learned posemb table (num_positions='
                        f'{self.num_positions}); use a larger num_positions or '
