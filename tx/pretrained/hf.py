@@ -6,23 +6,18 @@ holding `model.safetensors` and `config.json` as the Hub and `save_pretrained` w
     logits = model.apply({'params': params}, images)   # images [batch, H, W, C], normalised
     tx.pretrained.save_hf_vit(model, params, 'out/')   # loads with ViTForImageClassification
 
-torch's Linear stores W [out, in] and computes x Wᵀ + b; tx's kernels are [in, ...out]. So
-for each attention, a query, key or value W [D, D] becomes the kernel Wᵀ reshaped to
-[D, H, D/H], the output W becomes Wᵀ as [H, D/H, D], and every other Linear's kernel is Wᵀ;
-GPT-2's Conv1D already stores [in, out], with W_q, W_k, W_v side by side in c_attn. A LayerNorm's
+Layouts as in `tx.pretrained._convert`; GPT-2's Conv1D already stores [in, out], with W_q, W_k, W_v side by side in c_attn. A LayerNorm's
 weight is the scale; a patch-embedding convolution [D, C, p, p] becomes [p, p, C, D]. The
 activation (exact or tanh GELU) and LayerNorm ε come from config.json. transformers 5 names
 ViT's modules differently in memory (vit.layers.i.attention.q_proj, mlp.fc1, ...) than the
 Hub's files (vit.encoder.layer.i.attention.attention.query, intermediate.dense, ...): both load.
 
 Every load checks that the converted tree is exactly the model's (no parameter missing or left
-over, every shape equal) and names the first difference. safetensors is imported only here, when
-called: `import tx` does not need it (`pip install 'tx[pretrained]'`).
+over, every shape equal) and names the first difference.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -32,6 +27,8 @@ import jax
 import numpy as np
 
 from tx.models import DecoderLM, EncoderClassifier
+from tx.pretrained._convert import (SAME, attention, convert, dense, expected_shapes, norm,
+                                   safetensors_module)
 from tx.vit import ViT
 
 # transformers 5's in-memory names → the historical names that Hub files use.
@@ -53,15 +50,6 @@ def _historical(name: str) -> str:
     if new != name:
       return new
   return name
-
-
-def _safetensors(module: str):
-  """safetensors.<module>, or an ImportError saying how to install it."""
-  try:
-    return importlib.import_module(f'safetensors.{module}')
-  except ImportError:
-    raise ImportError("safetensors files need the safetensors package: pip install "
-                      "'tx[pretrained]'") from None
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -88,7 +76,7 @@ def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
     raise ValueError(f'{directory!r} has no config.json: give a directory as save_pretrained '
                      'or the Hub writes it (config.json, model.safetensors)')
   files = _weight_files(directory)
-  load_file = _safetensors('flax').load_file
+  load_file = safetensors_module('flax').load_file
   with open(config_path) as f:
     config = json.load(f)
   weights = {}
@@ -131,98 +119,25 @@ def vit_from_hf_config(config: dict) -> ViT:
              posemb='learn', pool='cls', norm='pre')
 
 
-_SAME = (lambda x: x, lambda x: x)
-
-
-def _dense(hf: str, path: tuple) -> list:
-  """torch Linear `hf` (W [out, in], b) ↔ a flax Dense at `path` (kernel [in, out], bias)."""
-  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T, lambda k: k.T),
-          (f'{hf}.bias', (*path, 'bias'), *_SAME)]
-
-
-def _heads_in(hf: str, path: tuple, d: int, h: int) -> list:
-  """A torch Linear d → d ↔ tx's query/key/value DenseGeneral (kernel [d, h, d/h])."""
-  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(d, h, d // h),
-           lambda k: k.reshape(d, d).T),
-          (f'{hf}.bias', (*path, 'bias'), lambda b: b.reshape(h, d // h),
-           lambda b: b.reshape(d))]
-
-
-def _heads_out(hf: str, path: tuple, d: int, h: int) -> list:
-  """A torch Linear d → d ↔ tx's attention output DenseGeneral (kernel [h, d/h, d])."""
-  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(h, d // h, d),
-           lambda k: k.reshape(d, d).T),
-          (f'{hf}.bias', (*path, 'bias'), *_SAME)]
-
-
-def _norm(hf: str, path: tuple) -> list:
-  """A torch LayerNorm (weight, bias) ↔ a flax LayerNorm (scale, bias)."""
-  return [(f'{hf}.weight', (*path, 'scale'), *_SAME), (f'{hf}.bias', (*path, 'bias'), *_SAME)]
-
-
-def _attention(hf_qkv: str, hf_out: str, names: tuple, path: tuple, d: int, h: int) -> list:
-  """Separate torch query, key, value Linears `hf_qkv`.<name> and output `hf_out` ↔ a tx
-  MultiHeadAttention at `path`."""
-  pairs = _heads_out(hf_out, (*path, 'out'), d, h)
-  for hf_name, tx_name in zip(names, ('query', 'key', 'value')):
-    pairs += _heads_in(f'{hf_qkv}.{hf_name}', (*path, tx_name), d, h)
-  return pairs
-
-
 def _vit_pairs(model: ViT):
   """(HF name, tx path, to_tx, from_tx) for every parameter of `model`."""
   d, h = model.d_model, model.num_heads
-  pairs = [('vit.embeddings.cls_token', ('cls',), *_SAME),
-           ('vit.embeddings.position_embeddings', ('pos_embedding',), *_SAME),
+  pairs = [('vit.embeddings.cls_token', ('cls',), *SAME),
+           ('vit.embeddings.position_embeddings', ('pos_embedding',), *SAME),
            ('vit.embeddings.patch_embeddings.projection.weight', ('embedding', 'kernel'),
             lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-           ('vit.embeddings.patch_embeddings.projection.bias', ('embedding', 'bias'), *_SAME),
-           *_norm('vit.layernorm', ('encoder', 'final_norm')),
-           *_dense('classifier', ('head',))]
+           ('vit.embeddings.patch_embeddings.projection.bias', ('embedding', 'bias'), *SAME),
+           *norm('vit.layernorm', ('encoder', 'final_norm')),
+           *dense('classifier', ('head',))]
   for i in range(model.num_layers):
     hf, block = f'vit.encoder.layer.{i}.', ('encoder', f'block_{i}')
-    pairs += [*_attention(f'{hf}attention.attention', f'{hf}attention.output.dense',
+    pairs += [*attention(f'{hf}attention.attention', f'{hf}attention.output.dense',
                           ('query', 'key', 'value'), (*block, 'self_attention'), d, h),
-              *_dense(f'{hf}intermediate.dense', (*block, 'ffn', 'hidden')),
-              *_dense(f'{hf}output.dense', (*block, 'ffn', 'output')),
-              *_norm(f'{hf}layernorm_before', (*block, 'self_attention_norm')),
-              *_norm(f'{hf}layernorm_after', (*block, 'ffn_norm'))]
+              *dense(f'{hf}intermediate.dense', (*block, 'ffn', 'hidden')),
+              *dense(f'{hf}output.dense', (*block, 'ffn', 'output')),
+              *norm(f'{hf}layernorm_before', (*block, 'self_attention_norm')),
+              *norm(f'{hf}layernorm_after', (*block, 'ffn_norm'))]
   return pairs
-
-
-def _expected(model, example) -> dict:
-  """{path: shape} of the model's parameters for an example input."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), example)
-  return {tuple(k.key for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params'])}
-
-
-def _convert(pairs, weights: dict, expected: dict, directory: str, ignored=()) -> dict:
-  """The params tree from `weights` by `pairs` (hf name, tx path, to_tx, ...), checked to be
-  exactly `expected`: every path filled with its shape, every weight used (or `ignored`)."""
-  params, used = {}, set()
-  for hf, path, to_tx, *_ in pairs:
-    if path not in expected:
-      raise ValueError(f'{directory!r}: {hf} has no place in the model ({"/".join(path)})')
-    if hf not in weights:
-      raise ValueError(f'{directory!r} has no {hf} (tx needs it for {"/".join(path)})')
-    value = np.asarray(to_tx(weights[hf]), np.float32)
-    if value.shape != expected[path]:
-      raise ValueError(f'{hf} is {weights[hf].shape} in {directory!r}; tx needs '
-                       f'{"/".join(path)} of {expected[path]}')
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-    used.add(hf)
-  missing = sorted(set(expected) - {path for _, path, *_ in pairs})
-  if missing:  # a mapping that forgot a parameter: a bug in this module, said plainly.
-    raise ValueError(f'no mapping fills {"/".join(missing[0])}')
-  left = sorted(k for k in set(weights) - used if not any(re.search(i, k) for i in ignored))
-  if left:
-    raise ValueError(f'{directory!r} has {left[0]} (and {len(left) - 1} more) that tx does not '
-                     'use: an architecture this loader does not support')
-  return params
 
 
 def load_hf_vit(directory: str):
@@ -234,8 +149,8 @@ def load_hf_vit(directory: str):
                      'ViTForImageClassification checkpoints (a ViTModel has no classifier)')
   size, channels = config['image_size'], config.get('num_channels', 3)
   height, width = size if isinstance(size, (list, tuple)) else (size, size)
-  expected = _expected(model, jax.ShapeDtypeStruct((1, height, width, channels), np.float32))
-  return model, _convert(_vit_pairs(model), weights, expected, directory)
+  expected = expected_shapes(model, jax.ShapeDtypeStruct((1, height, width, channels), np.float32))
+  return model, convert(_vit_pairs(model), weights, expected, directory)
 
 
 def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None):
@@ -278,7 +193,7 @@ def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
-  _safetensors('numpy').save_file(weights, os.path.join(directory, 'model.safetensors'),
+  safetensors_module('numpy').save_file(weights, os.path.join(directory, 'model.safetensors'),
                                   metadata={'format': 'pt'})
 
 
@@ -312,7 +227,7 @@ def _gpt2_pairs(model: DecoderLM):
   same = lambda x: x
   pairs = [('wte.weight', ('embed', 'embedding', 'embedding'), same),
            ('wpe.weight', ('decoder', 'posemb', 'pos_embedding'), same),
-           *_norm('ln_f', ('decoder', 'final_norm'))]
+           *norm('ln_f', ('decoder', 'final_norm'))]
   for i in range(model.num_layers):
     hf, block = f'h.{i}.', ('decoder', f'block_{i}')
     for j, name in enumerate(('query', 'key', 'value')):
@@ -327,8 +242,8 @@ def _gpt2_pairs(model: DecoderLM):
               (f'{hf}mlp.c_fc.bias', (*block, 'ffn', 'hidden', 'bias'), same),
               (f'{hf}mlp.c_proj.weight', (*block, 'ffn', 'output', 'kernel'), same),
               (f'{hf}mlp.c_proj.bias', (*block, 'ffn', 'output', 'bias'), same),
-              *_norm(f'{hf}ln_1', (*block, 'self_attention_norm')),
-              *_norm(f'{hf}ln_2', (*block, 'ffn_norm'))]
+              *norm(f'{hf}ln_1', (*block, 'self_attention_norm')),
+              *norm(f'{hf}ln_2', (*block, 'ffn_norm'))]
   return pairs
 
 
@@ -343,8 +258,8 @@ def load_hf_gpt2(directory: str):
   if 'lm_head.weight' in weights and not np.array_equal(weights['lm_head.weight'],
                                                         weights['wte.weight']):
     raise ValueError(f'{directory!r}: lm_head.weight differs from wte.weight; tx ties them')
-  expected = _expected(model, jax.ShapeDtypeStruct((1, 1), np.int32))
-  params = _convert(_gpt2_pairs(model), weights, expected, directory,
+  expected = expected_shapes(model, jax.ShapeDtypeStruct((1, 1), np.int32))
+  params = convert(_gpt2_pairs(model), weights, expected, directory,
                     ignored=(r'^lm_head\.weight$', r'^h\.\d+\.attn\.(masked_)?bias$'))
   return model, params
 
@@ -374,22 +289,22 @@ def bert_from_hf_config(config: dict) -> EncoderClassifier:
 def _bert_pairs(model: EncoderClassifier):
   d, h = model.d_model, model.num_heads
   pairs = [('bert.embeddings.word_embeddings.weight', ('embed', 'embedding', 'embedding'),
-            *_SAME),
+            *SAME),
            ('bert.embeddings.position_embeddings.weight', ('encoder', 'posemb', 'pos_embedding'),
-            *_SAME),
+            *SAME),
            ('bert.embeddings.token_type_embeddings.weight', ('token_type_embed', 'embedding'),
-            *_SAME),
-           *_norm('bert.embeddings.LayerNorm', ('encoder', 'embedding_norm')),
-           *_dense('bert.pooler.dense', ('pooler',)),
-           *_dense('classifier', ('head',))]
+            *SAME),
+           *norm('bert.embeddings.LayerNorm', ('encoder', 'embedding_norm')),
+           *dense('bert.pooler.dense', ('pooler',)),
+           *dense('classifier', ('head',))]
   for i in range(model.num_layers):
     hf, block = f'bert.encoder.layer.{i}.', ('encoder', f'block_{i}')
-    pairs += [*_attention(f'{hf}attention.self', f'{hf}attention.output.dense',
+    pairs += [*attention(f'{hf}attention.self', f'{hf}attention.output.dense',
                           ('query', 'key', 'value'), (*block, 'self_attention'), d, h),
-              *_norm(f'{hf}attention.output.LayerNorm', (*block, 'self_attention_norm')),
-              *_dense(f'{hf}intermediate.dense', (*block, 'ffn', 'hidden')),
-              *_dense(f'{hf}output.dense', (*block, 'ffn', 'output')),
-              *_norm(f'{hf}output.LayerNorm', (*block, 'ffn_norm'))]
+              *norm(f'{hf}attention.output.LayerNorm', (*block, 'self_attention_norm')),
+              *dense(f'{hf}intermediate.dense', (*block, 'ffn', 'hidden')),
+              *dense(f'{hf}output.dense', (*block, 'ffn', 'output')),
+              *norm(f'{hf}output.LayerNorm', (*block, 'ffn_norm'))]
   return pairs
 
 
@@ -409,6 +324,6 @@ def load_hf_bert(directory: str):
   if 'classifier.weight' not in weights:
     raise ValueError(f'{directory!r} has no classifier.weight: load_hf_bert reads '
                      'BertForSequenceClassification checkpoints')
-  expected = _expected(model, jax.ShapeDtypeStruct((1, 1), np.int32))
-  return model, _convert(_bert_pairs(model), weights, expected, directory,
+  expected = expected_shapes(model, jax.ShapeDtypeStruct((1, 1), np.int32))
+  return model, convert(_bert_pairs(model), weights, expected, directory,
                          ignored=(r'^bert\.embeddings\.position_ids$',))

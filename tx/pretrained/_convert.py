@@ -1,0 +1,97 @@
+"""What every loader shares: torch ↔ flax parameter layouts, and the check that a converted tree
+is exactly the model's.
+
+A mapping is a list of pairs (name in the file, path in tx's params, to_tx, from_tx): torch's
+Linear stores W [out, in] and computes x Wᵀ + b, tx's kernels are [in, ...out], so a Linear's
+kernel is Wᵀ (reshaped to [d, h, d/h] for a query, key or value, to [h, d/h, d] for an
+attention output); a LayerNorm's weight is its scale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import jax
+import numpy as np
+
+SAME = (lambda x: x, lambda x: x)
+
+
+def safetensors_module(module: str):
+  """safetensors.<module>, or an ImportError saying how to install it."""
+  try:
+    return importlib.import_module(f'safetensors.{module}')
+  except ImportError:
+    raise ImportError("safetensors files need the safetensors package: pip install "
+                      "'tx[pretrained]'") from None
+
+
+def expected_shapes(model, example) -> dict:
+  """{path: shape} of the model's parameters for an example input."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), example)
+  return {tuple(k.key for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params'])}
+
+
+def convert(pairs, weights: dict, expected: dict, directory: str, ignored=()) -> dict:
+  """The params tree from `weights` by `pairs` (hf name, tx path, to_tx, ...), checked to be
+  exactly `expected`: every path filled with its shape, every weight used (or `ignored`)."""
+  params, used = {}, set()
+  for hf, path, to_tx, *_ in pairs:
+    if path not in expected:
+      raise ValueError(f'{directory!r}: {hf} has no place in the model ({"/".join(path)})')
+    if hf not in weights:
+      raise ValueError(f'{directory!r} has no {hf} (tx needs it for {"/".join(path)})')
+    value = np.asarray(to_tx(weights[hf]), np.float32)
+    if value.shape != expected[path]:
+      raise ValueError(f'{hf} is {weights[hf].shape} in {directory!r}; tx needs '
+                       f'{"/".join(path)} of {expected[path]}')
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+    used.add(hf)
+  missing = sorted(set(expected) - {path for _, path, *_ in pairs})
+  if missing:  # a mapping that forgot a parameter: a bug in this module, said plainly.
+    raise ValueError(f'no mapping fills {"/".join(missing[0])}')
+  left = sorted(k for k in set(weights) - used if not any(re.search(i, k) for i in ignored))
+  if left:
+    raise ValueError(f'{directory!r} has {left[0]} (and {len(left) - 1} more) that tx does not '
+                     'use: an architecture this loader does not support')
+  return params
+
+
+def dense(hf: str, path: tuple) -> list:
+  """torch Linear `hf` (W [out, in], b) ↔ a flax Dense at `path` (kernel [in, out], bias)."""
+  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T, lambda k: k.T),
+          (f'{hf}.bias', (*path, 'bias'), *SAME)]
+
+
+def heads_in(hf: str, path: tuple, d: int, h: int) -> list:
+  """A torch Linear d → d ↔ tx's query/key/value DenseGeneral (kernel [d, h, d/h])."""
+  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(d, h, d // h),
+           lambda k: k.reshape(d, d).T),
+          (f'{hf}.bias', (*path, 'bias'), lambda b: b.reshape(h, d // h),
+           lambda b: b.reshape(d))]
+
+
+def heads_out(hf: str, path: tuple, d: int, h: int) -> list:
+  """A torch Linear d → d ↔ tx's attention output DenseGeneral (kernel [h, d/h, d])."""
+  return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(h, d // h, d),
+           lambda k: k.reshape(d, d).T),
+          (f'{hf}.bias', (*path, 'bias'), *SAME)]
+
+
+def norm(hf: str, path: tuple) -> list:
+  """A torch LayerNorm (weight, bias) ↔ a flax LayerNorm (scale, bias)."""
+  return [(f'{hf}.weight', (*path, 'scale'), *SAME), (f'{hf}.bias', (*path, 'bias'), *SAME)]
+
+
+def attention(hf_qkv: str, hf_out: str, names: tuple, path: tuple, d: int, h: int) -> list:
+  """Separate torch query, key, value Linears `hf_qkv`.<name> and output `hf_out` ↔ a tx
+  MultiHeadAttention at `path`."""
+  pairs = heads_out(hf_out, (*path, 'out'), d, h)
+  for hf_name, tx_name in zip(names, ('query', 'key', 'value')):
+    pairs += heads_in(f'{hf_qkv}.{hf_name}', (*path, tx_name), d, h)
+  return pairs
