@@ -43,6 +43,9 @@ class ModelHParams(BlockHParams, kw_only=True):
   posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'rope' | 'none'.
   scale_embeddings: bool = True  # token embeddings × √d_model (Vaswani); GPT-2, BERT: False.
   embedding_norm: bool = False  # a LayerNorm over the embedded inputs after the posemb (BERT).
+  # A LayerNorm after the last block ('final_norm'): None = only with norm='pre' (ViT, GPT-2);
+  # True also after a post-LN stack (torch.nn.Transformer's encoder.norm, decoder.norm).
+  final_norm: bool | None = None
   remat: bool = False
   scan_layers: bool = False
 
@@ -125,10 +128,18 @@ def _embedding_norm(model: ModelHParams, x):
                       param_dtype=model.param_dtype, name='embedding_norm')(x)
 
 
+def _final_norm(model: ModelHParams, x):
+  """LN(x) after the last block where model.final_norm says so (default: pre-LN stacks)."""
+  if not (model.norm == 'pre' if model.final_norm is None else model.final_norm):
+    return x
+  return nn.LayerNorm(epsilon=model.layer_norm_epsilon, dtype=model.dtype,
+                      param_dtype=model.param_dtype, name='final_norm')(x)
+
+
 class Encoder(ModelHParams):
   """N encoder blocks over embedded inputs x [batch..., T, d_model], after the posemb.
 
-  With norm='pre' a final LayerNorm closes the stack (as in ViT).
+  A final LayerNorm closes the stack with norm='pre' (as in ViT), or as `final_norm` says.
   """
 
   @nn.compact
@@ -138,11 +149,7 @@ class Encoder(ModelHParams):
     x = _embedding_norm(self, x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     call = lambda block, x, mask: block(x, mask, deterministic=deterministic)
-    x = _stack(self, EncoderBlock, call, x, mask)
-    if self.norm == 'pre':
-      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='final_norm')(x)
-    return x
+    return _final_norm(self, _stack(self, EncoderBlock, call, x, mask))
 
 
 class Decoder(ModelHParams):
@@ -163,11 +170,7 @@ class Decoder(ModelHParams):
     self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))
     call = lambda block, x, memory, self_mask, cross_mask: block(
         x, memory, self_mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
-    x = _stack(self, DecoderBlock, call, x, memory, self_mask, cross_mask)
-    if self.norm == 'pre':
-      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='final_norm')(x)
-    return x
+    return _final_norm(self, _stack(self, DecoderBlock, call, x, memory, self_mask, cross_mask))
 
 
 class TokenEmbedding(nn.Module):
