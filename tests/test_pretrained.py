@@ -256,3 +256,43 @@ def test_a_left_padded_gpt2_batch_gives_each_row_its_own_logits(gpt2):
   for row in range(3):  # and what the row's tokens give alone.
     alone = np.asarray(tx_model.apply({'params': params}, tokens[row][valid[row]][None]))
     np.testing.assert_allclose(ours[row][valid[row]], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_load_picks_the_loader_from_the_directory_and_fetches_hub_ids(saved, gpt2, monkeypatch,
+                                                                      tmp_path):
+  _, vit_directory = saved
+  _, gpt2_directory = gpt2
+  model, params = pretrained.load(vit_directory)
+  reference, reference_params = pretrained.load_hf_vit(vit_directory)
+  assert model == reference
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  assert isinstance(pretrained.load(gpt2_directory)[0], tx.DecoderLM)
+  hub = pytest.importorskip('huggingface_hub')
+  asked = []
+  monkeypatch.setattr(hub, 'snapshot_download',
+                      lambda repo, **kw: asked.append((repo, kw)) or gpt2_directory)
+  assert isinstance(pretrained.load('someone/gpt2-tiny')[0], tx.DecoderLM)
+  assert asked[0][0] == 'someone/gpt2-tiny' and '*.safetensors' in asked[0][1]['allow_patterns']
+  with pytest.raises(ValueError, match="is neither a file, a directory nor a Hub id"):
+    pretrained.load(str(tmp_path / 'not' / 'here'))
+  (tmp_path / 'config.json').write_text('{"model_type": "llama"}')
+  with pytest.raises(ValueError, match="model_type='llama'; tx loads 'vit', 'gpt2', 'bert'"):
+    pretrained.load(str(tmp_path))
+  (tmp_path / 'weights.ckpt').write_bytes(b'')
+  with pytest.raises(ValueError, match=r'a file must be .npz \(vit_jax, big_vision\) or a state'):
+    pretrained.load(str(tmp_path / 'weights.ckpt'))
+
+
+def test_image_preprocessing_reads_the_processor_config(saved, tmp_path):
+  _, directory = saved
+  processor = transformers.ViTImageProcessor(size={'height': 20, 'width': 24},
+                                             image_mean=[0.1, 0.2, 0.3],
+                                             image_std=[0.4, 0.5, 0.6], resample=3)
+  processor.save_pretrained(tmp_path)
+  (tmp_path / 'config.json').write_text(open(f'{directory}/config.json').read())
+  spec = pretrained.image_preprocessing(str(tmp_path))
+  assert spec == pretrained.ImagePreprocessing(size=(20, 24), mean=(0.1, 0.2, 0.3),
+                                               std=(0.4, 0.5, 0.6), resample='bicubic',
+                                               rescale=1 / 255)
+  with pytest.raises(ValueError, match='has no preprocessor_config.json'):
+    pretrained.image_preprocessing(directory)
