@@ -1,5 +1,7 @@
 """Positional encodings against their formulas."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,83 @@ def test_sinusoidal_1d_is_the_paper_formula(length, d_model, base):
 def test_sinusoidal_offset_continues_the_sequence():
   np.testing.assert_allclose(tx.sinusoidal_1d(4, 8, offset=6), tx.sinusoidal_1d(10, 8)[6:],
                              atol=1e-6)
+
+
+def fairseq_get_embedding(num_embeddings, embedding_dim, padding_idx=None, base=10000.0):
+  """fairseq's SinusoidalPositionalEmbedding.get_embedding in float64 NumPy (its 10000 is
+  `base` here): row p is position p; row padding_idx is zeros."""
+  half_dim = embedding_dim // 2
+  emb = math.log(base) / (half_dim - 1)
+  emb = np.exp(np.arange(half_dim, dtype=np.float64) * -emb)
+  emb = np.arange(num_embeddings, dtype=np.float64)[:, None] * emb[None, :]
+  emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1).reshape(num_embeddings, -1)
+  if embedding_dim % 2 == 1:
+    emb = np.concatenate([emb, np.zeros((num_embeddings, 1))], axis=1)
+  if padding_idx is not None:
+    emb[padding_idx, :] = 0
+  return emb
+
+
+@pytest.mark.parametrize('length,d_model,base',
+                         [(50, 16, 10000.0), (7, 5, 10000.0), (20, 8, 100.0)])
+def test_sinusoidal_concat_1d_is_fairseqs_table(length, d_model, base):
+  pe = np.asarray(tx.posemb.sinusoidal_concat_1d(length, d_model, base))
+  assert pe.shape == (length, d_model) and pe.dtype == np.float32
+  np.testing.assert_allclose(pe, fairseq_get_embedding(length, d_model, base=base), atol=2e-5)
+  # Pinned values: sines of ω_0 = 1 first, cosines from column h = d/2; the last frequency is
+  # exactly 1/base (fairseq's i/(h−1)), where the paper's 2i/d would stop at base^(−(h−1)/h).
+  h = d_model // 2
+  np.testing.assert_allclose(pe[3, [0, h]], [np.sin(3.0), np.cos(3.0)], atol=1e-6)
+  np.testing.assert_allclose(pe[5, [h - 1, 2 * h - 1]], [np.sin(5 / base), np.cos(5 / base)],
+                             atol=1e-6)
+  if d_model % 2:
+    np.testing.assert_array_equal(pe[:, -1], 0)
+  np.testing.assert_allclose(tx.posemb.sinusoidal_concat_1d(4, d_model, base, offset=3),
+                             pe[3:7], atol=1e-6)
+
+
+def test_sinusoidal_concat_module_reproduces_fairseqs_positions():
+  """fairseq numbers tokens from padding_idx + 1: explicit positions give its rows."""
+  padding_idx, t, d = 1, 9, 16
+  x = np.random.default_rng(3).normal(size=(2, t, d)).astype(np.float32)
+  module = tx.AddPositionEmbs('sinusoidal_concat')
+  positions = np.broadcast_to(padding_idx + 1 + np.arange(t), (2, t))
+  table = fairseq_get_embedding(padding_idx + 1 + t, d, padding_idx)
+  np.testing.assert_allclose(module.apply({}, x, positions), x + table[padding_idx + 1:],
+                             atol=2e-5)
+  # Without positions the rows start at 0; the paper's interleaved table is another one.
+  np.testing.assert_allclose(module.apply({}, x), x + fairseq_get_embedding(t, d), atol=2e-5)
+  assert np.abs(module.apply({}, x) - tx.AddPositionEmbs('sinusoidal').apply({}, x)).max() > 0.5
+
+
+def test_sinusoidal_concat_decoding_continues_the_positions():
+  """In decode mode each chunk's positions continue from the cache; a DecoderLM decoding one
+  token at a time equals its full pass."""
+  module = tx.AddPositionEmbs('sinusoidal_concat', decode=True)
+  x = jnp.zeros((1, 7, 8))
+  cache = module.init(jax.random.key(0), x)['cache']
+  outs = []
+  for start, stop in [(0, 3), (3, 4), (4, 7)]:
+    out, state = module.apply({'cache': cache}, x[:, start:stop], mutable=['cache'])
+    cache = state['cache']
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1)[0], fairseq_get_embedding(7, 8), atol=2e-5)
+
+  small = dict(num_layers=2, d_model=16, num_heads=4, d_ff=32, vocab_size=20)
+  lm = tx.DecoderLM(posemb='sinusoidal_concat', **small)
+  tokens = jax.random.randint(jax.random.key(6), (2, 6), 0, 20)
+  params = lm.init(jax.random.key(0), tokens)['params']
+  full = lm.apply({'params': params}, tokens)
+  cache = lm.clone(decode=True).init(jax.random.key(0), tokens)['cache']
+  steps = []
+  for i in range(6):
+    logits, state = lm.clone(decode=True).apply({'params': params, 'cache': cache},
+                                                tokens[:, i:i + 1], mutable=['cache'])
+    cache = state['cache']
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+  other = tx.DecoderLM(posemb='sinusoidal', **small).apply({'params': params}, tokens)
+  assert np.abs(np.asarray(other) - np.asarray(full)).max() > 1e-3
 
 
 def test_sincos_2d_formula():
@@ -80,7 +159,7 @@ def test_learned_posemb_module():
 
 def test_explicit_positions_equal_the_default_ones_and_shift_per_row():
   x = jnp.zeros((2, 5, 8))
-  for posemb in ('sinusoidal', 'learn'):
+  for posemb in ('sinusoidal', 'sinusoidal_concat', 'learn'):
     module = tx.AddPositionEmbs(posemb, num_positions=10)
     variables = module.init(jax.random.key(0), x)
     default = module.apply(variables, x)

@@ -40,7 +40,7 @@ class ModelHParams(BlockHParams, kw_only=True):
   """
   num_layers: int = 6
   d_model: int = 512
-  posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'rope' | 'none'.
+  posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'sinusoidal_concat' | 'rope' | 'none'.
   scale_embeddings: bool = True  # token embeddings × √d_model (Vaswani); GPT-2, BERT: False.
   embedding_norm: bool = False  # a LayerNorm over the embedded inputs after the posemb (BERT).
   # A LayerNorm after the last block ('final_norm'): None = only with norm='pre' (ViT, GPT-2);
@@ -210,7 +210,7 @@ class DecoderLM(ModelHParams, kw_only=True):
   the cache, then feed tokens chunk by chunk with mutable=['cache'].
 
   valid: [batch..., T] bool, False at padding (keys there are masked out); positions:
-    [batch..., T] the positions the posemb adds ('learn', 'sinusoidal'). A left-padded batch,
+    [batch..., T] the positions the posemb adds ('learn', the sinusoids). A left-padded batch,
     as transformers' attention_mask and position_ids = max(cumsum(valid) − 1, 0) describe it,
     gives each row's real tokens the outputs they have alone. Outputs at padding are
     meaningless. Neither with decode=True.
@@ -236,8 +236,8 @@ class EncoderDecoder(ModelHParams, kw_only=True):
   Source and target share one vocabulary and embedding (tied with the output
   layer unless tie_embeddings=False). Source tokens equal to `pad_id` are masked
   out as keys in the encoder and in the cross-attention; the decoder's
-  self-attention is causal only (outputs at target pads are ignored by the loss). Train with `shift_right(targets, bos_id)` as the
-  decoder input (teacher forcing).
+  self-attention is causal only (outputs at target pads are ignored by the loss).
+  Train with `shift_right(targets, bos_id)` as the decoder input (teacher forcing).
   """
   vocab_size: int
   pad_id: int = 0
@@ -275,6 +275,10 @@ class EncoderDecoder(ModelHParams, kw_only=True):
 class EncoderClassifier(ModelHParams, kw_only=True):
   """BERT-style sequence classifier: encoder, then pooling, then a linear head.
 
+  logits = W_head p + b_head, where p is the pooled vector (after the pooler, if any);
+  num_classes=0 drops the head and returns p [batch..., d_model] itself (as timm's
+  num_classes=0; with pooler=True this is a BertModel's pooler_output).
+
   Inputs are token ids [batch..., T] when `vocab_size` is set (tokens equal to
   `pad_id` are masked out), or feature vectors [batch..., T, F] otherwise
   (projected to d_model; e.g. MNIST-1D as 1-D patches).
@@ -295,6 +299,9 @@ class EncoderClassifier(ModelHParams, kw_only=True):
   @nn.compact
   def __call__(self, inputs, token_types=None, *, deterministic: bool = True):
     check_choice('pool', self.pool, POOLS + ('first',))
+    if self.num_classes < 0:
+      raise ValueError(f'num_classes={self.num_classes}; it must be >= 0 (0: no head, the '
+                       'pooled vector is the output)')
     if token_types is not None and not self.num_token_types:
       raise ValueError('token_types given to a model with num_token_types=0')
     if self.vocab_size is None:
@@ -325,5 +332,7 @@ class EncoderClassifier(ModelHParams, kw_only=True):
     if self.pooler:
       pooled = jnp.tanh(nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name='pooler')(pooled))
+    if not self.num_classes:
+      return pooled
     return nn.Dense(self.num_classes, param_dtype=self.param_dtype, name='head')(
         pooled).astype(jnp.float32)

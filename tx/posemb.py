@@ -1,4 +1,5 @@
-"""Positional encodings: sinusoidal 1-D, sincos 2-D, rotary (RoPE), learned, none.
+"""Positional encodings: sinusoidal 1-D (interleaved or [sin | cos]), sincos 2-D, rotary (RoPE),
+learned, none.
 
 Self-attention is permutation-equivariant; a positional encoding is what tells
 the model where each token is. `base` is the sinusoid frequency base (10000 in
@@ -16,7 +17,8 @@ import numpy as np
 
 from tx.validate import check_choice
 
-SEQUENCE_POSEMBS = ('learn', 'sinusoidal', 'rope', 'none')
+SEQUENCE_POSEMBS = ('learn', 'sinusoidal', 'rope', 'none', 'sinusoidal_concat')
+SINUSOIDS = ('sinusoidal', 'sinusoidal_concat')  # the fixed 1-D tables.
 
 
 def _angles(positions, dim: int, base: float):
@@ -41,6 +43,38 @@ def _sinusoids(positions, d_model: int, base: float):
   angles = _angles(positions, d_model, base)  # [..., ceil(d/2)]
   pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
   return pe.reshape(pe.shape[:-2] + (-1,))[..., :d_model]
+
+
+def sinusoidal_concat_1d(length: int, d_model: int, base: float = 10000.0, offset=0):
+  """Sines then cosines, as fairseq, Marian and tensor2tensor build them: [length, d_model].
+
+  With h = floor(d_model / 2) frequencies ω_i = base^(−i / (h − 1)), i = 0, ..., h − 1,
+
+    PE(pos, i)     = sin(pos · ω_i)
+    PE(pos, h + i) = cos(pos · ω_i)
+
+  and a zero last column when d_model is odd, for pos = offset, ..., offset + length − 1.
+  This is fairseq's `SinusoidalPositionalEmbedding.get_embedding`, Marian's (C++)
+  `sinusoidalPositionEmbeddings` and tensor2tensor's `get_timing_signal_1d` (min_timescale 1,
+  max_timescale = base): the exponent is i / (h − 1), not the paper's 2i / d_model, so ω
+  runs from 1 down to exactly 1/base (h = 1 takes ω_0 = 1, as tensor2tensor does; fairseq
+  divides by zero there). Marian and tensor2tensor number tokens from 0. fairseq's table has
+  a row of zeros at its `padding_idx` and numbers a sequence's tokens from padding_idx + 1:
+  `AddPositionEmbs` with `positions` = padding_idx + 1 + t reproduces it. Hugging Face's
+  MarianMTModel concatenates the paper's frequencies base^(−2i/d_model) instead: not this.
+  """
+  return _concat_sinusoids(offset + jnp.arange(length), d_model, base)
+
+
+def _concat_sinusoids(positions, d_model: int, base: float):
+  """PE at integer `positions` [...], [sin | cos] as in `sinusoidal_concat_1d`: [..., d_model]."""
+  half = d_model // 2
+  inv_freq = np.exp(-np.log(base) * np.arange(half, dtype=np.float64) / max(half - 1, 1))
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq.astype(np.float32)
+  parts = [jnp.sin(angles), jnp.cos(angles)]
+  if d_model % 2:
+    parts.append(jnp.zeros(angles.shape[:-1] + (1,), jnp.float32))
+  return jnp.concatenate(parts, axis=-1)
 
 
 def sincos_2d(h: int, w: int, d_model: int, base: float = 10000.0):
@@ -109,13 +143,14 @@ class AddPositionEmbs(nn.Module):
   """x [batch..., T, D] + PE[offset : offset + T] for a 1-D sequence.
 
   posemb: 'learn' (a trained table of `num_positions` rows, N(0, 0.02) init),
-    'sinusoidal' (`sinusoidal_1d`, any length), or 'rope'/'none' (identity here;
-    rope is applied to q and k inside attention).
+    'sinusoidal' (`sinusoidal_1d`, any length), 'sinusoidal_concat' (`sinusoidal_concat_1d`:
+    [sin | cos], fairseq's frequencies), or 'rope'/'none' (identity here; rope is applied
+    to q and k inside attention).
   decode: positions continue from a counter in the 'cache' collection, one
     call per generated chunk. Positions past num_positions are not checked at
     run time (the index is traced): the decoding loop must stop there.
   positions: [batch..., T] integer positions instead of 0 ... T−1 (left-padded batches,
-    whose first real token is position 0): PE[positions] ('learn'; 'sinusoidal' at those
+    whose first real token is position 0): PE[positions] ('learn'; the sinusoids at those
     positions). Not with decode or 'rope'.
   """
   posemb: str = 'sinusoidal'
@@ -129,7 +164,7 @@ class AddPositionEmbs(nn.Module):
     check_choice('posemb', self.posemb, SEQUENCE_POSEMBS)
     if positions is not None and (self.decode or self.posemb == 'rope'):
       raise ValueError(f'positions with posemb={self.posemb!r}, decode={self.decode}: explicit '
-                       "positions are for posemb 'learn' or 'sinusoidal' without decode")
+                       "positions are for posemb 'learn' or a sinusoid without decode")
     if self.posemb in ('rope', 'none'):
       return x
     t, d = x.shape[-2], x.shape[-1]
@@ -140,9 +175,10 @@ class AddPositionEmbs(nn.Module):
       if initialized:
         offset = index.value
         index.value = offset + t
-    if self.posemb == 'sinusoidal':
+    if self.posemb in SINUSOIDS:
       at = offset + jnp.arange(t) if positions is None else positions
-      return x + _sinusoids(at, d, self.base).astype(x.dtype)
+      table = _sinusoids if self.posemb == 'sinusoidal' else _concat_sinusoids
+      return x + table(at, d, self.base).astype(x.dtype)
     if t > self.num_positions:
       raise ValueError(f'sequence length {t} exceeds the learned posemb table (num_positions='
                        f'{self.num_positions}); use a larger num_positions or '
