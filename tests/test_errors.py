@@ -19,7 +19,8 @@ def test_d_model_not_divisible_by_heads():
 @pytest.mark.parametrize('k_shape,v_shape,match', [
     ((2, 5, 4, 6), (2, 5, 4, 8), 'head dim Dk'),
     ((2, 5, 4, 8), (2, 6, 4, 8), 'key length Tk'),
-    ((2, 5, 2, 8), (2, 5, 2, 8), 'number of heads'),
+    ((2, 5, 3, 8), (2, 5, 3, 8), 'does not divide the H=4 query heads'),
+    ((2, 5, 2, 8), (2, 5, 4, 8), 'number of key/value heads'),
     ((5, 4, 8), (5, 4, 8), 'equal rank'),
     ((3, 5, 4, 8), (3, 5, 4, 8), 'batch dims'),
 ])

@@ -3,10 +3,15 @@
 Layout follows `jax.nn.dot_product_attention`:
 
   q_BxTqxHxD  queries      [batch..., Tq, H, Dk]
-  k_BxTkxHxD  keys         [batch..., Tk, H, Dk]
-  v_BxTkxHxD  values       [batch..., Tk, H, Dv]
+  k_BxTkxKxD  keys         [batch..., Tk, K, Dk]
+  v_BxTkxKxD  values       [batch..., Tk, K, Dv]
   mask        boolean, True = "may attend", broadcastable to [batch..., H, Tq, Tk]
   weights     [batch..., H, Tq, Tk]
+
+K key/value heads serve H query heads, K a divisor of H: query head h reads key/value
+head h // (H/K), as in `jax.nn.dot_product_attention`. K = H is multi-head attention
+(Vaswani et al.), K = 1 multi-query attention (Shazeer 2019), anything between
+grouped-query attention (Ainslie et al. 2023).
 
 Logits and the softargmax are always computed in float32; the output takes the
 dtype of the inputs.
@@ -33,6 +38,46 @@ def _beta_for_logits(beta, num_heads: int):
                        f'shape ({num_heads},)')
     return beta[:, None, None]
   return beta
+
+
+def _check_kv_heads(heads: int, x, name: str):
+  """Query head h reads key/value head h // (H/K), so x's K heads (axis -2) must divide H."""
+  kv_heads = x.shape[-2]
+  if kv_heads < 1 or heads % kv_heads:
+    raise ValueError(f'{name} has K={kv_heads} heads (shape {x.shape}), which does not divide '
+                     f'the H={heads} query heads; allowed: K a divisor of H (K = H: multi-head, '
+                     'K = 1: multi-query, else grouped-query attention)')
+
+
+def _split_heads(x, axis: int, kv_heads: int):
+  """Splits the H axis of x into [K, H/K]: query head h = n·(H/K) + g becomes (n, g), the g-th
+  of the H/K query heads that share key/value head n = h // (H/K)."""
+  axis = axis % x.ndim
+  return x.reshape(x.shape[:axis] + (kv_heads, x.shape[axis] // kv_heads) + x.shape[axis + 1:])
+
+
+def _dot_scores(q, k):
+  """s_hij = q_ih · k_jn with n = h // (H/K), in float32: [batch..., H, Tq, Tk].
+
+  With fewer key heads than query heads (K < H) each key head is contracted with its H/K
+  query heads in one einsum, never repeated in memory.
+  """
+  heads, kv_heads = q.shape[-2], k.shape[-2]
+  if kv_heads == heads:
+    return dot_score(q, k)
+  s_BxKxGxTqxTk = jnp.einsum('...qngd,...knd->...ngqk', _split_heads(q, -2, kv_heads), k,
+                             preferred_element_type=jnp.float32)
+  return s_BxKxGxTqxTk.reshape(s_BxKxGxTqxTk.shape[:-4] + (heads,) + s_BxKxGxTqxTk.shape[-2:])
+
+
+def _weighted_values(weights, v):
+  """out_ih = Σ_j w_hij v_jn with n = h // (H/K): [batch..., Tq, H, Dv] in float32."""
+  heads, kv_heads = weights.shape[-3], v.shape[-2]
+  if kv_heads == heads or heads == 1:  # equal heads, or one row of weights for every head.
+    return jnp.einsum('...hqk,...khd->...qhd', weights, v, preferred_element_type=jnp.float32)
+  out_BxTqxKxGxD = jnp.einsum('...ngqk,...knd->...qngd', _split_heads(weights, -3, kv_heads), v,
+                              preferred_element_type=jnp.float32)
+  return out_BxTqxKxGxD.reshape(out_BxTqxKxGxD.shape[:-3] + (heads, v.shape[-1]))
 
 
 def softargmax_beta(scores, beta=1.0, mask=None, axis: int = -1):
@@ -75,9 +120,10 @@ def _check_qkv(q, k, v):
     raise ValueError(f'q and k must share the head dim Dk; got q={q.shape}, k={k.shape}')
   if k.shape[-3] != v.shape[-3]:
     raise ValueError(f'k and v must share the key length Tk; got k={k.shape}, v={v.shape}')
-  if not q.shape[-2] == k.shape[-2] == v.shape[-2]:
-    raise ValueError(f'q, k, v must share the number of heads H; got q={q.shape}, '
-                     f'k={k.shape}, v={v.shape}')
+  if k.shape[-2] != v.shape[-2]:
+    raise ValueError(f'k and v must share the number of key/value heads K; got k={k.shape}, '
+                     f'v={v.shape}')
+  _check_kv_heads(q.shape[-2], k, 'k')
   try:
     batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
   except ValueError:
@@ -114,7 +160,8 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
 
   Args:
     scores: [batch..., H, Tq, Tk] alignment scores s(q_i, k_j) (any score function).
-    v: [batch..., Tk, H, Dv] values.
+    v: [batch..., Tk, K, Dv] values, K a divisor of H: query head h reads value head
+      h // (H/K) (grouped-query attention; K = H is multi-head attention).
     mask: boolean, broadcastable to `scores`; True = may attend.
     bias: added to the β-scaled logits: logits = β·scores + bias.
     beta: temperature β; scalar, per-head [H], or broadcastable to `scores`.
@@ -128,6 +175,8 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
   """
   scores, v = jnp.asarray(scores), jnp.asarray(v)
   _check_real(scores=scores, v=v)
+  if scores.shape[-3] != 1:  # one row of scores broadcasts over any number of value heads.
+    _check_kv_heads(scores.shape[-3], v, 'v')
   _check_mask(mask, scores.shape)
   _check_mask(bias, scores.shape, 'bias')
   logits = jnp.asarray(scores, jnp.float32) * _beta_for_logits(beta, scores.shape[-3])
@@ -139,8 +188,7 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
   if dropout_rng is not None and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     used = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum('...hqk,...khd->...qhd', used.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = _weighted_values(used.astype(v.dtype), v)
   return out.astype(v.dtype), weights
 
 
@@ -151,10 +199,14 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
 
     out_i = Σ_j w_ij v_j,  w_ij = exp(β q_i·k_j + b_ij) / Σ_{j' attendable} exp(β q_i·k_j' + b_ij')
 
+  per query head h, with the keys and values of head n = h // (H/K).
+
   Args:
     q: [batch..., Tq, H, Dk] queries.
-    k: [batch..., Tk, H, Dk] keys.
-    v: [batch..., Tk, H, Dv] values; q, k, v are real floating point (a complex or
+    k: [batch..., Tk, K, Dk] keys, K a divisor of H (anything else is a ValueError): K = H
+      is multi-head attention, K = 1 multi-query (Shazeer 2019), else grouped-query
+      attention (Ainslie et al. 2023). The 'xla' path never repeats k or v.
+    v: [batch..., Tk, K, Dv] values; q, k, v are real floating point (a complex or
       integer input is a ValueError).
     mask: boolean, broadcastable to [batch..., H, Tq, Tk]; True = may attend.
       Masked keys get weight exactly 0; a query with no attendable key outputs 0.
@@ -196,7 +248,7 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
                        'the fused kernel has no attention-weight dropout')
     return _fused(q, k, v, mask, bias, beta, logits_shape)
 
-  out, weights = attend(dot_score(q, k), v, mask=mask, bias=bias, beta=beta,
+  out, weights = attend(_dot_scores(q, k), v, mask=mask, bias=bias, beta=beta,
                         dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   out = out.astype(q.dtype)
   return (out, weights) if return_weights else out
@@ -233,7 +285,8 @@ def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
     - score is 'dot' (the kernel computes q·k only);
     - no attention-weight dropout is in use (the kernel has none);
     - the weights are not requested (the kernel never materialises them).
-  Masks and biases are no condition (cuDNN takes both). Otherwise the einsum ('xla')
+  Masks and biases are no condition (cuDNN takes both), nor are fewer key/value heads than
+  query heads (cuDNN takes grouped-query attention as it is). Otherwise the einsum ('xla')
   path runs. q, k, v need only `.shape` and `.dtype`.
   """
   backend = jax.default_backend() if backend is None else backend
@@ -250,7 +303,8 @@ def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
 
 
 def _fused(q, k, v, mask, bias, beta, logits_shape):
-  """`jax.nn.dot_product_attention` on our [batch..., T, H, D] layout."""
+  """`jax.nn.dot_product_attention` on our [batch..., T, H, D] layout; k and v keep their K
+  heads (jax.nn and cuDNN compute grouped-query attention themselves)."""
   batch = logits_shape[:-3]
   flat = lambda x: jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
   as4d = lambda m: None if m is None else jnp.broadcast_to(m, logits_shape).reshape(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,9 +35,13 @@ kernel_init = nn.initializers.xavier_uniform()
 
 class MultiHeadAttention(nn.Module):
   """MultiHead(Q, K, V) = Concat(head_1, ..., head_H) W^O,
-  head_h = Attention(X_q W^Q_h, X_kv W^K_h, X_kv W^V_h).
+  head_h = Attention(X_q W^Q_h, X_kv W^K_n, X_kv W^V_n),  n = h // (H/K).
 
   Self-attention when `inputs_kv` is None, cross-attention otherwise.
+  K = `num_kv_heads` key/value projections serve the H = `num_heads` query heads: K = H
+  (None, the default) is multi-head attention, K = 1 multi-query (Shazeer 2019), else
+  grouped-query (Ainslie et al. 2023). The key/value kernels are [d_model, K, d_head], and a
+  decode cache holds K heads.
   The logits are β·score(q, k) with β = beta_scale / sqrt(d_head), fixed, or
   learned per head (`learn_beta`, parametrised as log β so that β stays > 0).
   The attention weights [batch..., H, Tq, Tk] are sown into 'intermediates'
@@ -49,7 +54,9 @@ class MultiHeadAttention(nn.Module):
   with the signature and meaning of `tx.dot_product_attention`, the default, which chooses
   the kernel for implementation=None. The weights are requested whenever 'intermediates' is
   mutable and implementation is not 'fused', so under None they are always sown when asked
-  for (which means the einsum path). Other scores compute score(q, k) and `tx.attend`.
+  for (which means the einsum path); k and v reach it with their K heads. Other scores compute
+  score(q, k) on k repeated to H heads (each score is defined per head, some with per-head
+  parameters) and `tx.attend`, which reads v's K heads in place.
 
   implementation: 'xla' (einsum, weights sown), 'fused' (`jax.nn.dot_product_attention`,
   cuDNN on GPU; score='dot' only, no weights), or None (default): chosen by `attention_fn`.
@@ -63,6 +70,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   qkv_features: int | None = None  # default: input feature size.
   out_features: int | None = None  # default: input feature size.
+  num_kv_heads: int | None = None  # K key/value heads, a divisor of num_heads; None = num_heads.
   beta_scale: float = 1.0
   learn_beta: bool = False
   score: str = 'dot'
@@ -88,6 +96,19 @@ class MultiHeadAttention(nn.Module):
     log_beta = self.param('log_beta', nn.initializers.constant(jnp.log(self.beta_scale * base)),
                           (self.num_heads,), jnp.float32)
     return jnp.exp(log_beta)
+
+  def _kv_heads(self) -> int:
+    """K, the number of key/value heads: a divisor of num_heads, so that each query head h
+    reads key/value head h // (num_heads / K)."""
+    if self.num_kv_heads is None:
+      return self.num_heads
+    kv_heads = self.num_kv_heads
+    if (not isinstance(kv_heads, numbers.Integral) or isinstance(kv_heads, bool) or kv_heads < 1
+        or self.num_heads % kv_heads):
+      divisors = [d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]
+      raise ValueError(f'num_kv_heads={kv_heads!r}; allowed: None or a divisor of '
+                       f'num_heads={self.num_heads}: {", ".join(map(str, divisors))}')
+    return int(kv_heads)
 
   def _scores(self, q, k):
     if self.score == 'cosine':
@@ -131,21 +152,22 @@ class MultiHeadAttention(nn.Module):
                        f'by num_heads={self.num_heads}')
     if self.implementation == 'fused' and self.score != 'dot':
       raise ValueError(f'implementation="fused" supports score="dot" only; got score={self.score!r}')
+    kv_heads = self._kv_heads()
     head_dim = features // self.num_heads
     self_attention = inputs_kv is None
     inputs_kv = inputs_q if self_attention else inputs_kv
 
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
-                                         param_dtype=self.param_dtype, kernel_init=kernel_init,
-                                         name=name)
-    q_BxTxHxD = dense('query')(inputs_q)
-    k_BxSxHxD = dense('key')(inputs_kv)
-    v_BxSxHxD = dense('value')(inputs_kv)
+    dense = lambda heads, name: nn.DenseGeneral((heads, head_dim), dtype=self.dtype,
+                                                param_dtype=self.param_dtype,
+                                                kernel_init=kernel_init, name=name)
+    q_BxTxHxD = dense(self.num_heads, 'query')(inputs_q)
+    k_BxSxKxD = dense(kv_heads, 'key')(inputs_kv)
+    v_BxSxKxD = dense(kv_heads, 'value')(inputs_kv)
     if self_attention and self.decode:
-      q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask = self._decode_step(q_BxTxHxD, k_BxSxHxD,
-                                                                 v_BxSxHxD, mask)
+      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask = self._decode_step(q_BxTxHxD, k_BxSxKxD,
+                                                                 v_BxSxKxD, mask)
     elif self_attention:
-      q_BxTxHxD, k_BxSxHxD = self._rope(q_BxTxHxD), self._rope(k_BxSxHxD)
+      q_BxTxHxD, k_BxSxKxD = self._rope(q_BxTxHxD), self._rope(k_BxSxKxD)
 
     beta = self._beta(head_dim)
     dropout_rng = None
@@ -157,13 +179,15 @@ class MultiHeadAttention(nn.Module):
     if self.score == 'dot':
       want_weights = (self.is_mutable_collection('intermediates')
                       and self.implementation != 'fused')
-      out_BxTxHxD = self.attention_fn(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD,
+      out_BxTxHxD = self.attention_fn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
                                       implementation=self.implementation,
                                       return_weights=want_weights, **common)
       if want_weights:
         out_BxTxHxD, weights_BxHxTxS = out_BxTxHxD
     else:
-      out_BxTxHxD, weights_BxHxTxS = attend(self._scores(q_BxTxHxD, k_BxSxHxD), v_BxSxHxD,
+      # Query head h meets key head h // (H/K); v keeps its K heads (`attend` reads them).
+      k_BxSxHxD = jnp.repeat(k_BxSxKxD, self.num_heads // kv_heads, axis=-2)
+      out_BxTxHxD, weights_BxHxTxS = attend(self._scores(q_BxTxHxD, k_BxSxHxD), v_BxSxKxD,
                                             **common)
     if weights_BxHxTxS is not None:
       self.sow('intermediates', 'attention_weights', weights_BxHxTxS)
@@ -193,6 +217,7 @@ class FeedForward(nn.Module):
 class BlockHParams(nn.Module):
   """Hyper-parameters shared by the blocks and by every model built from them."""
   num_heads: int = 8
+  num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = num_heads.
   d_ff: int = 2048
   dropout: float = 0.0  # residual, embedding and FFN-hidden dropout.
   attention_dropout: float = 0.0
@@ -221,11 +246,12 @@ class _Block(BlockHParams, kw_only=True):
 
   def attention(self, name: str, self_attention: bool):
     return MultiHeadAttention(
-        num_heads=self.num_heads, beta_scale=self.beta_scale, learn_beta=self.learn_beta,
-        score=self.score, implementation=self.implementation, attention_fn=self.attention_fn,
-        dropout_rate=self.attention_dropout, rope=self.rope and self_attention,
-        location_keys=self.num_positions, decode=self.decode and self_attention, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, beta_scale=self.beta_scale,
+        learn_beta=self.learn_beta, score=self.score, implementation=self.implementation,
+        attention_fn=self.attention_fn, dropout_rate=self.attention_dropout,
+        rope=self.rope and self_attention, location_keys=self.num_positions,
+        decode=self.decode and self_attention, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
 
   def sublayer(self, x, f: Callable, name: str, deterministic: bool):
     """Residual connection with LayerNorm: post-LN LN(x + f(x)) or pre-LN x + f(LN(x))."""
