@@ -47,22 +47,50 @@ def attention_grid(layers, i: int, title: str, max_tokens: int):
   return fig
 
 
+def _show_image(ax, image):
+  """An image [H, W, C] with values in 0..1 (C = 1: grey), pixel (0, 0) top left, no ticks."""
+  gray = image.shape[-1] == 1
+  ax.imshow(image[..., 0] if gray else np.clip(image, 0, 1), cmap='gray' if gray else None,
+            extent=(0, image.shape[1], image.shape[0], 0))
+  ax.set(xticks=[], yticks=[])
+
+
 def rollout(images, maps, titles):
   """Each image above itself with its attention rollout map [rows, cols] over the patches
-  overlaid (see head_stats.rollout_maps)."""
-  fig, axes = pyplot().subplots(2, len(images), figsize=(2.6 * len(images), 5.4), squeeze=False)
+  overlaid (see head_stats.rollout_maps); titles of more than two lines get the room they
+  need."""
+  titles = [title.replace(': ', ':\n', 1) for title in titles]
+  lines = max(title.count('\n') + 1 for title in titles)
+  fig, axes = pyplot().subplots(2, len(images), squeeze=False,
+                                figsize=(2.6 * len(images), 5.4 + 0.12 * max(lines - 2, 0)))
   for (top, bottom), image, rollout_map, title in zip(axes.T, images, maps, titles):
-    gray = image.shape[-1] == 1
     extent = (0, image.shape[1], image.shape[0], 0)
     for ax in (top, bottom):
-      ax.imshow(image[..., 0] if gray else np.clip(image, 0, 1), cmap='gray' if gray else None,
-                extent=extent)
-      ax.set(xticks=[], yticks=[])
-    top.set_title(title.replace(': ', ':\n', 1), fontsize=7)
+      _show_image(ax, image)
+    top.set_title(title, fontsize=7)
     overlay = bottom.imshow(rollout_map, cmap='inferno', alpha=0.6, extent=extent,
                             interpolation='nearest')
     fig.colorbar(overlay, ax=bottom, fraction=0.046)
     bottom.set_title('rollout over patches', fontsize=7)
+  return fig
+
+
+def patch_attention(maps, labels, image, title: str, query: str = '[CLS]'):
+  """One image's attention from the output token (`query`) to each patch, for every layer
+  (rows, labelled by `labels`) and head (columns): maps [layers, H, rows, cols] overlaid on
+  the image, each panel on its own colour scale from 0 to its largest weight."""
+  heads = maps.shape[1]
+  panel = 1.7  # inches, and 0.25 more in height for each panel's title
+  fig, axes = pyplot().subplots(len(maps), heads, squeeze=False,
+                                figsize=(panel * heads + 0.6, (panel + 0.25) * len(maps) + 0.8))
+  extent = (0, image.shape[1], image.shape[0], 0)
+  for row, layer_maps, label in zip(axes, maps, labels):
+    for h, ax in enumerate(row):
+      _show_image(ax, image)
+      ax.imshow(layer_maps[h], cmap='inferno', alpha=0.6, extent=extent, interpolation='nearest',
+                vmin=0.0, vmax=max(float(layer_maps[h].max()), 1e-9))
+      ax.set_title(f'{label} head {h}', fontsize=7)
+  fig.suptitle(f'{title}\nattention of {query} to each patch (bright: more)', fontsize=9)
   return fig
 
 

@@ -3,11 +3,8 @@ runs, and how to read them: docs/inspect.md."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
 
 import numpy as np
 
@@ -16,14 +13,10 @@ from experiments import tasks
 from experiments.data import BOS, symbol_names
 from experiments.inspect import figures
 from experiments.inspect.head_stats import alignment_mass, head_statistics, rollout_maps
+from experiments.inspect.output import check_replaceable, staged
 from experiments.inspect.streams import attention_layers, streams
 from experiments.metrics import save_figure
 from experiments.restore import load_run
-
-
-# The files inspect writes: a folder holding only these is an earlier output it may replace.
-OUTPUT_FILES = re.compile(r'attention_example\d+\.png|(rollout|cross_attention|head_statistics|'
-                          r'position_content|offset_profiles)\.png|inspection\.json')
 
 
 def output_dir(workdir: str, out: str | None = None) -> str:
@@ -49,14 +42,14 @@ def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
     if value <= 0:
       raise ValueError(f'--{name}={value}; it must be a positive integer')
   out = output_dir(workdir, out)
-  _check_replaceable(out)
+  check_replaceable(out)
   run, params, step = load_run(workdir, step)
   available = len(run.dataset.test['inputs'])
   if examples > available:
     print(f'--examples={examples}: the test set has {available}; drawing {available}',
           flush=True)
     examples = available
-  with _staged(out) as staging:
+  with staged(out) as staging:
     names = _write(run, params, step, staging, examples, stat_examples, max_tokens, workdir)
   return [os.path.join(out, name) for name in names]
 
@@ -96,43 +89,6 @@ def _write(run, params, step, out, examples, stat_examples, max_tokens, workdir)
   with open(os.path.join(out, written[-1]), 'w') as f:
     json.dump(record, f, indent=1, default=lambda array: np.asarray(array).tolist())
   return written
-
-
-def _check_replaceable(out: str):
-  """ValueError unless `out` is absent, empty, or an earlier output of inspect (which the new
-  one replaces as a whole)."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out={out} is a file; give a folder')
-  others = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else ())
-                  if not OUTPUT_FILES.fullmatch(name))
-  if others:
-    raise ValueError(f'{out} holds {others[0]!r}, which inspect does not write; inspect replaces '
-                     'its output folder as a whole: give --out a new folder')
-
-
-@contextlib.contextmanager
-def _staged(out: str):
-  """Yields a new folder beside `out` to write into. It is renamed to `out` when the block
-  completes (an earlier `out` is removed only then), and removed when the block raises or
-  Ctrl-C stops it."""
-  parent, name = os.path.split(os.path.abspath(out))
-  staging = os.path.join(parent, f'.{name}.partial-{os.getpid()}')
-  old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
-  os.makedirs(parent, exist_ok=True)
-  for left in (staging, old):  # left by a killed earlier process with this pid.
-    shutil.rmtree(left, ignore_errors=True)
-  os.mkdir(staging)
-  try:
-    yield staging
-    if os.path.isdir(out):
-      os.replace(out, old)
-    os.replace(staging, out)
-  except BaseException:
-    if os.path.isdir(old) and not os.path.exists(out):  # stopped between the two renames.
-      os.replace(old, out)
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def _titles(run, params, batch: dict) -> list[str]:

@@ -53,12 +53,22 @@ def _sequence_stream(ids, valid, label_of, **units) -> Stream:
                 valid, np.arange(t)[:, None], np.zeros(t, bool), **units)
 
 
-def _with_cls(stream: Stream, n: int) -> Stream:
-  """The stream with a [CLS] token in front (off the grid)."""
-  return Stream([['CLS'] + labels for labels in stream.labels],
-                np.concatenate([np.ones((n, 1), bool), stream.valid], 1),
-                np.concatenate([np.zeros((1, stream.grid.shape[1]), int), stream.grid]),
-                np.concatenate([[True], stream.special]), stream.unit, stream.unit_name)
+def patch_stream(n: int, rows: int, cols: int, patch_size: int) -> Stream:
+  """The patch tokens of n images on a rows × cols grid of patch_size-pixel patches, row-major
+  (as tx.ViT orders them), labelled 'row,col'."""
+  grid = np.array([(r, c) for r in range(rows) for c in range(cols)])
+  return Stream([[f'{r},{c}' for r, c in grid]] * n, np.ones((n, rows * cols), bool), grid,
+                np.zeros(rows * cols, bool), float(patch_size), 'pixels')
+
+
+def with_prefix(stream: Stream, n: int, labels=('CLS',)) -> Stream:
+  """The stream with tokens off the grid in front, one per label: [CLS], then a ViT's extra
+  (register) tokens, if any."""
+  k = len(labels)
+  return Stream([list(labels) + row for row in stream.labels],
+                np.concatenate([np.ones((n, k), bool), stream.valid], 1),
+                np.concatenate([np.zeros((k, stream.grid.shape[1]), int), stream.grid]),
+                np.concatenate([np.ones(k, bool), stream.special]), stream.unit, stream.unit_name)
 
 
 def streams(run, batch: dict) -> dict[str, Stream]:
@@ -83,17 +93,14 @@ def streams(run, batch: dict) -> dict[str, Stream]:
   model = run.config.model
   if x.ndim == 4:  # images: the patch grid, row-major.
     p = model.patch_size
-    gh, gw = x.shape[1] // p, x.shape[2] // p
-    grid = np.array([(r, c) for r in range(gh) for c in range(gw)])
-    tokens = Stream([[f'{r},{c}' for r, c in grid]] * n, np.ones((n, gh * gw), bool), grid,
-                    np.zeros(gh * gw, bool), float(p), 'pixels')
+    tokens = patch_stream(n, x.shape[1] // p, x.shape[2] // p, p)
   elif x.ndim == 3:  # feature vectors, e.g. MNIST-1D patches of x.shape[2] samples.
     tokens = _sequence_stream(np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]),
                               np.ones(x.shape[:2], bool), str, unit=float(x.shape[2]),
                               unit_name='input samples')
   else:  # token ids
     tokens = _sequence_stream(x, x != model.get('pad_id', PAD), str)
-  return {'tokens': _with_cls(tokens, n) if model.get('pool', 'cls') == 'cls' else tokens}
+  return {'tokens': with_prefix(tokens, n) if model.get('pool', 'cls') == 'cls' else tokens}
 
 
 def attention_layers(run, params, batch: dict) -> list[Layer]:

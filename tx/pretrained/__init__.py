@@ -5,7 +5,7 @@ over, every shape equal); a checkpoint of an architecture tx does not build is o
 - `tx.pretrained.hf`: Hugging Face ViT, GPT-2 and BERT directories (config.json and
   model.safetensors, as the Hub and save_pretrained write them), and ViT back to that layout.
 - `tx.pretrained.timm`: timm `vit_*` models (a Hub directory or a state-dict file).
-- `tx.pretrained.vit_jax`: vit_jax and big_vision `.npz` files, and ViT back to vit_jax's.
+- `tx.pretrained.vit_jax`: vit_jax and big_vision `.npz` files, and ViT back to either layout.
 
 `load(source)` picks the loader from what `source` is. The loaders import safetensors (and
 huggingface_hub, for Hub ids) only when called: `import tx` does not need them
@@ -84,16 +84,18 @@ def load(source: str):
 
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocessing:
-  """How a checkpoint's images were prepared: x = (rescale · resize(image) − mean) / std, per
-  channel, for pixels 0..255, after resizing to `size` (height, width) with `resample` ('bilinear' | 'bicubic' |
-  'nearest'); with crop_fraction < 1 the image is first resized to size / crop_fraction and
-  centre-cropped to size (timm's crop_pct)."""
+  """How a checkpoint's images were prepared: x = (rescale · resize(image) − mean) / std per
+  channel, for pixels 0..255, after resizing to `size` (height, width) with `resample`
+  ('bilinear' | 'bicubic' | 'nearest' | ...). With center_crop (timm's eval transform) the image
+  is instead resized, keeping its aspect ratio, to cover size / crop_fraction, and its centre
+  `size` cut out (timm's crop_pct)."""
   size: tuple[int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
   resample: str = 'bilinear'
   crop_fraction: float = 1.0
   rescale: float = 1 / 255
+  center_crop: bool = False
 
 
 # PIL's resampling codes, as HF preprocessor_config.json stores them.
@@ -114,11 +116,14 @@ def image_preprocessing(source: str) -> ImagePreprocessing:
   config = _config(path)
   if 'architecture' in config:
     cfg = config.get('pretrained_cfg', {})
+    if cfg.get('crop_mode', 'center') != 'center':
+      raise ValueError(f"crop_mode={cfg['crop_mode']!r} in {source!r}: tx reproduces timm's "
+                       "'center' crop only")
     _, height, width = cfg.get('input_size', (3, 224, 224))
     return ImagePreprocessing(size=(height, width), mean=tuple(cfg.get('mean', (0.485, 0.456,
                               0.406))), std=tuple(cfg.get('std', (0.229, 0.224, 0.225))),
                               resample=cfg.get('interpolation', 'bicubic'),
-                              crop_fraction=cfg.get('crop_pct', 0.875))
+                              crop_fraction=cfg.get('crop_pct', 0.875), center_crop=True)
   processor_path = os.path.join(path, 'preprocessor_config.json')
   if not os.path.isfile(processor_path):
     raise ValueError(f'{source!r} has no preprocessor_config.json: an image checkpoint '
