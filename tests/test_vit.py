@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import tx
+from tx.layers import hparams
+from tx.models import ModelHParams
 
 # From vit_jax's models_test.py (google-research/vision_transformer): 224x224x3 images,
 # 1000 classes, CLS token and learned posemb.
@@ -98,3 +100,125 @@ def test_patch_embedding_is_the_strided_convolution():
                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   reference = reference + params['params']['bias']
   np.testing.assert_allclose(embed.apply(params, images), reference.reshape(2, 6, 16), atol=1e-5)
+
+
+def perturbed_params(model, images, seed=1):
+  """The model's params with N(0, 0.5²) added to every leaf: no zero head, unit LN scale."""
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(seed), images)['params'])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + 0.5 * rng.normal(size=p.shape).astype(np.float32), params)
+
+
+def layer_norm(x, p, eps=1e-6):
+  x = x.astype(np.float64)
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
+
+
+def vit_by_hand(model, params, images, class_token):
+  """The ViT written out in NumPy around tx.Encoder: patches, prefix tokens, the learned table
+  (before or after the prefix), the encoder, pooling over the patches, fc_norm, pooler, head."""
+  p, (n, h, w, c) = model.patch_size, images.shape
+  patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  kernel = params['embedding']['kernel'].reshape(p * p * c, -1)
+  x = patches.reshape(n, -1, p * p * c) @ kernel + params['embedding']['bias']
+  table = params['pos_embedding'][0]
+  if not model.posemb_prefix:
+    x = x + table
+  prefix = ([params['cls'][0]] if class_token else []) + (
+      [params['extra_tokens'][0]] if model.extra_tokens else [])
+  prefix = np.concatenate(prefix or [np.zeros((0, x.shape[-1]))])
+  k = len(prefix)
+  x = np.concatenate([np.broadcast_to(prefix, (n, k, x.shape[-1])), x], 1)
+  if model.posemb_prefix:
+    x = x + table
+  encoder = tx.Encoder(**{**hparams(model, ModelHParams), 'posemb': 'none',
+                          'final_norm': not model.fc_norm})
+  x = np.asarray(encoder.apply({'params': params['encoder']}, jnp.asarray(x, jnp.float32)),
+                 np.float64)
+  pooled = x[:, 0] if model.pool == 'cls' else x[:, k:].mean(1)
+  if model.fc_norm:
+    pooled = layer_norm(pooled, params['fc_norm'])
+  if model.pooler:
+    pooled = np.tanh(pooled @ params['pooler']['kernel'] + params['pooler']['bias'])
+  if not model.num_classes:
+    return pooled
+  return pooled @ params['head']['kernel'] + params['head']['bias']
+
+
+@pytest.mark.parametrize('options', [
+    dict(extra_tokens=3),                                          # [CLS] + registers
+    dict(extra_tokens=2, posemb_prefix=False),                     # timm's no_embed_class
+    dict(posemb_prefix=False, fc_norm=True, num_classes=0),       # features
+    dict(pool='mean', class_token=True, extra_tokens=4, posemb_prefix=False, fc_norm=True),
+    dict(pool='mean', extra_tokens=1, pooler=True),                # registers, no [CLS]
+    dict(pool='mean', fc_norm=True, pooler=True),
+])
+def test_prefix_tokens_posemb_fc_norm_and_pooler_match_the_vit_written_by_hand(options):
+  model = tx.ViT(**{**SMALL, **options})
+  images = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 1)))
+  params = perturbed_params(model, images)
+  class_token = model.class_token if model.class_token is not None else model.pool == 'cls'
+  prefix_rows = (int(class_token) + model.extra_tokens) * model.posemb_prefix
+  assert params['pos_embedding'].shape == (1, prefix_rows + 16, 16)
+  assert ('final_norm' in params['encoder']) == (not model.fc_norm)
+  ours = np.asarray(model.apply({'params': params}, images))
+  assert ours.shape == (2, model.num_classes or model.d_model)
+  np.testing.assert_allclose(ours, vit_by_hand(model, params, images, class_token), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_default_fields_keep_the_parameter_tree():
+  model = tx.ViT(**SMALL)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
+  assert sorted(shapes) == ['cls', 'embedding', 'encoder', 'head', 'pos_embedding']
+  assert shapes['cls'].shape == (1, 1, 16) and shapes['pos_embedding'].shape == (1, 17, 16)
+  assert 'final_norm' in shapes['encoder']
+
+
+def test_mean_pooling_leaves_the_prefix_tokens_out():
+  """The pooled vector is the mean of the encoder's patch outputs (read from its captured
+  output), which differs from the mean of its [CLS] and register outputs."""
+  model = tx.ViT(**{**SMALL, 'pool': 'mean', 'class_token': True, 'extra_tokens': 2,
+                    'num_classes': 0})
+  images = np.asarray(jax.random.normal(jax.random.key(3), (2, 8, 8, 1)))
+  params = perturbed_params(model, images)
+  ours, state = model.apply({'params': params}, images, capture_intermediates=True)
+  tokens = np.asarray(state['intermediates']['encoder']['__call__'][0])  # [2, 3 + 16, 16]
+  np.testing.assert_allclose(ours, tokens[:, 3:].mean(1), rtol=1e-6, atol=1e-6)
+  assert np.abs(tokens[:, :3].mean(1) - tokens[:, 3:].mean(1)).max() > 1e-2
+
+
+def test_features_are_the_pre_head_vector_of_the_same_model():
+  headful = tx.ViT(**{**SMALL, 'extra_tokens': 1, 'pooler': True})
+  images = np.asarray(jax.random.normal(jax.random.key(4), (3, 8, 8, 1)))
+  params = perturbed_params(headful, images)
+  logits = headful.apply({'params': params}, images)
+  trunk = {k: v for k, v in params.items() if k != 'head'}
+  features = headful.clone(num_classes=0).apply({'params': trunk}, images)
+  np.testing.assert_allclose(features @ params['head']['kernel'] + params['head']['bias'],
+                             logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tokens_keep_their_rows_when_the_table_is_resampled():
+  model = tx.ViT(**{**SMALL, 'extra_tokens': 2})
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
+  with pytest.raises(ValueError, match=r'num_prefix_tokens=3\) for a new image size'):
+    model.apply({'params': params}, jnp.zeros((1, 12, 12, 1)))
+  params['pos_embedding'] = tx.resample_posemb(params['pos_embedding'], (6, 6),
+                                               num_prefix_tokens=3)
+  assert model.apply({'params': params}, jnp.zeros((1, 12, 12, 1))).shape == (1, 10)
+  patches_only = tx.ViT(**{**SMALL, 'extra_tokens': 2, 'posemb_prefix': False})
+  params = patches_only.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
+  with pytest.raises(ValueError, match=r'num_prefix_tokens=0\)'):
+    patches_only.apply({'params': params}, jnp.zeros((1, 12, 12, 1)))
+
+
+@pytest.mark.parametrize('options, message', [
+    (dict(class_token=False), "class_token=False with pool='cls'"),
+    (dict(num_classes=-1), 'num_classes=-1; it must be >= 0'),
+    (dict(extra_tokens=-2), 'extra_tokens=-2; it must be >= 0'),
+])
+def test_inconsistent_token_options_are_one_clear_error(options, message):
+  with pytest.raises(ValueError, match=message):
+    tx.ViT(**{**SMALL, **options}).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
