@@ -205,9 +205,9 @@ def test_other_shapes_round_trip_and_what_hf_vit_cannot_compute_is_refused(tmp_p
   pretrained.save_hf_vit(model, params, str(tmp_path / 'again'))  # size and channels from params
   again = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / 'again'))
   np.testing.assert_allclose(hf_logits(again.eval(), x), hf_logits(hf, x), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match='learn_beta=True: HF ViT has'):
+  with pytest.raises(ValueError, match='learn_beta=True: HF ViTForImageClassification has'):
     pretrained.save_hf_vit(model.clone(learn_beta=True), params, str(tmp_path / 'no'))
-  with pytest.raises(ValueError, match='beta_scale=2.0: HF ViT has'):
+  with pytest.raises(ValueError, match='beta_scale=2.0: HF ViTForImageClassification has'):
     pretrained.save_hf_vit(model.clone(beta_scale=2.0), params, str(tmp_path / 'no'))
 
 
@@ -296,3 +296,40 @@ def test_image_preprocessing_reads_the_processor_config(saved, tmp_path):
                                                rescale=1 / 255)
   with pytest.raises(ValueError, match='has no preprocessor_config.json'):
     pretrained.image_preprocessing(directory)
+
+
+@pytest.mark.parametrize('pooling', [True, False])
+def test_a_vit_model_without_a_classifier_gives_its_pooled_output(tmp_path, pooling):
+  torch.manual_seed(0)
+  config = transformers.ViTConfig(**{**CONFIG, 'image_size': 16})
+  model = perturbed(transformers.ViTModel(config, add_pooling_layer=pooling))
+  model.save_pretrained(tmp_path)
+  tx_model, params = pretrained.load(str(tmp_path))
+  assert (tx_model.num_classes, tx_model.pooler) == (0, pooling)
+  x = images()
+  with torch.no_grad():
+    out = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  expected = out.pooler_output if pooling else out.last_hidden_state[:, 0]
+  np.testing.assert_allclose(tx_logits(tx_model, params, x), expected.numpy(), rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['BertModel', 'BertForMaskedLM'])
+def test_a_bert_without_a_classifier_gives_its_pooled_output(tmp_path, kind):
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=16)
+  model = perturbed(getattr(transformers, kind)(config))  # a masked LM has no pooler.
+  model.save_pretrained(tmp_path)
+  tx_model, params = pretrained.load_hf_bert(str(tmp_path))
+  assert (tx_model.num_classes, tx_model.pooler) == (0, kind == 'BertModel')
+  tokens = np.random.default_rng(0).integers(1, 40, (2, 10))
+  tokens[1, 6:] = 0
+  with torch.no_grad():
+    bert = model if kind == 'BertModel' else model.bert
+    out = bert(input_ids=torch.from_numpy(tokens),
+               attention_mask=torch.from_numpy((tokens != 0).astype(np.int64)))
+  expected = out.pooler_output if kind == 'BertModel' else out.last_hidden_state[:, 0]
+  np.testing.assert_allclose(np.asarray(tx_model.apply({'params': params}, tokens)),
+                             expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,13 +1,14 @@
-"""Pretrained weights in and out of tx: Hugging Face ViT (`ViTForImageClassification`), GPT-2
-(`GPT2LMHeadModel`) and BERT (`BertForSequenceClassification`) checkpoints, each a directory
-holding `model.safetensors` and `config.json` as the Hub and `save_pretrained` write them.
+"""Hugging Face ViT (`ViTForImageClassification`, `ViTModel`), GPT-2 (`GPT2LMHeadModel`) and
+BERT (`BertForSequenceClassification`, `BertModel`) checkpoints in and out of tx, each a
+directory holding `model.safetensors` and `config.json` as the Hub and `save_pretrained` write
+them.
 
     model, params = tx.pretrained.load_hf_vit('path/to/vit-base-patch16-224')
     logits = model.apply({'params': params}, images)   # images [batch, H, W, C], normalised
     tx.pretrained.save_hf_vit(model, params, 'out/')   # loads with ViTForImageClassification
 
-Layouts as in `tx.pretrained._convert`; GPT-2's Conv1D already stores [in, out], with W_q, W_k, W_v side by side in c_attn. A LayerNorm's
-weight is the scale; a patch-embedding convolution [D, C, p, p] becomes [p, p, C, D]. The
+Layouts as in `tx.pretrained._convert`; GPT-2's Conv1D already stores [in, out], with W_q, W_k,
+W_v side by side in c_attn; a patch-embedding convolution [D, C, p, p] becomes [p, p, C, D]. The
 activation (exact or tanh GELU) and LayerNorm ε come from config.json. transformers 5 names
 ViT's modules differently in memory (vit.layers.i.attention.q_proj, mlp.fc1, ...) than the
 Hub's files (vit.encoder.layer.i.attention.attention.query, intermediate.dense, ...): both load.
@@ -101,22 +102,28 @@ def _num_labels(config: dict) -> int:
   return len(config.get('id2label') or {}) or config.get('num_labels') or 2
 
 
-def vit_from_hf_config(config: dict) -> ViT:
-  """The tx ViT of a Hugging Face ViTConfig (as a dict); ValueError for what tx lacks."""
-  act = _activation(config, 'vit', "load_hf_vit reads 'vit' (ViTForImageClassification)",
-                    'hidden_act', 'gelu')
+def vit_from_hf_config(config: dict, head: bool = True, pooler: bool = False) -> ViT:
+  """The tx ViT of a Hugging Face ViTConfig (as a dict): ViTForImageClassification's with
+  `head`, else ViTModel's (num_classes=0; with `pooler` its tanh pooler, pooler_output);
+  ValueError for what tx lacks."""
+  act = _activation(config, 'vit', "load_hf_vit reads 'vit' (ViTForImageClassification, "
+                    'ViTModel)', 'hidden_act', 'gelu')
   if not config.get('qkv_bias', True):
     raise ValueError('qkv_bias=False: tx attention always has query, key and value biases')
+  if pooler and (config.get('pooler_act', 'tanh') != 'tanh' or
+                 config.get('pooler_output_size') not in (None, config['hidden_size'])):
+    raise ValueError(f"pooler_act={config.get('pooler_act')!r}, pooler_output_size="
+                     f"{config.get('pooler_output_size')!r}: tx's pooler is tanh, d_model wide")
   patch = config['patch_size']
   if isinstance(patch, (list, tuple)):
     if len(set(patch)) != 1:
       raise ValueError(f'patch_size={patch}: tx ViT patches are square')
     patch = patch[0]
-  return ViT(num_classes=_num_labels(config), patch_size=patch,
+  return ViT(num_classes=_num_labels(config) if head else 0, patch_size=patch,
              num_layers=config['num_hidden_layers'], d_model=config['hidden_size'],
              num_heads=config['num_attention_heads'], d_ff=config['intermediate_size'],
              activation=act, layer_norm_epsilon=config.get('layer_norm_eps', 1e-12),
-             posemb='learn', pool='cls', norm='pre')
+             posemb='learn', pool='cls', norm='pre', pooler=pooler)
 
 
 def _vit_pairs(model: ViT):
@@ -127,8 +134,11 @@ def _vit_pairs(model: ViT):
            ('vit.embeddings.patch_embeddings.projection.weight', ('embedding', 'kernel'),
             lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
            ('vit.embeddings.patch_embeddings.projection.bias', ('embedding', 'bias'), *SAME),
-           *norm('vit.layernorm', ('encoder', 'final_norm')),
-           *dense('classifier', ('head',))]
+           *norm('vit.layernorm', ('encoder', 'final_norm'))]
+  if model.num_classes:
+    pairs += dense('classifier', ('head',))
+  if model.pooler:
+    pairs += dense('vit.pooler.dense', ('pooler',))
   for i in range(model.num_layers):
     hf, block = f'vit.encoder.layer.{i}.', ('encoder', f'block_{i}')
     pairs += [*attention(f'{hf}attention.attention', f'{hf}attention.output.dense',
@@ -140,13 +150,19 @@ def _vit_pairs(model: ViT):
   return pairs
 
 
+def _vit_name(name: str) -> str:
+  """A ViTModel's names lack ViTForImageClassification's 'vit.' prefix; v5 names → the Hub's."""
+  return _historical(name if name.startswith(('vit.', 'classifier.')) else f'vit.{name}')
+
+
 def load_hf_vit(directory: str):
-  """(tx.ViT, params) of a Hugging Face ViT checkpoint directory; float32 params as NumPy."""
-  config, weights = _read_directory(directory)
-  model = vit_from_hf_config(config)
-  if 'classifier.weight' not in weights:
-    raise ValueError(f'{directory!r} has no classifier.weight: load_hf_vit reads '
-                     'ViTForImageClassification checkpoints (a ViTModel has no classifier)')
+  """(tx.ViT, params) of a Hugging Face ViT checkpoint directory; float32 params as NumPy.
+  A ViTForImageClassification gives a classifier; a ViTModel (as the ImageNet-21k
+  checkpoints) a tx ViT with num_classes=0, returning its pooler_output (tanh pooler over the
+  [CLS] token) when the file has the pooler, else the final-normed [CLS] vector."""
+  config, weights = _read_directory(directory, _vit_name)
+  head = 'classifier.weight' in weights
+  model = vit_from_hf_config(config, head, pooler=not head and 'vit.pooler.dense.weight' in weights)
   size, channels = config['image_size'], config.get('num_channels', 3)
   height, width = size if isinstance(size, (list, tuple)) else (size, size)
   expected = expected_shapes(model, jax.ShapeDtypeStruct((1, height, width, channels), np.float32))
@@ -161,12 +177,17 @@ def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None
   differs = {'posemb': model.posemb != 'learn', 'pool': model.pool != 'cls',
              'norm': model.norm != 'pre', 'scan_layers': model.scan_layers,
              'beta_scale': model.beta_scale != 1.0, 'learn_beta': model.learn_beta,
-             'score': model.score != 'dot', 'embedding_norm': model.embedding_norm}
+             'score': model.score != 'dot', 'embedding_norm': model.embedding_norm,
+             'final_norm': model.final_norm is False, 'num_kv_heads': model.num_kv_heads
+             not in (None, model.num_heads), 'extra_tokens': model.extra_tokens,
+             'posemb_prefix': not model.posemb_prefix, 'fc_norm': model.fc_norm,
+             'pooler': model.pooler, 'num_classes': not model.num_classes}
   for field, bad in differs.items():
     if bad:
-      raise ValueError(f'{field}={getattr(model, field)!r}: HF ViT has posemb="learn", '
-                       'pool="cls", norm="pre", beta_scale=1, score="dot" and none of '
-                       'scan_layers, learn_beta, embedding_norm')
+      raise ValueError(f'{field}={getattr(model, field)!r}: HF ViTForImageClassification has '
+                       'posemb="learn", pool="cls", norm="pre", beta_scale=1, score="dot", a '
+                       'head, and none of scan_layers, learn_beta, embedding_norm, grouped '
+                       'heads, extra tokens, fc_norm, pooler')
   pairs = _vit_pairs(model)
   flat = {tuple(k.key for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -266,24 +287,26 @@ def load_hf_gpt2(directory: str):
 
 # --- BERT --------------------------------------------------------------------------------------
 
-def bert_from_hf_config(config: dict) -> EncoderClassifier:
+def bert_from_hf_config(config: dict, head: bool = True, pooler: bool = True
+                        ) -> EncoderClassifier:
   """The tx EncoderClassifier of a Hugging Face BertConfig (as a dict): post-LN, learned
-  positions, token types, a LayerNorm over the embeddings, the first token pooled through the
-  tanh pooler, unscaled embeddings; ValueError for what tx lacks."""
-  act = _activation(config, 'bert', "load_hf_bert reads 'bert' (BertForSequenceClassification)",
-                    'hidden_act', 'gelu')
+  positions, token types, a LayerNorm over the embeddings, the first token pooled (through the
+  tanh pooler with `pooler`), unscaled embeddings; without `head`, BertModel's (num_classes=0:
+  pooler_output, or the [CLS] vector without a pooler). ValueError for what tx lacks."""
+  act = _activation(config, 'bert', "load_hf_bert reads 'bert' (BertForSequenceClassification, "
+                    'BertModel)', 'hidden_act', 'gelu')
   if config.get('position_embedding_type', 'absolute') != 'absolute':
     raise ValueError(f"position_embedding_type={config['position_embedding_type']!r}: tx "
                      "builds BERT's absolute (learned) positions only")
   return EncoderClassifier(
-      num_classes=_num_labels(config), vocab_size=config['vocab_size'],
+      num_classes=_num_labels(config) if head else 0, vocab_size=config['vocab_size'],
       pad_id=config.get('pad_token_id') or 0, num_layers=config['num_hidden_layers'],
       d_model=config['hidden_size'], num_heads=config['num_attention_heads'],
       d_ff=config['intermediate_size'], posemb='learn',
       num_positions=config['max_position_embeddings'], norm='post',
       activation=act, layer_norm_epsilon=config.get('layer_norm_eps', 1e-12),
       scale_embeddings=False, embedding_norm=True, pool='first',
-      num_token_types=config.get('type_vocab_size', 2), pooler=True)
+      num_token_types=config.get('type_vocab_size', 2), pooler=pooler)
 
 
 def _bert_pairs(model: EncoderClassifier):
@@ -294,9 +317,11 @@ def _bert_pairs(model: EncoderClassifier):
             *SAME),
            ('bert.embeddings.token_type_embeddings.weight', ('token_type_embed', 'embedding'),
             *SAME),
-           *norm('bert.embeddings.LayerNorm', ('encoder', 'embedding_norm')),
-           *dense('bert.pooler.dense', ('pooler',)),
-           *dense('classifier', ('head',))]
+           *norm('bert.embeddings.LayerNorm', ('encoder', 'embedding_norm'))]
+  if model.pooler:
+    pairs += dense('bert.pooler.dense', ('pooler',))
+  if model.num_classes:
+    pairs += dense('classifier', ('head',))
   for i in range(model.num_layers):
     hf, block = f'bert.encoder.layer.{i}.', ('encoder', f'block_{i}')
     pairs += [*attention(f'{hf}attention.self', f'{hf}attention.output.dense',
@@ -309,21 +334,25 @@ def _bert_pairs(model: EncoderClassifier):
 
 
 def _bert_name(name: str) -> str:
-  """Older BERT files name LayerNorm's weight and bias gamma and beta."""
+  """A BertModel's names lack the 'bert.' prefix; older files name LayerNorm's weight and bias
+  gamma and beta."""
+  if name.startswith(('embeddings.', 'encoder.', 'pooler.')):
+    name = f'bert.{name}'
   return re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight',
                 re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', name))
 
 
 def load_hf_bert(directory: str):
-  """(tx.EncoderClassifier, params) of a Hugging Face BertForSequenceClassification directory;
-  float32 params as NumPy. Call the model as model.apply({'params': params}, input_ids,
-  token_type_ids): positions equal to pad_token_id are masked out, as an attention_mask of
-  input_ids != pad_token_id does in transformers."""
+  """(tx.EncoderClassifier, params) of a Hugging Face BERT directory; float32 params as NumPy.
+  A BertForSequenceClassification gives its classifier; any other BERT (BertModel, or the
+  pre-training checkpoints such as bert-base-uncased, whose masked-LM and next-sentence heads
+  'cls.*' are left out) gives the encoder with num_classes=0, returning pooler_output (or the
+  [CLS] vector where the file has no pooler). Call the model as
+  model.apply({'params': params}, input_ids, token_type_ids): positions equal to pad_token_id
+  are masked out, as an attention_mask of input_ids != pad_token_id does in transformers."""
   config, weights = _read_directory(directory, _bert_name)
-  model = bert_from_hf_config(config)
-  if 'classifier.weight' not in weights:
-    raise ValueError(f'{directory!r} has no classifier.weight: load_hf_bert reads '
-                     'BertForSequenceClassification checkpoints')
+  head = 'classifier.weight' in weights
+  model = bert_from_hf_config(config, head, pooler='bert.pooler.dense.weight' in weights)
   expected = expected_shapes(model, jax.ShapeDtypeStruct((1, 1), np.int32))
-  return model, convert(_bert_pairs(model), weights, expected, directory,
-                         ignored=(r'^bert\.embeddings\.position_ids$',))
+  ignored = (r'^bert\.embeddings\.position_ids$',) + (() if head else (r'^cls\.',))
+  return model, convert(_bert_pairs(model), weights, expected, directory, ignored=ignored)
