@@ -20,8 +20,11 @@ import json
 import os
 import re
 
+from tx.pretrained import vit_jax
 from tx.pretrained.hf import (bert_from_hf_config, gpt2_from_hf_config, load_hf_bert,
                               load_hf_gpt2, load_hf_vit, save_hf_vit, vit_from_hf_config)
+from tx.pretrained.timm import load_timm_vit
+from tx.pretrained.vit_jax import load_vit_jax, save_vit_jax
 
 _HUB_ID = re.compile(r'^[\w.-]+/[\w.-]+$')
 _HF_LOADERS = {'vit': load_hf_vit, 'gpt2': load_hf_gpt2, 'bert': load_hf_bert}
@@ -64,17 +67,14 @@ def load(source: str):
   path = local_path(source)
   if os.path.isfile(path):
     if path.endswith('.npz'):
-      from tx.pretrained import vit_jax
-      return vit_jax.load_vit_jax(path)
+      return load_vit_jax(path)
     if path.endswith(_STATE_DICTS):
-      from tx.pretrained import timm
-      return timm.load_timm_vit(path)
+      return load_timm_vit(path)
     raise ValueError(f'{source!r}: a file must be .npz (vit_jax, big_vision) or a state dict '
                      f'({", ".join(_STATE_DICTS)}); for Hugging Face give its directory')
   config = _config(path)
   if 'architecture' in config:
-    from tx.pretrained import timm
-    return timm.load_timm_vit(path)
+    return load_timm_vit(path)
   model_type = config.get('model_type')
   if model_type not in _HF_LOADERS:
     raise ValueError(f'{source!r}: model_type={model_type!r}; tx loads '
@@ -108,7 +108,6 @@ def image_preprocessing(source: str) -> ImagePreprocessing:
   image size of its position table."""
   path = local_path(source)
   if os.path.isfile(path) and path.endswith('.npz'):
-    from tx.pretrained import vit_jax
     return ImagePreprocessing(size=vit_jax.image_size(path), mean=(0.5,) * 3, std=(0.5,) * 3)
   if os.path.isfile(path):
     raise ValueError(f'{source!r}: a state-dict file does not say its preprocessing; give '
