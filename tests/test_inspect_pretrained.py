@@ -164,13 +164,13 @@ def test_inspect_a_vit_checkpoint_draws_transformers_attention(vit_dir, tmp_path
   for layer, expected in zip(seen.layers, out.attentions):
     expected = expected.numpy()  # [N, H, 17, 17]: [CLS], then 4×4 patches row-major
     np.testing.assert_allclose(layer.weights, expected, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(output_token_maps(layer), expected[:, :, 0, 1:].reshape(2, 4, 4, 4),
+    np.testing.assert_allclose(output_token_maps(layer, True), expected[:, :, 0, 1:].reshape(2, 4, 4, 4),
                                rtol=0, atol=1e-5)
   rollout = np.broadcast_to(np.eye(17), (2, 17, 17))  # float64 reference: ½ I + ½ head mean.
   for a in out.attentions:
     step = 0.5 * np.eye(17) + 0.5 * a.numpy().astype(np.float64).mean(1)
     rollout = (step / step.sum(-1, keepdims=True)) @ rollout
-  np.testing.assert_allclose(rollout_maps(seen.layers), rollout[:, 0, 1:].reshape(2, 4, 4),
+  np.testing.assert_allclose(rollout_maps(seen.layers, True), rollout[:, 0, 1:].reshape(2, 4, 4),
                              rtol=0, atol=1e-5)
   probabilities = torch.softmax(out.logits, -1).numpy()
   for top, p in zip(seen.predictions, probabilities):

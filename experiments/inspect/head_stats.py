@@ -48,15 +48,14 @@ def alignment_mass(data_task: str, layers: list[Layer], lengths) -> dict:
   return out
 
 
-def rollout_maps(layers: list[Layer], cls_pooled: bool | None = None) -> np.ndarray:
+def rollout_maps(layers: list[Layer], cls_pooled: bool) -> np.ndarray:
   """[N, rows, cols]: the attention rollout (tx.attention_rollout) over the patch grid of the
-  output token: [CLS]'s row (`cls_pooled`; default: when the stream starts with a token off the
-  grid), or the mean of the patch rows with mean pooling."""
+  output token: [CLS]'s row (`cls_pooled`), or the mean of the patch rows with mean pooling."""
   maps = np.asarray(tx.attention_rollout([layer.weights for layer in layers]))  # [N, T, T]
   return _output_row_on_grid(maps, layers[0].query, cls_pooled)
 
 
-def output_token_maps(layer: Layer, cls_pooled: bool | None = None) -> np.ndarray:
+def output_token_maps(layer: Layer, cls_pooled: bool) -> np.ndarray:
   """[N, H, rows, cols]: each head's attention weights w[q*, k] from the output token q* to
   every patch k of the grid: [CLS]'s row (`cls_pooled`, as in rollout_maps; the weights on
   [CLS] and other tokens off the grid are left out, so a map sums to less than 1), or with
@@ -64,10 +63,9 @@ def output_token_maps(layer: Layer, cls_pooled: bool | None = None) -> np.ndarra
   return _output_row_on_grid(layer.weights, layer.query, cls_pooled)
 
 
-def _output_row_on_grid(maps: np.ndarray, stream: Stream, cls_pooled: bool | None) -> np.ndarray:
+def _output_row_on_grid(maps: np.ndarray, stream: Stream, cls_pooled: bool) -> np.ndarray:
   """[..., rows, cols] of maps [..., T, T]: the output token's row over the patch grid."""
   patches = ~stream.special
-  cls_pooled = bool(stream.special[0]) if cls_pooled is None else cls_pooled
   rows = maps[..., 0, :] if cls_pooled else maps[..., patches, :].mean(-2)
   gh, gw = stream.grid[patches].max(0) + 1
   return rows[..., patches].reshape(*rows.shape[:-1], gh, gw)

@@ -21,7 +21,8 @@ import tx
 from experiments.inspect import figures
 from experiments.inspect.head_stats import head_statistics, output_token_maps, rollout_maps
 from experiments.inspect.output import check_replaceable, staged
-from experiments.inspect.streams import Layer, Stream, patch_stream, with_prefix
+from experiments.inspect.streams import (Layer, Stream, patch_stream, prefix_labels,
+                                         with_prefix)
 from experiments.metrics import save_figure
 from tx.pretrained import ImagePreprocessing, image_preprocessing, load, local_path
 
@@ -176,10 +177,8 @@ def image_attention(model, params, source: str, pictures: list) -> Seen:
   if x.shape[1] % p or x.shape[2] % p:
     raise ValueError(f'{source}: its images are {x.shape[1]}x{x.shape[2]} pixels, not a '
                      f'multiple of its patch size {p}')
-  prefix = ['CLS'] if _class_token(model) else []
-  prefix += [f'extra {i}' for i in range(getattr(model, 'extra_tokens', 0))]  # e.g. registers
   stream = with_prefix(patch_stream(len(x), x.shape[1] // p, x.shape[2] // p, p), len(x),
-                       prefix)
+                       prefix_labels(model))
   layers = attention_layers(model, params, (x,), stream)
   names = _class_names(source)
   predictions = [[] for _ in x]
@@ -188,13 +187,6 @@ def image_attention(model, params, source: str, pictures: list) -> Seen:
     predictions = [top_predictions(row, names) for row in logits]
   return Seen(layers, [os.path.basename(path) for path, _ in pictures], predictions,
               images=shown, cls_pooled=model.pool == 'cls')
-
-
-def _class_token(model) -> bool:
-  """Whether the ViT's sequence starts with a [CLS] token: its class_token, by default when it
-  pools [CLS]."""
-  class_token = getattr(model, 'class_token', None)
-  return model.pool == 'cls' if class_token is None else bool(class_token)
 
 
 # --- text -------------------------------------------------------------------------------------

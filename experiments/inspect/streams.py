@@ -61,6 +61,18 @@ def patch_stream(n: int, rows: int, cols: int, patch_size: int) -> Stream:
                 np.zeros(rows * cols, bool), float(patch_size), 'pixels')
 
 
+def prefix_labels(model) -> list[str]:
+  """The labels of the tokens a ViT or an EncoderClassifier (a model or its config section)
+  puts before its inputs: 'CLS' when it has a class token (class_token, or by default when it
+  pools [CLS]), then one per extra token (a ViT's registers)."""
+  get = model.get if hasattr(model, 'get') else lambda name, default: getattr(model, name,
+                                                                               default)
+  class_token = get('class_token', None)
+  pooled = get('pool', 'cls') == 'cls'
+  labels = ['CLS'] if (pooled if class_token is None else class_token) else []
+  return labels + [f'extra {i}' for i in range(get('extra_tokens', 0))]
+
+
 def with_prefix(stream: Stream, n: int, labels=('CLS',)) -> Stream:
   """The stream with tokens off the grid in front, one per label: [CLS], then a ViT's extra
   (register) tokens, if any."""
@@ -100,7 +112,7 @@ def streams(run, batch: dict) -> dict[str, Stream]:
                               unit_name='input samples')
   else:  # token ids
     tokens = _sequence_stream(x, x != model.get('pad_id', PAD), str)
-  return {'tokens': with_prefix(tokens, n) if model.get('pool', 'cls') == 'cls' else tokens}
+  return {'tokens': with_prefix(tokens, n, prefix_labels(model))}
 
 
 def attention_layers(run, params, batch: dict) -> list[Layer]:
