@@ -51,6 +51,9 @@ def training(**overrides) -> ml_collections.ConfigDict:
   c.early_stopping_patience = 0  # evals without improvement; 0 = off.
   c.tensorboard = False
   c.debug_nans = False  # jax_debug_nans: find the op that made the first NaN (slow).
+  # A checkpoint or tx workdir whose weights the first step starts from; '' = random init
+  # (experiments/init_from.py).
+  c.init_from = ''
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule='cosine', warmup_steps=100, b1=0.9, b2=0.999, weight_decay=1e-4,
       grad_clip=1.0))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from configs import common
-from experiments import evaluators, runners, tasks
+from experiments import evaluators, init_from, runners, tasks
 from experiments.optimizer import SCHEDULES
 from tx.validate import check_choice
 
@@ -41,7 +41,7 @@ KIND_NAMES = {'int': 'an integer', 'float': 'a number', 'bool': 'True or False',
               'str': 'a string', 'None': 'None'}
 
 
-def check_config(config) -> None:
+def check_config(config, workdir: str | None = None) -> None:
   """Raises a one-line ValueError for the first rule `config` breaks.
 
   - Fields: those of configs/common.py training() (all required); data: its loader's arguments
@@ -52,12 +52,16 @@ def check_config(config) -> None:
     data.max_length; batch_size <= the training examples; augment only for images; readable
     data files; the model traced on one example (jax.eval_shape: no compile), so that tx's own
     checks name the config.model field; best_metric a metric of an evaluator with at='eval'.
+  - init_from: config.model completed from the checkpoint, then checked as above; its params
+    fit the model (experiments.init_from). A run that resumes in `workdir` does not read it.
   """
   values = config.to_dict()
   for section in ('data', 'model', 'evals'):
     if not isinstance(values.get(section), dict):
       _fail(section, values.get(section), f'it must be a ConfigDict with the {section} fields')
   _check_section('', values, _training_schema(), required=True)
+  config = init_from.resolve(config, workdir)  # config.model completed from the checkpoint.
+  values = config.to_dict()
   check_choice('config.parallel', config.parallel, runners.PARALLEL)
   check_choice('config.best_mode', config.best_mode, ('max', 'min'))
   check_choice('config.optimizer.schedule', config.optimizer.schedule, SCHEDULES)
@@ -70,10 +74,10 @@ def check_config(config) -> None:
   runners.check_batch('eval_batch_size', config.eval_batch_size or config.batch_size,
                       len(devices), 1)
   periodic = _check_evals(values['evals'])
-  _check_data_and_model(config, values, periodic)
+  _check_data_and_model(config, values, periodic, workdir)
 
 
-def _check_data_and_model(config, values: dict, periodic: list):
+def _check_data_and_model(config, values: dict, periodic: list, workdir: str | None = None):
   """The data and model sections, against each other and against best_metric."""
   loader = _named('data', values['data'], tasks.LOADERS)
   _check_section('data.', values['data'], _signature_schema(loader, name=('str',),
@@ -95,6 +99,7 @@ def _check_data_and_model(config, values: dict, periodic: list):
   model = tasks.build_model(config, dataset.info)  # checks the dtype names.
   task = tasks.TASK_OF_MODEL[config.model.name]
   _trace(config, model, task, dataset)
+  init_from.check_fits(config, model, task, dataset, workdir)
   metrics = [name for module in periodic for name in module.metric_names(task)]
   if not metrics:
     _fail('best_metric', config.best_metric,

@@ -70,7 +70,8 @@ def main(argv):
     init_distributed(config)
     import jax
     from experiments.config_check import check_config
-    check_config(config)  # before the workdir exists: a bad config leaves nothing on disk.
+    # Before the workdir exists: a bad config leaves nothing on disk.
+    check_config(config, _WORKDIR.value)
     workdir_lib.check_allow_flag(_ALLOW.value, config)
     if jax.process_count() > 1 and not _WORKDIR.value:
       raise ValueError('--workdir is required with several processes (they must share one)')

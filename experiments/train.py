@@ -31,6 +31,7 @@ import jax
 
 from experiments import data as data_lib
 from experiments import evaluators as evaluators_lib
+from experiments import init_from
 from experiments import metrics as metrics_lib
 from experiments import runners, steps
 from experiments import workdir as workdir_lib
@@ -68,6 +69,9 @@ def train(configs, workdirs, *, vectorize: bool = False, stop_after: int | None 
   states), one per member. Group members that finished (a summary.json of their config) are
   left as they are (they only keep the program's size). Each workdir is locked while it
   trains, and nothing is written to it before its config and checkpoints were accepted."""
+  # With config.init_from, config.model takes the checkpoint's architecture (or, resuming, the
+  # workdir's): config.json and every checkpoint record the whole model.
+  configs = [init_from.resolve(c, w) for c, w in zip(configs, workdirs)]
   if vectorize:
     check_group(configs)
   elif len(configs) != 1:
@@ -216,6 +220,8 @@ class _Loop:
         states[i], meta = restored
         m.history.update(meta['history'])
         m.last_saved = int(states[i].step)
+      elif c.get('init_from'):  # only a first start reads it.
+        states[i] = init_from.initial_state(self.run, states[i])
     first = self._align(states, fresh)
     for m in self.members:
       if m.status != 'passive':

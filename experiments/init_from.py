@@ -1,0 +1,300 @@
+"""Fine-tuning: a run whose first step starts from a checkpoint's weights (config.init_from).
+
+  python -m experiments.run --config=configs/vit_finetune.py:init_from=SOURCE
+  python -m experiments.run --config=configs/vit.py --config.init_from=runs/vit-20261122-101010
+
+SOURCE is a pretrained checkpoint (anything `tx.pretrained.load` reads: a Hugging Face or timm
+directory, a state-dict file, a vit_jax .npz, a Hub id) or a tx workdir (a run of
+experiments.run: its newest checkpoint, or WORKDIR@STEP for the checkpoint of that step).
+
+The architecture is the checkpoint's (`resolve`). Every model field the checkpoint defines is
+written into config.model, so that config.json records the whole model, except the FINETUNE
+fields, which the config chooses (num_classes: the config's, else the dataset's). A field
+that config.model sets itself must equal the checkpoint's: anything else is a one-line error.
+
+The parameters (`adapt_params`) are the checkpoint's, cast to param_dtype, except:
+  - the head, when its shape differs (another number of classes) or the checkpoint has none:
+    the model's own init (zeros for ViT);
+  - ViT's learned position table, for another patch grid: `tx.resample_posemb` to the data's
+    grid (H/p × W/p), its prefix rows ([CLS]) kept as they are;
+  - ViT's patch embedding, for a pretrained checkpoint with a recorded normalisation
+    x̂ = (s·x − μ_c)/σ_c of its pixels (s = rescale · 255: tx's image data is in [0, 1]):
+    folded into the embedding, which is linear, so that it takes tx's pixels as they are,
+
+      kernel'[u, v, c, d] = kernel[u, v, c, d] · s / σ_c
+      bias'[d]            = bias[d] − Σ_{u,v,c} kernel[u, v, c, d] · μ_c / σ_c
+
+  - and for 1-channel data (digits) and a C-channel checkpoint, the kernel summed over its
+    channels: kernel''[u, v, 0, d] = Σ_c kernel'[u, v, c, d], which computes exactly what the
+    checkpoint computes on the grey image repeated C times.
+Every other parameter must have the model's shape: else a one-line error naming the first one
+and both shapes. Images keep the dataset's size; it must divide by the checkpoint's patch size.
+
+Only a workdir's first start reads SOURCE: a resume continues from the workdir's own
+checkpoint, with the architecture of its config.json. init_from is recorded in config.json,
+so a resume with another one is a config change (refused unless allowed; it would change
+nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+import tx
+from experiments import tasks
+from experiments import workdir as workdir_lib
+
+# Model fields a fine-tune chooses; every other one is the checkpoint's.
+FINETUNE = ('num_classes', 'dropout', 'attention_dropout', 'beta_scale', 'dtype', 'param_dtype',
+            'implementation', 'remat', 'scan_layers')
+NOT_CONFIG = ('parent', 'name', 'attention_fn')  # module fields no config holds.
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """What config.init_from (`source`) holds: a tx module, its params (NumPy), what it is
+  (`origin`), and the normalisation its images were given ((scale, mean, std) per channel;
+  None: none known)."""
+  model: Any
+  params: Any
+  origin: str
+  normalisation: tuple | None = None
+  source: str = ''
+
+
+def resumes(workdir: str | None) -> bool:
+  """Whether a run in `workdir` continues from a checkpoint of its own (then SOURCE is unread)."""
+  from experiments.checkpoints import is_step_folder  # orbax: only when asked.
+  directory = os.path.join(workdir or '', 'checkpoints')
+  return bool(workdir) and os.path.isdir(directory) and any(
+      name.isdigit() and is_step_folder(os.path.join(directory, name))
+      for name in os.listdir(directory))
+
+
+def resolve(config, workdir: str | None = None):
+  """`config` with config.model completed by the architecture of config.init_from (a copy; the
+  config itself when init_from is empty). A field config.model sets to another value than
+  the checkpoint's is a ValueError naming it and both values. For a run that resumes in
+  `workdir`, the missing fields come from its config.json instead, and SOURCE is not read
+  (the resume's own config check compares the fields both have)."""
+  source = config.get('init_from')
+  if not source:
+    return config
+  if resumes(workdir):
+    architecture = workdir_lib.recorded(workdir).get('model', {})
+  else:
+    checkpoint = load(source)
+    name = {cls: n for n, cls in tasks.MODELS.items()}.get(type(checkpoint.model))
+    if config.model.get('name') != name:
+      raise ValueError(f'config.model.name={config.model.get("name")!r}; config.init_from='
+                       f'{source!r} holds a {type(checkpoint.model).__name__}: use {name!r}')
+    architecture = model_fields(checkpoint.model)
+    for field, value in architecture.items():
+      if field in config.model and config.model[field] != value:
+        raise ValueError(f'config.model.{field}={config.model[field]!r}; config.init_from='
+                         f'{source!r} has {field}={value!r}, and the architecture is the '
+                         "checkpoint's: set it to that or leave it out of config.model (as "
+                         'configs/vit_finetune.py does)')
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    for field, value in architecture.items():
+      if field not in resolved.model and field not in FINETUNE:
+        resolved.model[field] = value
+  return resolved
+
+
+def model_fields(model) -> dict:
+  """{field: value} of a tx module's architecture: its fields but FINETUNE (JSON values)."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.init and f.name not in NOT_CONFIG + FINETUNE}
+
+
+def load(source: str) -> Checkpoint:
+  """The Checkpoint of `source`, read once while its files are unchanged (a run's config check
+  and its first step both ask for it). Errors are one ValueError naming config.init_from."""
+  path, step = _split_step(source)
+  try:
+    return dataclasses.replace(_load(path, step, _signature(path)), source=source)
+  except Exception as e:  # noqa: BLE001 (the loaders' errors, on one line naming the field)
+    text = ' '.join(str(e).split())
+    text = text if isinstance(e, ValueError) else f'{type(e).__name__}: {text}'
+    raise ValueError(f'config.init_from={source!r}: {text}') from e
+
+
+def _split_step(source: str) -> tuple[str, int | None]:
+  """'WORKDIR@STEP' -> (WORKDIR, STEP) for a tx workdir; anything else -> (source, None)."""
+  path, at, step = source.rpartition('@')
+  if at and step.isdigit() and _is_workdir(path):
+    return path, int(step)
+  return source, None
+
+
+def _is_workdir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, workdir_lib.CONFIG))
+          and os.path.isdir(os.path.join(path, 'checkpoints')))
+
+
+def _signature(path: str) -> tuple:
+  """(name, size, mtime) of every file under `path`: a changed file is read again."""
+  if os.path.isfile(path):
+    return ((path, os.path.getsize(path), os.stat(path).st_mtime_ns),)
+  return tuple((os.path.join(root, f), os.path.getsize(os.path.join(root, f)),
+                os.stat(os.path.join(root, f)).st_mtime_ns)
+               for root, _, files in sorted(os.walk(path)) for f in sorted(files))
+
+
+@functools.lru_cache(maxsize=1)
+def _load(path: str, step: int | None, signature: tuple) -> Checkpoint:
+  del signature  # the cache key only.
+  if _is_workdir(path):
+    from experiments.restore import load_run
+    run, params, step = load_run(path, step)
+    return Checkpoint(run.model, jax.device_get(params), f'tx workdir, step {step}')
+  if step is not None:
+    raise ValueError('@STEP is for a tx workdir (a directory with config.json and checkpoints/)')
+  from tx import pretrained
+  model, params = pretrained.load(path)
+  normalisation = None
+  if isinstance(model, tx.ViT):
+    try:
+      spec = pretrained.image_preprocessing(path)
+      normalisation = (spec.rescale * 255.0, spec.mean, spec.std)
+    except ValueError:
+      pass  # nothing recorded (e.g. no preprocessor_config.json): pixels go in as they are.
+  return Checkpoint(model, params, 'pretrained', normalisation)
+
+
+def adapt_params(checkpoint: Checkpoint, fresh, model, image_shape=None):
+  """(params, notes): the checkpoint's params in the shapes of `fresh` (the model's freshly
+  initialised params, arrays or jax.ShapeDtypeStructs), as the module docstring says; notes
+  are short phrases saying what was not taken as it is. `image_shape` (H, W, C) of the data
+  for a ViT. ValueError naming the first parameter that does not fit."""
+  notes = []
+  loaded = tx.unstack_layers(checkpoint.params)
+  scanned = any(tx.models.STACKED in path for path in _flat(fresh))
+  loaded = _flat(tx.stack_layers(loaded) if scanned else loaded)
+  wanted = _flat(fresh)
+  is_vit = isinstance(model, tx.ViT)
+  kernel, bias = ('embedding', 'kernel'), ('embedding', 'bias')
+  if is_vit and checkpoint.normalisation and kernel in loaded:
+    scale, mean, std = (np.asarray(v, np.float64) for v in checkpoint.normalisation)
+    if np.any(mean != 0) or np.any(std != 1) or scale != 1:
+      k = np.asarray(loaded[kernel], np.float64)
+      loaded[kernel] = k * (scale / std)[:, None]  # c is the kernel's axis 2 of [u, v, c, d].
+      loaded[bias] = loaded[bias] - np.einsum('uvcd,c->d', k, mean / std)
+      pixels = 'x' if scale == 1 else f'{scale:g}·x'
+      notes.append(f'its normalisation ({pixels} − mean {_round(mean)}) / std {_round(std)} '
+                   'folded into the patch embedding')
+  out = {}
+  for path, want in wanted.items():
+    name, have = '/'.join(path), loaded.get(path)
+    if path[0] == 'head' and (have is None or have.shape != want.shape):
+      out[path] = want  # the model's own init.
+      if path[-1] == 'kernel':
+        before = f'{have.shape[-1]} classes' if have is not None else 'none'
+        notes.append(f'head re-initialised ({want.shape[-1]} classes; the checkpoint: {before})')
+      continue
+    if have is None:
+      raise ValueError(f'config.init_from={checkpoint.source!r}: the model has {name}, which '
+                       'the checkpoint lacks')
+    if is_vit and path == kernel and want.shape[2] == 1 and have.shape[2] > 1:
+      notes.append(f'patch kernel summed over its {have.shape[2]} channels for 1-channel images '
+                   '(= the image repeated)')
+      have = np.asarray(have).sum(axis=2, keepdims=True)
+    if is_vit and path == ('pos_embedding',) and image_shape is not None:
+      have = _resampled(have, want.shape, model.patch_size, image_shape, notes, checkpoint)
+    if have.shape != want.shape:
+      raise ValueError(f'config.init_from={checkpoint.source!r}: {name} is {tuple(have.shape)} '
+                       f'in the checkpoint and {tuple(want.shape)} in the model; only the head '
+                       '(re-initialised) and the position table (resampled) may differ')
+    out[path] = np.asarray(have, want.dtype)
+  left = sorted(p for p in loaded if p not in wanted and p[0] != 'head')
+  if left:
+    raise ValueError(f'config.init_from={checkpoint.source!r}: the checkpoint has '
+                     f'{"/".join(left[0])}, which the model lacks')
+  if scanned:
+    notes.append('blocks stacked for scan_layers')
+  return flax.traverse_util.unflatten_dict(out), notes
+
+
+def _resampled(table, shape, patch_size: int, image_shape, notes: list, checkpoint):
+  """The learned table [1, prefix + h·w, D] on the data's patch grid (prefix rows kept)."""
+  grid = (image_shape[0] // patch_size, image_shape[1] // patch_size)
+  prefix = shape[1] - grid[0] * grid[1]
+  cells = table.shape[1] - prefix
+  side = math.isqrt(max(cells, 0))
+  if prefix < 0 or side * side != cells:
+    raise ValueError(f'config.init_from={checkpoint.source!r}: pos_embedding has '
+                     f'{table.shape[1]} rows, which is not {max(prefix, 0)} prefix rows and a '
+                     f'square patch grid; the model needs {tuple(shape)}')
+  if (side, side) == grid:
+    return table
+  kept = f', {prefix} prefix row{"s" * (prefix != 1)} kept' if prefix else ''
+  notes.append(f'pos_embedding resampled from a {side}x{side} to a {grid[0]}x{grid[1]} patch '
+               f'grid{kept}')
+  return np.asarray(tx.resample_posemb(np.asarray(table), grid, prefix, old_grid=(side, side)))
+
+
+def _round(values) -> str:
+  return '(' + ', '.join(f'{v:.3g}' for v in values) + ')'
+
+
+def _flat(tree) -> dict:
+  return flax.traverse_util.flatten_dict(dict(tree))
+
+
+def _image_shape(task: str, inputs):
+  return inputs.shape[1:] if task == 'classify' and inputs.ndim == 4 else None
+
+
+def check_fits(config, model, task: str, dataset, workdir: str | None = None):
+  """For experiments.config_check: ValueError unless config.init_from's params fit `model` on
+  `dataset` (shapes only: nothing is compiled); nothing to do without init_from or when the
+  run resumes in `workdir`."""
+  if not config.get('init_from') or resumes(workdir):
+    return
+  sample = {k: v[:1] for k, v in dataset.train.items()}
+  fresh = jax.eval_shape(lambda rng: model.init(rng, *tasks.model_inputs(task, sample))['params'],
+                         jax.random.key(0))
+  adapt_params(load(config.init_from), fresh, model, _image_shape(task, sample['inputs']))
+  _check_vocabulary(config, model, dataset)
+
+
+def _check_vocabulary(config, model, dataset):
+  """A language model's tokens must be the checkpoint's: the same vocabulary size."""
+  size = dataset.info.get('vocab_size')
+  if size is not None and getattr(model, 'vocab_size', size) != size:
+    raise ValueError(f'config.init_from={config.init_from!r} has vocab_size={model.vocab_size} '
+                     f'and the dataset {size}: the dataset\'s tokens must be the checkpoint\'s')
+
+
+def initial_state(run, state):
+  """The fresh TrainState `state` of `run` with the params of run.config.init_from (adapted),
+  and one printed line saying what was loaded. The optimizer state is the fresh one (it
+  depends on the params' shapes only)."""
+  source = run.config.init_from
+  checkpoint = load(source)
+  image_shape = _image_shape(run.task, run.dataset.train['inputs'])
+  params, notes = adapt_params(checkpoint, state.params, run.model, image_shape)
+  _check_vocabulary(run.config, run.model, run.dataset)
+  print(f'init_from {source} ({checkpoint.origin}): {describe(run.model)}'
+        + ''.join(f'; {note}' for note in notes), flush=True)
+  return state.replace(params=params)
+
+
+def describe(model) -> str:
+  """'ViT, 12 layers, d_model 768, 12 heads, d_ff 3072, patch 16'."""
+  parts = [type(model).__name__, f'{model.num_layers} layer{"s" * (model.num_layers != 1)}',
+           f'd_model {model.d_model}', f'{model.num_heads} heads', f'd_ff {model.d_ff}']
+  if isinstance(model, tx.ViT):
+    parts.append(f'patch {model.patch_size}')
+  return ', '.join(parts)
