@@ -333,3 +333,30 @@ def test_a_bert_without_a_classifier_gives_its_pooled_output(tmp_path, kind):
   expected = out.pooler_output if kind == 'BertModel' else out.last_hidden_state[:, 0]
   np.testing.assert_allclose(np.asarray(tx_model.apply({'params': params}, tokens)),
                              expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bert_variants_tx_does_not_build_are_refused(tmp_path):
+  config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=16, num_labels=3)
+  transformers.BertForTokenClassification(config).save_pretrained(tmp_path / 'tokens')
+  with pytest.raises(ValueError, match='has classifier.weight but no pooler: a per-token head'):
+    pretrained.load(str(tmp_path / 'tokens'))
+  config.is_decoder = True
+  transformers.BertLMHeadModel(config).save_pretrained(tmp_path / 'causal')
+  with pytest.raises(ValueError, match='is_decoder=True is a BERT variant tx does not build'):
+    pretrained.load(str(tmp_path / 'causal'))
+
+
+def test_a_scanned_vit_saves_as_its_blocks_and_a_processor_size_tx_cannot_read_is_one_error(
+    saved, tmp_path):
+  _, directory = saved
+  model, params = pretrained.load_hf_vit(directory)
+  scanned = model.clone(scan_layers=True)
+  pretrained.save_hf_vit(scanned, tx.stack_layers(params), str(tmp_path / 'scanned'))
+  again, again_params = pretrained.load_hf_vit(str(tmp_path / 'scanned'))
+  jax.tree.map(np.testing.assert_array_equal, again_params, params)
+  (tmp_path / 'scanned' / 'preprocessor_config.json').write_text(
+      json.dumps({'size': {'shortest_edge': 224}}))
+  with pytest.raises(ValueError, match=r"size=\{'shortest_edge': 224\} in .*; tx reads"):
+    pretrained.image_preprocessing(str(tmp_path / 'scanned'))

@@ -150,6 +150,8 @@ def test_heads_come_from_the_argument_model_args_or_the_architecture_name(tmp_pa
   named = save_safetensors(state, tmp_path / 'deit_tiny_patch4_8-0123abcd.safetensors')
   assert load_timm_vit(named)[0].num_heads == 3  # tiny: 192 dimensions, 3 heads.
   assert load_timm_vit(named, num_heads=6)[0].num_heads == 6
+  tagged = save_safetensors(state, tmp_path / 'deit_tiny_patch4_8.fb_in1k.safetensors')
+  assert load_timm_vit(tagged)[0].num_heads == 3  # 'arch.tag': the tag is not the name.
   directory = write_directory(state, tmp_path / 'gap', architecture='vit_base_patch16_gap_224',
                               global_pool='token', pretrained_cfg={'input_size': [3, 8, 8]})
   with pytest.raises(ValueError, match=r"architecture='vit_base_patch16_gap_224', d_model=192\); "

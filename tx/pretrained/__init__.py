@@ -130,7 +130,13 @@ def image_preprocessing(source: str) -> ImagePreprocessing:
   with open(processor_path) as f:
     processor = json.load(f)
   size = processor.get('size', {'height': 224, 'width': 224})
-  size = (size['height'], size['width']) if isinstance(size, dict) else (size, size)
+  if isinstance(size, dict) and {'height', 'width'} <= set(size):
+    size = (size['height'], size['width'])
+  elif isinstance(size, int):
+    size = (size, size)
+  else:
+    raise ValueError(f'size={size!r} in {processor_path!r}; tx reads {{"height": H, "width": '
+                     'W}} or an int (a ViT image processor)')
   if not processor.get('do_resize', True):
     size = (config['image_size'],) * 2
   normalise = processor.get('do_normalize', True)

@@ -27,6 +27,14 @@ def safetensors_module(module: str):
                       "'tx[pretrained]'") from None
 
 
+def read_safetensors(path: str) -> dict:
+  """{name: float32 NumPy array} of a .safetensors file. Read through safetensors' flax reader,
+  as NumPy has no bfloat16, with jax on the CPU: a checkpoint never lands on an accelerator."""
+  load_file = safetensors_module('flax').load_file
+  with jax.default_device(jax.devices('cpu')[0]):
+    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+
+
 def expected_shapes(model, example) -> dict:
   """{path: shape} of the model's parameters for an example input."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), example)

@@ -27,9 +27,9 @@ import re
 import jax
 import numpy as np
 
-from tx.models import DecoderLM, EncoderClassifier
+from tx.models import DecoderLM, EncoderClassifier, unstack_layers
 from tx.pretrained._convert import (SAME, attention, convert, dense, expected_shapes, norm,
-                                   safetensors_module)
+                                   read_safetensors, safetensors_module)
 from tx.vit import ViT
 
 # transformers 5's in-memory names → the historical names that Hub files use.
@@ -70,19 +70,17 @@ def _weight_files(directory: str) -> list[str]:
 
 
 def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
-  """(config.json, {rename(name): float32 array}) of a Hugging Face checkpoint directory.
-  bfloat16 files are read through safetensors' flax reader (NumPy has no bfloat16)."""
+  """(config.json, {rename(name): float32 array}) of a Hugging Face checkpoint directory."""
   config_path = os.path.join(directory, 'config.json')
   if not os.path.isfile(config_path):
     raise ValueError(f'{directory!r} has no config.json: give a directory as save_pretrained '
                      'or the Hub writes it (config.json, model.safetensors)')
   files = _weight_files(directory)
-  load_file = safetensors_module('flax').load_file
   with open(config_path) as f:
     config = json.load(f)
   weights = {}
   for path in files:
-    weights.update({rename(k): np.asarray(v, np.float32) for k, v in load_file(path).items()})
+    weights.update({rename(k): v for k, v in read_safetensors(path).items()})
   return config, weights
 
 
@@ -175,8 +173,7 @@ def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None
   size and channels are those the parameters were made for (square images). ValueError for a
   ViT that HF's computes differently."""
   differs = {'posemb': model.posemb != 'learn', 'pool': model.pool != 'cls',
-             'norm': model.norm != 'pre', 'scan_layers': model.scan_layers,
-             'beta_scale': model.beta_scale != 1.0, 'learn_beta': model.learn_beta,
+             'norm': model.norm != 'pre', 'beta_scale': model.beta_scale != 1.0, 'learn_beta': model.learn_beta,
              'score': model.score != 'dot', 'embedding_norm': model.embedding_norm,
              'final_norm': model.final_norm is False, 'num_kv_heads': model.num_kv_heads
              not in (None, model.num_heads), 'extra_tokens': model.extra_tokens,
@@ -186,9 +183,11 @@ def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None
     if bad:
       raise ValueError(f'{field}={getattr(model, field)!r}: HF ViTForImageClassification has '
                        'posemb="learn", pool="cls", norm="pre", beta_scale=1, score="dot", a '
-                       'head, and none of scan_layers, learn_beta, embedding_norm, grouped '
+                       'head, and none of learn_beta, embedding_norm, grouped '
                        'heads, extra tokens, fc_norm, pooler')
   pairs = _vit_pairs(model)
+  if model.scan_layers:  # HF has one module per block: the scanned stack, sliced.
+    params = unstack_layers(params)
   flat = {tuple(k.key for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   left = sorted(set(flat) - {path for _, path, *_ in pairs})
@@ -245,7 +244,7 @@ def _gpt2_pairs(model: DecoderLM):
   """(HF name, tx path, to_tx) for every parameter. GPT-2's Conv1D stores W [in, out] (x W + b,
   no transpose); c_attn holds [W_q | W_k | W_v] side by side."""
   d, h = model.d_model, model.num_heads
-  same = lambda x: x
+  same = SAME[0]
   pairs = [('wte.weight', ('embed', 'embedding', 'embedding'), same),
            ('wpe.weight', ('decoder', 'posemb', 'pos_embedding'), same),
            *norm('ln_f', ('decoder', 'final_norm'))]
@@ -295,6 +294,10 @@ def bert_from_hf_config(config: dict, head: bool = True, pooler: bool = True
   pooler_output, or the [CLS] vector without a pooler). ValueError for what tx lacks."""
   act = _activation(config, 'bert', "load_hf_bert reads 'bert' (BertForSequenceClassification, "
                     'BertModel)', 'hidden_act', 'gelu')
+  for field in ('is_decoder', 'add_cross_attention'):
+    if config.get(field):
+      raise ValueError(f'{field}=True is a BERT variant tx does not build (EncoderClassifier '
+                       'attends both ways, without cross-attention)')
   if config.get('position_embedding_type', 'absolute') != 'absolute':
     raise ValueError(f"position_embedding_type={config['position_embedding_type']!r}: tx "
                      "builds BERT's absolute (learned) positions only")
@@ -352,7 +355,11 @@ def load_hf_bert(directory: str):
   are masked out, as an attention_mask of input_ids != pad_token_id does in transformers."""
   config, weights = _read_directory(directory, _bert_name)
   head = 'classifier.weight' in weights
-  model = bert_from_hf_config(config, head, pooler='bert.pooler.dense.weight' in weights)
+  pooler = 'bert.pooler.dense.weight' in weights
+  if head and not pooler:
+    raise ValueError(f'{directory!r} has classifier.weight but no pooler: a per-token head '
+                     '(BertForTokenClassification, ...), which tx does not build')
+  model = bert_from_hf_config(config, head, pooler)
   expected = expected_shapes(model, jax.ShapeDtypeStruct((1, 1), np.int32))
   ignored = (r'^bert\.embeddings\.position_ids$',) + (() if head else (r'^cls\.',))
   return model, convert(_bert_pairs(model), weights, expected, directory, ignored=ignored)

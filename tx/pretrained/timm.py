@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from tx.pretrained._convert import (SAME, convert, dense, expected_shapes, heads_out, norm,
-                                   safetensors_module)
+                                   read_safetensors)
 from tx.vit import ViT
 
 # Size in the architecture name → (d_model, num_heads), from timm's vision_transformer.py.
@@ -84,12 +84,10 @@ _MODEL_ARGS = {'pool_include_prefix': (False,), 'dynamic_img_size': (False,),
 
 
 def _read_file(path: str) -> dict:
-  """{name: float32 array} of a .safetensors file (bfloat16 read through flax, as NumPy has
-  none), or of a torch state-dict file; a {'model': ...} or {'state_dict': ...} wrapper and a
+  """{name: float32 array} of a .safetensors file, or of a torch state-dict file; a {'model': ...} or {'state_dict': ...} wrapper and a
   'module.' prefix (DataParallel) are removed."""
   if path.endswith('.safetensors'):
-    return {k: np.asarray(v, np.float32)
-            for k, v in safetensors_module('flax').load_file(path).items()}
+    return read_safetensors(path)
   try:
     torch = importlib.import_module('torch')
   except ImportError:
@@ -123,7 +121,7 @@ def _architecture(path: str, config: dict) -> str:
   """The timm architecture: config's, or a state-dict file's name without its extension."""
   if config:
     return config.get('architecture', '').split('.')[0]
-  return os.path.basename(path).rsplit('.', 1)[0].split('-')[0]
+  return os.path.basename(path).split('.')[0].split('-')[0]  # 'arch.tag.safetensors'
 
 
 def _num_heads(num_heads, model_args: dict, architecture: str, d_model: int, patch: int,
@@ -211,7 +209,7 @@ def _grid(config: dict, model_args: dict, rows: int, num_prefix: int, patch: int
 
 
 def _pairs(model: ViT, weights: dict) -> list:
-  """(timm name, tx path, to_tx, from_tx) for every parameter of `model`."""
+  """(timm name, tx path, to_tx) for every parameter of `model` (loading only: no saver)."""
   d, h = model.d_model, model.num_heads
   pairs = [('patch_embed.proj.weight', ('embedding', 'kernel'),
             lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
