@@ -21,6 +21,7 @@ import os
 import re
 
 from tx.pretrained import vit_jax
+from tx.pretrained._convert import read_config
 from tx.pretrained.hf import (bert_from_hf_config, gpt2_from_hf_config, load_hf_bert,
                               load_hf_gpt2, load_hf_vit, save_hf_vit, vit_from_hf_config)
 from tx.pretrained.timm import load_timm_vit
@@ -29,6 +30,8 @@ from tx.pretrained.vit_jax import load_vit_jax, save_vit_jax
 _HUB_ID = re.compile(r'^[\w.-]+/[\w.-]+$')
 _HF_LOADERS = {'vit': load_hf_vit, 'gpt2': load_hf_gpt2, 'bert': load_hf_bert}
 _STATE_DICTS = ('.safetensors', '.pth', '.pt', '.bin')
+_EXPECTED = ('a checkpoint directory as the Hub, save_pretrained or timm write it, or an .npz '
+             'or state-dict file')
 
 
 def local_path(source: str) -> str:
@@ -44,15 +47,6 @@ def local_path(source: str) -> str:
     raise ImportError(f'{source!r} is not on disk; to download it from the Hub: pip install '
                       'huggingface_hub') from None
   return hub.snapshot_download(source, allow_patterns=['*.json', '*.safetensors', '*.txt'])
-
-
-def _config(directory: str) -> dict:
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(path):
-    raise ValueError(f'{directory!r} has no config.json: give a checkpoint directory as the Hub, '
-                     'save_pretrained or timm write it, or an .npz or state-dict file')
-  with open(path) as f:
-    return json.load(f)
 
 
 def load(source: str):
@@ -72,7 +66,7 @@ def load(source: str):
       return load_timm_vit(path)
     raise ValueError(f'{source!r}: a file must be .npz (vit_jax, big_vision) or a state dict '
                      f'({", ".join(_STATE_DICTS)}); for Hugging Face give its directory')
-  config = _config(path)
+  config = read_config(path, _EXPECTED)
   if 'architecture' in config:
     return load_timm_vit(path)
   model_type = config.get('model_type')
@@ -112,7 +106,7 @@ def image_preprocessing(source: str) -> ImagePreprocessing:
   if os.path.isfile(path):
     raise ValueError(f'{source!r}: a state-dict file does not say its preprocessing; give '
                      "timm's directory (config.json holds pretrained_cfg)")
-  config = _config(path)
+  config = read_config(path, _EXPECTED)
   if 'architecture' in config:
     cfg = config.get('pretrained_cfg', {})
     if cfg.get('crop_mode', 'center') != 'center':

@@ -10,6 +10,8 @@ attention output); a LayerNorm's weight is its scale.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
 
 import jax
@@ -25,6 +27,16 @@ def safetensors_module(module: str):
   except ImportError:
     raise ImportError("safetensors files need the safetensors package: pip install "
                       "'tx[pretrained]'") from None
+
+
+def read_config(directory: str, expected: str) -> dict:
+  """The parsed config.json of a checkpoint directory; ValueError saying what was `expected`
+  there when it has none."""
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(path):
+    raise ValueError(f'{directory!r} has no config.json: give {expected}')
+  with open(path) as f:
+    return json.load(f)
 
 
 def read_safetensors(path: str) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from tx.models import DecoderLM, EncoderClassifier, unstack_layers
 from tx.pretrained._convert import (SAME, attention, convert, dense, expected_shapes, norm,
-                                   read_safetensors, safetensors_module)
+                                   read_config, read_safetensors, safetensors_module)
 from tx.vit import ViT
 
 # transformers 5's in-memory names → the historical names that Hub files use.
@@ -71,13 +71,9 @@ def _weight_files(directory: str) -> list[str]:
 
 def _read_directory(directory: str, rename=_historical) -> tuple[dict, dict]:
   """(config.json, {rename(name): float32 array}) of a Hugging Face checkpoint directory."""
-  config_path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(config_path):
-    raise ValueError(f'{directory!r} has no config.json: give a directory as save_pretrained '
-                     'or the Hub writes it (config.json, model.safetensors)')
+  config = read_config(directory, 'a directory as save_pretrained or the Hub writes it '
+                       '(config.json, model.safetensors)')
   files = _weight_files(directory)
-  with open(config_path) as f:
-    config = json.load(f)
   weights = {}
   for path in files:
     weights.update({rename(k): v for k, v in read_safetensors(path).items()})

@@ -33,7 +33,6 @@ pooling, a norm before the blocks, ...) is one ValueError naming it.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import re
@@ -42,7 +41,7 @@ import jax
 import numpy as np
 
 from tx.pretrained._convert import (SAME, convert, dense, expected_shapes, heads_out, norm,
-                                   read_safetensors)
+                                   read_config, read_safetensors)
 from tx.vit import ViT
 
 # Size in the architecture name → (d_model, num_heads), from timm's vision_transformer.py.
@@ -105,12 +104,8 @@ def _read(path: str) -> tuple[dict, dict]:
   """(config.json or {}, weights) of a timm directory or state-dict file."""
   if os.path.isfile(path):
     return {}, _read_file(path)
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(config_path):
-    raise ValueError(f'{path!r} has no config.json: give a directory as timm writes it '
-                     '(save_for_hf, the Hub) or a state-dict file')
-  with open(config_path) as f:
-    config = json.load(f)
+  config = read_config(path, 'a directory as timm writes it (save_for_hf, the Hub) or a '
+                       'state-dict file')
   for name in ('model.safetensors', 'pytorch_model.bin'):
     if os.path.isfile(os.path.join(path, name)):
       return config, _read_file(os.path.join(path, name))
