@@ -32,13 +32,14 @@ tx's own init. The line it starts with says what was loaded and adapted:
   patch 2; its normalisation (x − mean (0.5, 0.5, 0.5)) / std (0.5, 0.5, 0.5) folded into the
   patch embedding; patch kernel summed over its 3 channels for 1-channel images (= the image
   repeated); head re-initialised (10 classes; the checkpoint: 1000 classes); pos_embedding
-  resampled from a 8x8 to a 4x4 patch grid, 1 prefix row kept
+  resampled from an 8x8 to a 4x4 patch grid, 1 prefix row kept
 
 A real checkpoint (downloaded from the Hub once; CIFAR-10's 32×32 images make a 2×2 grid of
 16-pixel patches, the 14×14 table resampled to it; use an accelerator and bfloat16):
 
+  CIFAR=/data/cifar-10-batches-py  # the download's folder
   python -m experiments.run \
-    --config=configs/vit_finetune.py:init_from=google/vit-base-patch16-224,data_dir=/data/cifar10 \
+    --config=configs/vit_finetune.py:init_from=google/vit-base-patch16-224,data_dir=$CIFAR \
     --config.model.dtype=bfloat16
 
 Not measured (no download here).

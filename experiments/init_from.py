@@ -24,6 +24,8 @@ The parameters (`adapt_params`) are the checkpoint's, cast to param_dtype, excep
       kernel'[u, v, c, d] = kernel[u, v, c, d] · s / σ_c
       bias'[d]            = bias[d] − Σ_{u,v,c} kernel[u, v, c, d] · μ_c / σ_c
 
+    (μ and σ are for the kernel's C channels, or one value for all; else an error; with no
+    normalisation recorded, tx's pixels go in as they are, and the start line says so)
   - and for 1-channel data (digits) and a C-channel checkpoint, the kernel summed over its
     channels: kernel''[u, v, 0, d] = Σ_c kernel'[u, v, c, d], which computes exactly what the
     checkpoint computes on the grey image repeated C times.
@@ -32,17 +34,20 @@ and both shapes. Images keep the dataset's size; it must divide by the checkpoin
 
 Only a workdir's first start reads SOURCE: a resume continues from the workdir's own
 checkpoint, with the architecture of its config.json. init_from is recorded in config.json,
-so a resume with another one is a config change (refused unless allowed; it would change
-nothing).
+so a resume with another one (or none) is a config change (refused unless allowed; it changes
+nothing: the architecture stays the recorded one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import math
 import os
+import re
+import weakref
 from typing import Any
 
 import flax
@@ -73,24 +78,36 @@ class Checkpoint:
 
 def resumes(workdir: str | None) -> bool:
   """Whether a run in `workdir` continues from a checkpoint of its own (then SOURCE is unread)."""
+  return bool(workdir) and bool(_saved_steps(workdir))
+
+
+def _saved_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoint folders tx wrote in WORKDIR/checkpoints, oldest first."""
   from experiments.checkpoints import is_step_folder  # orbax: only when asked.
-  directory = os.path.join(workdir or '', 'checkpoints')
-  return bool(workdir) and os.path.isdir(directory) and any(
-      name.isdigit() and is_step_folder(os.path.join(directory, name))
-      for name in os.listdir(directory))
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and is_step_folder(os.path.join(directory, name)))
 
 
 def resolve(config, workdir: str | None = None):
   """`config` with config.model completed by the architecture of config.init_from (a copy; the
-  config itself when init_from is empty). A field config.model sets to another value than
-  the checkpoint's is a ValueError naming it and both values. For a run that resumes in
-  `workdir`, the missing fields come from its config.json instead, and SOURCE is not read
-  (the resume's own config check compares the fields both have)."""
+  config itself when there is nothing to complete). A field config.model sets to another
+  value than the checkpoint's is a ValueError naming it and both values. For a run that
+  resumes in `workdir` and was started from a checkpoint, the missing fields come from its
+  config.json instead, whatever init_from says now (empty, or another one allowed by
+  --allow_config_change=init_from), and SOURCE is not read (the resume's own config check
+  compares the fields both have)."""
   source = config.get('init_from')
-  if not source:
-    return config
   if resumes(workdir):
-    architecture = workdir_lib.recorded(workdir).get('model', {})
+    has_record = os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG))
+    recorded = workdir_lib.recorded(workdir) if source or has_record else {}
+    if not (source or recorded.get('init_from')):
+      return config  # never fine-tuned: config.model is the model, as for any resume.
+    architecture = recorded.get('model', {})
+  elif not source:
+    return config
   else:
     checkpoint = load(source)
     name = {cls: n for n, cls in tasks.MODELS.items()}.get(type(checkpoint.model))
@@ -121,8 +138,8 @@ def model_fields(model) -> dict:
 def load(source: str) -> Checkpoint:
   """The Checkpoint of `source`, read once while its files are unchanged (a run's config check
   and its first step both ask for it). Errors are one ValueError naming config.init_from."""
-  path, step = _split_step(source)
   try:
+    path, step = _split_step(source)
     return dataclasses.replace(_load(path, step, _signature(path)), source=source)
   except Exception as e:  # noqa: BLE001 (the loaders' errors, on one line naming the field)
     text = ' '.join(str(e).split())
@@ -131,11 +148,17 @@ def load(source: str) -> Checkpoint:
 
 
 def _split_step(source: str) -> tuple[str, int | None]:
-  """'WORKDIR@STEP' -> (WORKDIR, STEP) for a tx workdir; anything else -> (source, None)."""
+  """'WORKDIR@STEP' -> (WORKDIR, STEP) for a tx workdir; anything else -> (source, None).
+  ValueError for '@STEP' after anything but a tx workdir (unless `source` itself exists)."""
   path, at, step = source.rpartition('@')
-  if at and step.isdigit() and _is_workdir(path):
+  if not (at and step.isdigit()):
+    return source, None
+  if _is_workdir(path):
     return path, int(step)
-  return source, None
+  if os.path.exists(source):
+    return source, None
+  raise ValueError(f'@STEP is for a tx workdir (a directory with {workdir_lib.CONFIG} and '
+                   f'checkpoints/), and {path!r} is not one')
 
 
 def _is_workdir(path: str) -> bool:
@@ -144,23 +167,37 @@ def _is_workdir(path: str) -> bool:
 
 
 def _signature(path: str) -> tuple:
-  """(name, size, mtime) of every file under `path`: a changed file is read again."""
-  if os.path.isfile(path):
-    return ((path, os.path.getsize(path), os.stat(path).st_mtime_ns),)
-  return tuple((os.path.join(root, f), os.path.getsize(os.path.join(root, f)),
-                os.stat(os.path.join(root, f)).st_mtime_ns)
-               for root, _, files in sorted(os.walk(path)) for f in sorted(files))
+  """What `path` is now, so that a changed source is read again: for a tx workdir (which may
+  be training: its metrics grow, its retention deletes old steps) its config files and the
+  names in checkpoints/; else (name, size, mtime) of every file under `path`. A file deleted
+  while it is looked at is left out."""
+  if _is_workdir(path):
+    names = [os.path.join(path, name) for name in (workdir_lib.CONFIG, workdir_lib.CHANGES)]
+    with contextlib.suppress(FileNotFoundError):
+      return _stats(names) + (tuple(sorted(os.listdir(os.path.join(path, 'checkpoints')))),)
+    return _stats(names)
+  names = [path] if os.path.isfile(path) else [
+      os.path.join(root, f) for root, _, files in sorted(os.walk(path)) for f in sorted(files)]
+  return _stats(names)
+
+
+def _stats(names) -> tuple:
+  """(name, size, mtime) of each file of `names` that is still there."""
+  out = []
+  for name in names:
+    try:
+      stat = os.stat(name)
+    except FileNotFoundError:
+      continue  # deleted since it was listed (a checkpoint step going to retention).
+    out.append((name, stat.st_size, stat.st_mtime_ns))
+  return tuple(out)
 
 
 @functools.lru_cache(maxsize=1)
 def _load(path: str, step: int | None, signature: tuple) -> Checkpoint:
   del signature  # the cache key only.
   if _is_workdir(path):
-    from experiments.restore import load_run
-    run, params, step = load_run(path, step)
-    return Checkpoint(run.model, jax.device_get(params), f'tx workdir, step {step}')
-  if step is not None:
-    raise ValueError('@STEP is for a tx workdir (a directory with config.json and checkpoints/)')
+    return _load_workdir(path, step)
   from tx import pretrained
   model, params = pretrained.load(path)
   normalisation = None
@@ -171,6 +208,24 @@ def _load(path: str, step: int | None, signature: tuple) -> Checkpoint:
     except ValueError:
       pass  # nothing recorded (e.g. no preprocessor_config.json): pixels go in as they are.
   return Checkpoint(model, params, 'pretrained', normalisation)
+
+
+def _load_workdir(path: str, step: int | None) -> Checkpoint:
+  """The checkpoint at `step` (default: the newest) of the tx workdir `path`. load_run's
+  errors name experiments.inspect's flags; here the step is WORKDIR@STEP, so they are
+  reworded (those left after the checks below: the running job's retention racing the read)."""
+  from experiments.restore import load_run
+  saved = _saved_steps(path)
+  if not saved:
+    raise ValueError(f'{path} has no checkpoint saved yet')
+  if step is not None and step not in saved:
+    raise ValueError(f'the checkpoints of {path} are at steps {saved}')
+  try:
+    run, params, step = load_run(path, step)
+  except ValueError as e:
+    text = str(e).replace(f'--workdir={path!r}', path).replace('give --step', 'give @STEP')
+    raise ValueError(re.sub(r'--step=(\d+)', lambda m: f'{path}@{m[1]}', text)) from None
+  return Checkpoint(run.model, jax.device_get(params), f'tx workdir, step {step}')
 
 
 def adapt_params(checkpoint: Checkpoint, fresh, model, image_shape=None):
@@ -186,7 +241,10 @@ def adapt_params(checkpoint: Checkpoint, fresh, model, image_shape=None):
   is_vit = isinstance(model, tx.ViT)
   kernel, bias = ('embedding', 'kernel'), ('embedding', 'bias')
   if is_vit and checkpoint.normalisation and kernel in loaded:
-    scale, mean, std = (np.asarray(v, np.float64) for v in checkpoint.normalisation)
+    channels = np.shape(loaded[kernel])[2]
+    scale = float(checkpoint.normalisation[0])
+    mean, std = (_per_channel(values, name, channels, checkpoint) for name, values
+                 in zip(('mean', 'std'), checkpoint.normalisation[1:]))
     if np.any(mean != 0) or np.any(std != 1) or scale != 1:
       k = np.asarray(loaded[kernel], np.float64)
       loaded[kernel] = k * (scale / std)[:, None]  # c is the kernel's axis 2 of [u, v, c, d].
@@ -194,6 +252,8 @@ def adapt_params(checkpoint: Checkpoint, fresh, model, image_shape=None):
       pixels = 'x' if scale == 1 else f'{scale:g}·x'
       notes.append(f'its normalisation ({pixels} − mean {_round(mean)}) / std {_round(std)} '
                    'folded into the patch embedding')
+  elif is_vit and checkpoint.origin == 'pretrained' and checkpoint.normalisation is None:
+    notes.append('no pixel normalisation recorded: [0, 1] pixels taken as they are')
   out = {}
   for path, want in wanted.items():
     name, have = '/'.join(path), loaded.get(path)
@@ -226,8 +286,24 @@ def adapt_params(checkpoint: Checkpoint, fresh, model, image_shape=None):
   return flax.traverse_util.unflatten_dict(out), notes
 
 
+def _per_channel(values, name: str, channels: int, checkpoint) -> np.ndarray:
+  """[channels] float64: a normalisation's mean or std per channel of the patch kernel (one
+  value: the same for every channel); ValueError when it is for another number of channels."""
+  values = np.atleast_1d(np.asarray(values, np.float64))
+  if values.size == 1:
+    return np.full(channels, values[0])
+  if values.size != channels:
+    raise ValueError(f'config.init_from={checkpoint.source!r}: its recorded pixel normalisation '
+                     f'has {values.size} channels ({name} {_round(values)}) and its patch kernel '
+                     f'{channels}; they must agree, or the {name} be one value')
+  return values
+
+
 def _resampled(table, shape, patch_size: int, image_shape, notes: list, checkpoint):
-  """The learned table [1, prefix + h·w, D] on the data's patch grid (prefix rows kept)."""
+  """The learned table [1, prefix + h·w, D] on the data's patch grid (prefix rows kept); the
+  table as it is when it has the model's shape (whatever its grid)."""
+  if tuple(table.shape) == tuple(shape):
+    return table
   grid = (image_shape[0] // patch_size, image_shape[1] // patch_size)
   prefix = shape[1] - grid[0] * grid[1]
   cells = table.shape[1] - prefix
@@ -239,9 +315,15 @@ def _resampled(table, shape, patch_size: int, image_shape, notes: list, checkpoi
   if (side, side) == grid:
     return table
   kept = f', {prefix} prefix row{"s" * (prefix != 1)} kept' if prefix else ''
-  notes.append(f'pos_embedding resampled from a {side}x{side} to a {grid[0]}x{grid[1]} patch '
-               f'grid{kept}')
+  notes.append(f'pos_embedding resampled from {_a(side)} {side}x{side} to {_a(grid[0])} '
+               f'{grid[0]}x{grid[1]} patch grid{kept}')
   return np.asarray(tx.resample_posemb(np.asarray(table), grid, prefix, old_grid=(side, side)))
+
+
+def _a(number: int) -> str:
+  """The article before a number read aloud: 'an' where it starts with a vowel sound (8, 11,
+  18, 80-89, 800, ...), else 'a'."""
+  return 'an' if str(number).startswith('8') or number in (11, 18) else 'a'
 
 
 def _round(values) -> str:
@@ -277,17 +359,30 @@ def _check_vocabulary(config, model, dataset):
                      f'and the dataset {size}: the dataset\'s tokens must be the checkpoint\'s')
 
 
+_announced: weakref.ref | None = None  # the Run whose line was printed (weakly held)
+
+
 def initial_state(run, state):
-  """The fresh TrainState `state` of `run` with the params of run.config.init_from (adapted),
-  and one printed line saying what was loaded. The optimizer state is the fresh one (it
-  depends on the params' shapes only)."""
+  """The fresh TrainState `state` of `run` with the params of run.config.init_from (adapted).
+  The optimizer state is the fresh one (it depends on the params' shapes only). One line says
+  what was loaded, printed on process 0 and once per run: the members of a vectorized group
+  share their run and their source. The source is then dropped from load's cache, which
+  holds a whole checkpoint in host memory (a group's next member reads it again)."""
+  global _announced
   source = run.config.init_from
   checkpoint = load(source)
   image_shape = _image_shape(run.task, run.dataset.train['inputs'])
   params, notes = adapt_params(checkpoint, state.params, run.model, image_shape)
   _check_vocabulary(run.config, run.model, run.dataset)
-  print(f'init_from {source} ({checkpoint.origin}): {describe(run.model)}'
-        + ''.join(f'; {note}' for note in notes), flush=True)
+  beta, trained = run.model.beta_scale, getattr(checkpoint.model, 'beta_scale', 1.0)
+  if beta != trained:  # a fine-tune chooses its own β (a group: its first member's).
+    notes.append(f'beta_scale {beta:g}, the source trained at beta_scale {trained:g}')
+  if _announced is None or _announced() is not run:
+    _announced = weakref.ref(run)
+    if jax.process_index() == 0:
+      print(f'init_from {source} ({checkpoint.origin}): {describe(run.model)}'
+            + ''.join(f'; {note}' for note in notes), flush=True)
+  _load.cache_clear()
   return state.replace(params=params)
 
 

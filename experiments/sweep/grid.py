@@ -78,16 +78,17 @@ def run_all(module, arg, points: list[dict], sweepdir: str, vectorize: bool = Fa
   if not jax.config.jax_compilation_cache_dir:
     # The runs of a sweep compile the same programs (shapes agree; β is traced when
     # vectorized): a persistent cache in the sweep directory compiles each once.
-    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(sweepdir, '.jax_cache')))
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.abspath(os.path.join(sweepdir, '.jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   base = module.get_config(arg)
   workdir_lib.check_allow_flag(allow_config_change, base)
+  workdir = lambda point: os.path.join(sweepdir, run_name(point))
   for point in points:  # every run's config, before the first one trains.
-    try:
-      check_config(configure(base, point))
+    try:  # with its workdir: a point that resumes reads nothing of its config.init_from.
+      check_config(configure(base, point), workdir(point))
     except ValueError as e:
       raise ValueError(f'sweep point {run_name(point)}: {e}') from None
-  workdir = lambda point: os.path.join(sweepdir, run_name(point))
   finished = lambda point: workdir_lib.finished_summary(workdir(point), configure(base, point),
                                                         allow_config_change)
   start, trained, done = time.time(), 0, 0
