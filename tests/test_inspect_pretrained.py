@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -139,6 +140,15 @@ def _check_png(path, width_in, height_in):
   assert pixels.std() > 0.05, f'{path} is (nearly) blank'
 
 
+def _rollout(weights: list, t: int) -> np.ndarray:
+  """[N, T, T] float64 attention rollout: the product of ½ I + ½ (head mean), rows renormalised."""
+  rollout = np.eye(t)
+  for w in weights:
+    step = 0.5 * np.eye(t) + 0.5 * np.asarray(w, np.float64).mean(1)
+    rollout = (step / step.sum(-1, keepdims=True)) @ rollout
+  return rollout
+
+
 def test_inspect_a_vit_checkpoint_draws_transformers_attention(vit_dir, tmp_path):
   images = [photo(45, 29, seed=0), photo(30, 50, seed=1)]
   paths = [str(tmp_path / 'a.png'), str(tmp_path / 'b.jpg')]
@@ -164,12 +174,9 @@ def test_inspect_a_vit_checkpoint_draws_transformers_attention(vit_dir, tmp_path
   for layer, expected in zip(seen.layers, out.attentions):
     expected = expected.numpy()  # [N, H, 17, 17]: [CLS], then 4×4 patches row-major
     np.testing.assert_allclose(layer.weights, expected, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(output_token_maps(layer, True), expected[:, :, 0, 1:].reshape(2, 4, 4, 4),
-                               rtol=0, atol=1e-5)
-  rollout = np.broadcast_to(np.eye(17), (2, 17, 17))  # float64 reference: ½ I + ½ head mean.
-  for a in out.attentions:
-    step = 0.5 * np.eye(17) + 0.5 * a.numpy().astype(np.float64).mean(1)
-    rollout = (step / step.sum(-1, keepdims=True)) @ rollout
+    np.testing.assert_allclose(output_token_maps(layer, True),
+                               expected[:, :, 0, 1:].reshape(2, 4, 4, 4), rtol=0, atol=1e-5)
+  rollout = _rollout([a.numpy() for a in out.attentions], 17)
   np.testing.assert_allclose(rollout_maps(seen.layers, True), rollout[:, 0, 1:].reshape(2, 4, 4),
                              rtol=0, atol=1e-5)
   probabilities = torch.softmax(out.logits, -1).numpy()
@@ -183,6 +190,34 @@ def test_inspect_a_vit_checkpoint_draws_transformers_attention(vit_dir, tmp_path
       int(np.argmax(probabilities[0]))]
   assert set(record['layers']['encoder/block_1/self_attention']) >= {
       'entropy', 'mean_distance', 'relative', 'content', 'offset_profile'}
+
+
+def test_a_mean_pooled_vit_with_extra_tokens_maps_the_mean_patch_row(monkeypatch):
+  """A class token, two extra (register) tokens and mean pooling: the tokens are labelled in
+  tx.ViT's order, and the maps are the mean over the 3×4 patch rows, not [CLS]'s row."""
+  model = tx.ViT(num_layers=2, d_model=16, num_heads=2, d_ff=32, patch_size=4, num_classes=3,
+                 pool='mean', class_token=True, extra_tokens=2)
+  prep = tx.pretrained.ImagePreprocessing(size=(12, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+  monkeypatch.setattr(inspect, 'image_preprocessing', lambda source: prep)
+  monkeypatch.setattr(inspect, '_class_names', lambda source: str)
+  x = np.zeros((1, 12, 16, 3), np.float32)
+  params = model.init(jax.random.key(0), x)['params']
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
+  pictures = [('a.png', photo(16, 12, seed=0)), ('b.png', photo(16, 12, seed=1))]
+  seen = inspect.image_attention(model, params, 'a-vit', pictures)
+  assert not seen.cls_pooled
+  patches = [f'{r},{c}' for r in range(3) for c in range(4)]
+  assert seen.layers[0].query.labels == [['CLS', 'extra 0', 'extra 1'] + patches] * 2
+  pixels = np.stack([inspect.preprocess(image, prep) for _, image in pictures])
+  weights = list(tx.attention_weights(model, {'params': params}, pixels).values())
+  for layer, w in zip(seen.layers, weights):  # [N, H, 15, 15]: 3 tokens, then the patches.
+    expected = np.asarray(w, np.float64)[:, :, 3:, 3:].mean(2).reshape(2, 2, 3, 4)
+    np.testing.assert_allclose(output_token_maps(layer, seen.cls_pooled), expected, rtol=0,
+                               atol=1e-6)
+  expected = _rollout(weights, 15)[:, 3:, 3:].mean(1).reshape(2, 3, 4)
+  np.testing.assert_allclose(rollout_maps(seen.layers, seen.cls_pooled), expected, rtol=0,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize('kind', ['gpt2', 'bert'])

@@ -71,9 +71,8 @@ def _write(run, params, step, out, examples, stat_examples, max_tokens, workdir)
     save(f'attention_example{i}.png', figures.attention_grid(layers, i, title, max_tokens))
     print(f'example {i + 1}/{len(titles)}: attention_example{i}.png', flush=True)
   if isinstance(run.model, tx.ViT):
-    cls_pooled = run.config.model.get('pool', 'cls') == 'cls'
     save('rollout.png', figures.rollout(np.asarray(shown['inputs']),
-                                        rollout_maps(layers, cls_pooled), titles))
+                                        rollout_maps(layers, run.model.pool == 'cls'), titles))
   if run.task == 'seq2seq':
     save('cross_attention.png', figures.cross_alignment(
         [layer for layer in layers if layer.path.is_cross], streams(run, shown)['output']))

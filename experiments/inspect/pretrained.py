@@ -132,9 +132,10 @@ def read_image(path: str):
 def resize_and_crop(image, prep: ImagePreprocessing) -> np.ndarray:
   """uint8 [height, width, 3]: the PIL image resized with PIL's `prep.resample` filter to
   prep.size = (height, width), as transformers' image processors do. With prep.center_crop and
-  crop_fraction f, as timm's eval transform: first resized, keeping its aspect ratio, so that it covers
-  (⌊height / f⌋, ⌊width / f⌋) (for a square size: its shorter side to ⌊height / f⌋, the longer
-  one truncated), then the centre (height, width) cut out, offsets round((H' − height) / 2)."""
+  crop_fraction f, as timm's eval transform: first resized, keeping its aspect ratio, so that
+  it covers (⌊height / f⌋, ⌊width / f⌋) (for a square size: its shorter side to ⌊height / f⌋,
+  the longer one truncated), then the centre (height, width) cut out, offsets
+  round((H' − height) / 2)."""
   from PIL import Image
   if prep.resample not in RESAMPLE:
     raise ValueError(f'resample={prep.resample!r}; allowed: {", ".join(map(repr, RESAMPLE))}')

@@ -62,15 +62,14 @@ def patch_stream(n: int, rows: int, cols: int, patch_size: int) -> Stream:
 
 
 def prefix_labels(model) -> list[str]:
-  """The labels of the tokens a ViT or an EncoderClassifier (a model or its config section)
-  puts before its inputs: 'CLS' when it has a class token (class_token, or by default when it
-  pools [CLS]), then one per extra token (a ViT's registers)."""
-  get = model.get if hasattr(model, 'get') else lambda name, default: getattr(model, name,
-                                                                               default)
-  class_token = get('class_token', None)
-  pooled = get('pool', 'cls') == 'cls'
+  """The labels of the tokens a ViT or an EncoderClassifier module puts before its inputs:
+  'CLS' when it has a class token (class_token, or by default when it pools [CLS]), then one
+  per extra token (a ViT's registers). An EncoderClassifier has neither field: its [CLS] is
+  there when it pools it."""
+  class_token = getattr(model, 'class_token', None)
+  pooled = model.pool == 'cls'
   labels = ['CLS'] if (pooled if class_token is None else class_token) else []
-  return labels + [f'extra {i}' for i in range(get('extra_tokens', 0))]
+  return labels + [f'extra {i}' for i in range(getattr(model, 'extra_tokens', 0))]
 
 
 def with_prefix(stream: Stream, n: int, labels=('CLS',)) -> Stream:
@@ -102,7 +101,7 @@ def streams(run, batch: dict) -> dict[str, Stream]:
     shown = {' ': '␣', '\n': '\\n', '\t': '\\t'}
     return {'tokens': _sequence_stream(x, np.ones(x.shape, bool),
                                        lambda i: shown.get(chars[i], chars[i]))}
-  model = run.config.model
+  model = run.model
   if x.ndim == 4:  # images: the patch grid, row-major.
     p = model.patch_size
     tokens = patch_stream(n, x.shape[1] // p, x.shape[2] // p, p)
@@ -111,7 +110,7 @@ def streams(run, batch: dict) -> dict[str, Stream]:
                               np.ones(x.shape[:2], bool), str, unit=float(x.shape[2]),
                               unit_name='input samples')
   else:  # token ids
-    tokens = _sequence_stream(x, x != model.get('pad_id', PAD), str)
+    tokens = _sequence_stream(x, x != getattr(model, 'pad_id', PAD), str)
   return {'tokens': with_prefix(tokens, n, prefix_labels(model))}
 
 
