@@ -1,6 +1,7 @@
 """tx.generate and tx.beam_search: the KV cache against recomputing the full forward pass, beam
 search against exhaustive search, sampling filters against NumPy, eos, prompts and keys."""
 
+import functools
 import itertools
 
 import jax
@@ -122,6 +123,107 @@ def test_prompts_of_different_lengths_equal_each_prompt_alone():
   for i, n in enumerate(lengths):
     alone = tx.generate(model, params, padded[i:i + 1, :n], max_new_tokens=4 - n + 6)
     np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+
+
+def _left_padded(prompt, lengths):
+  """Row b's last lengths[b] tokens of `prompt`, after PAD: Hugging Face's layout."""
+  width = prompt.shape[1]
+  return np.where(np.arange(width) >= width - np.asarray(lengths)[:, None], prompt, PAD)
+
+
+def _alone(model, params, rows):
+  """Each row's logits alone, from one causal pass over the rows right-padded (an independent
+  reference: trailing pads never reach earlier positions)."""
+  width = max(map(len, rows))
+  batch = np.array([list(r) + [PAD] * (width - len(r)) for r in rows])
+  return np.asarray(jax.jit(model.apply)({'params': params}, batch))
+
+
+@pytest.mark.parametrize('posemb', ['learn', 'sinusoidal'])  # rope: the sampling test
+def test_left_padded_prompts_equal_each_prompt_alone(posemb):
+  """All rows generate positions P ... P + N − 1; row b's pads are masked keys and its slot
+  t is position t − pad_b, so each generated token is the argmax of the logits its row's
+  real tokens give alone: the row is what greedy decoding of its prompt alone writes."""
+  model, params, prompt = _lm(posemb)
+  lengths = np.array([4, 2, 3])
+  padded = _left_padded(prompt, lengths)
+  batch = tx.generate(model, params, padded, max_new_tokens=6, prompt_lengths=lengths,
+                      padding='left', return_logits=True)
+  assert batch.tokens.shape == (3, 4 + 6)
+  np.testing.assert_array_equal(batch.tokens[:, :4], padded)  # the pads stay, as HF's
+  tokens = np.asarray(batch.tokens)
+  alone = _alone(model, params, [tokens[i, 4 - n:-1] for i, n in enumerate(lengths)])
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(batch.logits[i, 4:], alone[i, n - 1:n + 5], atol=2e-5)
+    np.testing.assert_array_equal(tokens[i, 4:], alone[i, n - 1:n + 5].argmax(-1))
+
+
+def test_left_padded_sampling_conditions_each_row_on_its_own_tokens():
+  """Sampling keys depend on the position and the batch, so a sampled row is not comparable
+  with its prompt alone; its logits are: each generated position's equal those of the row's
+  real tokens alone. Scanned layers, rope and grouped K/V heads; the cache against recomputing."""
+  model = tx.DecoderLM(vocab_size=20, posemb='rope', num_kv_heads=2, scan_layers=True, **SMALL)
+  prompt = jax.random.randint(jax.random.key(1), (3, 4), 3, 20)
+  params = jax.jit(model.init)(jax.random.key(0), prompt)['params']  # (eager scan is slower)
+  lengths = np.array([1, 4, 2])
+  padded = _left_padded(prompt, lengths)
+  common = dict(max_new_tokens=6, prompt_lengths=lengths, padding='left', rng=jax.random.key(3),
+                temperature=1.5, top_k=10, return_logits=True)
+  sampled = tx.generate(model, params, padded, **common)
+  np.testing.assert_array_equal(
+      sampled.tokens, tx.generate(model, params, padded, use_cache=False, **common).tokens)
+  tokens = np.asarray(sampled.tokens)
+  alone = _alone(model, params, [tokens[i, 4 - n:-1] for i, n in enumerate(lengths)])
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(sampled.logits[i, 4:], alone[i, n - 1:n + 5], atol=2e-5)
+  argmax = np.stack([alone[i, n - 1:n + 5].argmax(-1) for i, n in enumerate(lengths)])
+  assert not np.array_equal(tokens[:, 4:], argmax)  # sampled, not greedy
+
+
+def test_left_padded_beam_search_scores_each_row_on_its_own_tokens():
+  """Every beam's score is Σ log p of its generated tokens given its row's real tokens alone,
+  over the GNMT length penalty (no eos: every beam has 5 generated tokens)."""
+  model, params, prompt = _lm('sinusoidal')
+  lengths = np.array([4, 2, 3])
+  padded = _left_padded(prompt, lengths)
+  beams = tx.beam_search(model, params, padded, beam_size=3, max_new_tokens=5,
+                         prompt_lengths=lengths, padding='left', length_penalty_alpha=0.6)
+  tokens = np.asarray(beams.tokens)
+  np.testing.assert_array_equal(tokens[:, :, :4], np.repeat(padded[:, None], 3, axis=1))
+  rows = [tokens[i, k, 4 - n:-1] for i, n in enumerate(lengths) for k in range(3)]
+  logp = np.asarray(jax.nn.log_softmax(_alone(model, params, rows)))
+  for j, row in enumerate(rows):
+    n = lengths[j // 3]
+    score = sum(logp[j, n - 1 + g, tokens[j // 3, j % 3, 4 + g]] for g in range(5))
+    np.testing.assert_allclose(beams.scores[j // 3, j % 3],
+                               score / float(decoding.length_penalty(5, 0.6)), rtol=1e-5)
+
+
+def test_bad_padding_arguments_are_one_clear_error():
+  model, params, prompt = _lm('rope')
+  with pytest.raises(ValueError, match="padding='middle'; allowed: 'right', 'left'"):
+    tx.generate(model, params, prompt, max_new_tokens=4, prompt_lengths=[4, 2, 3],
+                padding='middle')
+  with pytest.raises(ValueError, match=r'prompt_lengths has shape \(2,\); it must be \[batch\] '
+                     r'= \(3,\)'):
+    tx.generate(model, params, prompt, max_new_tokens=4, prompt_lengths=[4, 2], padding='left')
+  with pytest.raises(ValueError, match=r'prompt_lengths must be in \[1, 4\]; got \[5, 2, 3\]'):
+    tx.generate(model, params, prompt, max_new_tokens=4, prompt_lengths=[5, 2, 3],
+                padding='left')
+  with pytest.raises(ValueError, match="prompt_lengths with padding='right': beam_search takes"):
+    tx.beam_search(model, params, prompt, beam_size=2, max_new_tokens=4,
+                   prompt_lengths=[4, 2, 3])
+  s2s = tx.EncoderDecoder(vocab_size=20, **SMALL)  # refused before its params are read
+  with pytest.raises(ValueError, match="padding='left' with model EncoderDecoder: left padding"):
+    tx.generate(s2s, None, prompt, max_new_tokens=4, bos_id=BOS, padding='left')
+  decoder = model.clone(decode=True)  # a decode-mode key mask covers the whole cache
+  shapes = jax.eval_shape(decoder.init, jax.random.key(0), prompt)['cache']
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  step = functools.partial(decoder.apply, mutable=['cache'])
+  with pytest.raises(ValueError, match='mask has 2 keys; in decode mode it covers the whole '
+                     'cache: 4 keys'):
+    jax.eval_shape(step, {'params': params, 'cache': cache}, prompt[:, :2],
+                   valid=prompt[:, :2] > 0)
 
 
 @pytest.mark.parametrize('kind', ['lm', 'seq2seq'])

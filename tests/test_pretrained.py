@@ -258,6 +258,29 @@ def test_a_left_padded_gpt2_batch_gives_each_row_its_own_logits(gpt2):
     np.testing.assert_allclose(ours[row][valid[row]], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_left_padded_gpt2_batch_generates_what_transformers_and_each_prompt_alone_do(gpt2):
+  """transformers' generate takes the attention_mask and numbers positions from it; tx's
+  padding='left' does the same: equal token for token, pads kept, and each row is what
+  transformers generates from that prompt alone."""
+  model, directory = gpt2
+  tx_model, params = pretrained.load_hf_gpt2(directory)
+  lengths = np.array([7, 4, 2])
+  valid = np.arange(7) >= 7 - lengths[:, None]
+  prompts = np.where(valid, np.random.default_rng(4).integers(1, GPT2['vocab_size'], (3, 7)), 0)
+  with torch.no_grad():
+    expected = model.generate(torch.from_numpy(prompts),
+                              attention_mask=torch.from_numpy(valid.astype(np.int64)),
+                              do_sample=False, max_new_tokens=8, pad_token_id=0).numpy()
+  ours = np.asarray(tx.generate(tx_model, params, prompts, max_new_tokens=8,
+                                prompt_lengths=lengths, padding='left').tokens)
+  np.testing.assert_array_equal(ours, expected)
+  for row, n in enumerate(lengths):
+    with torch.no_grad():
+      alone = model.generate(torch.from_numpy(prompts[row:row + 1, 7 - n:]), do_sample=False,
+                             max_new_tokens=8, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours[row, 7 - n:], alone[0])
+
+
 def test_load_picks_the_loader_from_the_directory_and_fetches_hub_ids(saved, gpt2, monkeypatch,
                                                                       tmp_path):
   _, vit_directory = saved

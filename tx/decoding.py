@@ -9,6 +9,9 @@ tested against). Rows finish independently at `eos_id`; later positions hold `pa
 Both count `max_new_tokens` the same way, as the tokens generated after what is given: for a
 `DecoderLM` after the prompt [batch, P] (the output has P + max_new_tokens positions), for an
 `EncoderDecoder` after <bos> (the output has max_new_tokens positions; <bos> is dropped).
+Prompts of different lengths n_b come padded to P, on the right (`generate` forces each row's
+prompt until its own end) or on the left (pad_b = P − n_b pads first, as Hugging Face batches
+them: every row starts generating at P, its pads masked as keys and its positions t − pad_b).
 The loops keep their state in named dataclasses, `GenerateState` and `BeamState`.
 """
 
@@ -23,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tx.models import DecoderLM, EncoderDecoder
-from tx.validate import positive_int
+from tx.validate import check_choice, positive_int
 
 NEG_INF = -1e30  # finite, so that masked scores stay ordered and never make NaNs
+PADDINGS = ('right', 'left')  # where a prompt shorter than P has its pads
 
 
 class Decoded(NamedTuple):
@@ -74,11 +78,13 @@ class _Model(NamedTuple):
 
 
 def _runner(model, params, inputs, max_new_tokens: int, first: int | None, bos_id, pad_id,
-            use_cache: bool, repeat: int = 1) -> tuple[_Model, Any]:
+            use_cache: bool, repeat: int = 1, pads=None) -> tuple[_Model, Any]:
   """(_Model, initial buffer [rows, width]) for `model`; rows = batch · repeat (beams).
 
   width = P + max_new_tokens for a DecoderLM (prompt width P), 1 + max_new_tokens for an
-  EncoderDecoder (<bos> first)."""
+  EncoderDecoder (<bos> first). pads [batch]: a left-padded DecoderLM prompt's pad_b leading
+  pads; every call then gives the model valid[b, s] = s ≥ pad_b over all its fed slots s (the
+  whole cache) and positions max(s − pad_b, 0) for the slots it feeds."""
   if isinstance(model, EncoderDecoder):
     if bos_id is None:
       raise ValueError('bos_id is required to decode an EncoderDecoder')
@@ -101,9 +107,18 @@ def _runner(model, params, inputs, max_new_tokens: int, first: int | None, bos_i
   fed = width - 1  # the last position is chosen, never fed back
   variables = {'params': params}
 
+  def pad_args(start, size):
+    """The keyword arguments telling the model where the left pads are, for slots
+    start ... start + size − 1."""
+    if pads is None:
+      return {}
+    slots, pad = jnp.arange(fed), jnp.repeat(jnp.asarray(pads, jnp.int32), repeat)[:, None]
+    positions = jax.lax.dynamic_slice_in_dim(jnp.maximum(slots - pad, 0), start, size, axis=1)
+    return dict(valid=slots >= pad, positions=positions)
+
   if not use_cache:
     def forward(buffer):
-      return model.apply(variables, buffer[:, :fed], *extra, method=method)
+      return model.apply(variables, buffer[:, :fed], *extra, method=method, **pad_args(0, fed))
 
     return _Model(width, first, lambda b: (None, forward(b)[:, first - 1]),
                   lambda c, b, t: (None, jnp.take(forward(b), t, axis=1))), buffer
@@ -113,13 +128,13 @@ def _runner(model, params, inputs, max_new_tokens: int, first: int | None, bos_i
                           buffer[:, :fed], *extra)['cache']
   empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  def run(cache, tokens):
+  def run(cache, tokens, start):
     logits, state = decoder.apply(dict(variables, cache=cache), tokens, *extra, method=method,
-                                  mutable=['cache'])
+                                  mutable=['cache'], **pad_args(start, tokens.shape[1]))
     return state['cache'], logits[:, -1]
 
-  return _Model(width, first, lambda b: run(empty, b[:, :first]),
-                lambda c, b, t: run(c, jax.lax.dynamic_slice_in_dim(b, t, 1, axis=1))), buffer
+  return _Model(width, first, lambda b: run(empty, b[:, :first], 0),
+                lambda c, b, t: run(c, jax.lax.dynamic_slice_in_dim(b, t, 1, axis=1), t)), buffer
 
 
 def _filter_logits(logits, temperature: float, top_k: int | None, top_p: float | None):
@@ -151,12 +166,37 @@ def _check(max_new_tokens, temperature, top_k, top_p) -> int:
   return max_new_tokens
 
 
+def _prompt_layout(model, inputs, prompt_lengths, padding: str):
+  """(prompt_lengths, first, pads) for the decoding programs; ValueError for a bad layout.
+
+  Right padding forces row b until its length n_b: (n, min n, None). Left padding starts every
+  row at P, after pad_b = P − n_b pads: (None, None, pads [batch])."""
+  check_choice('padding', padding, PADDINGS)
+  if padding == 'left' and not isinstance(model, DecoderLM):
+    raise ValueError(f"padding='left' with model {type(model).__name__}: left padding is for a "
+                     "DecoderLM's prompts (a source is masked by the model's pad_id)")
+  if prompt_lengths is None:
+    return None, None, None
+  lengths, shape = np.asarray(prompt_lengths, np.int32), np.shape(inputs)
+  if len(shape) != 2:
+    raise ValueError(f'inputs has shape {shape}; prompt_lengths needs prompts [batch, P]')
+  batch, width = shape
+  if lengths.shape not in ((), (batch,)):
+    raise ValueError(f'prompt_lengths has shape {lengths.shape}; it must be [batch] = ({batch},)')
+  if lengths.min() < 1 or lengths.max() > width:
+    raise ValueError(f'prompt_lengths must be in [1, {width}]; got {lengths.tolist()}')
+  if padding == 'right':
+    return lengths, int(lengths.min()), None
+  return None, None, np.broadcast_to(width - lengths, (batch,))
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
                                              'top_p', 'eos_id', 'pad_id', 'bos_id', 'first',
                                              'use_cache', 'return_logits'))
 def _generate(model, params, inputs, rng, prompt_lengths, *, max_new_tokens, temperature, top_k,
-              top_p, eos_id, pad_id, bos_id, first, use_cache, return_logits):
-  m, buffer = _runner(model, params, inputs, max_new_tokens, first, bos_id, pad_id, use_cache)
+              top_p, eos_id, pad_id, bos_id, first, use_cache, return_logits, pads=None):
+  m, buffer = _runner(model, params, inputs, max_new_tokens, first, bos_id, pad_id, use_cache,
+                      pads=pads)
   rows = buffer.shape[0]
   prompt_lengths = jnp.full((rows,), m.first) if prompt_lengths is None else prompt_lengths
 
@@ -194,7 +234,8 @@ def _generate(model, params, inputs, rng, prompt_lengths, *, max_new_tokens, tem
 def generate(model, params, inputs, *, max_new_tokens: int, rng=None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              pad_id: int = 0, bos_id: int | None = None, prompt_lengths=None,
-             use_cache: bool = True, return_logits: bool = False) -> Decoded:
+             padding: str = 'right', use_cache: bool = True,
+             return_logits: bool = False) -> Decoded:
   """Greedy decoding (temperature=0, the default) or sampling, batched, in one jit program.
 
   At each step t the next token is
@@ -209,9 +250,16 @@ def generate(model, params, inputs, *, max_new_tokens: int, rng=None, temperatur
     the prompt, tokens [batch, P + N] with positions P ... P + N − 1 generated; the model
     sees positions 0 ... P + N − 2 (a learned posemb needs num_positions ≥ P + N − 1).
     EncoderDecoder: tokens [batch, N] after <bos> (dropped); the decoder sees N positions.
-  prompt_lengths: [batch] real lengths n_b ≤ P of right-padded prompts (concrete, e.g.
-    NumPy); default all P. The buffer stays P + N wide: positions t < n_b are forced to row
-    b's prompt and every later one is generated, so row b generates up to P − n_b + N tokens.
+  prompt_lengths: [batch] real lengths n_b ≤ P of padded prompts (concrete, e.g. NumPy);
+    default all P. Where the pads are, `padding` says (DecoderLM):
+    'right' (default): row b's prompt is its first n_b tokens. The buffer stays P + N wide:
+      positions t < n_b are forced to row b's prompt and every later one is generated, so row
+      b generates up to P − n_b + N tokens.
+    'left': row b's prompt is its last n_b tokens, after pad_b = P − n_b pads (Hugging Face's
+      layout, attention_mask = [t ≥ pad_b]). Every row generates positions P ... P + N − 1;
+      the pads stay in the output and are masked as keys at every step, and slot t is
+      position t − pad_b (the posemb's, or rope's), so each row gets what its n_b tokens give
+      alone. The model sees P + N − 1 slots (a learned posemb: num_positions ≥ P + N − 1).
   eos_id: a row stops at its first generated eos_id; every later position is pad_id. None:
     every row runs to the end of the buffer.
   use_cache: False recomputes the full forward pass at every step instead of the KV cache
@@ -222,18 +270,12 @@ def generate(model, params, inputs, *, max_new_tokens: int, rng=None, temperatur
   max_new_tokens = _check(max_new_tokens, temperature, top_k, top_p)
   if temperature > 0 and rng is None:
     raise ValueError('sampling (temperature > 0) needs an explicit rng, e.g. jax.random.key(0)')
-  first = None
-  if prompt_lengths is not None:
-    prompt_lengths = np.asarray(prompt_lengths, np.int32)
-    first = int(prompt_lengths.min())
-    if first < 1 or prompt_lengths.max() > np.shape(inputs)[1]:
-      raise ValueError(f'prompt_lengths must be in [1, {np.shape(inputs)[1]}]; got '
-                       f'{prompt_lengths.tolist()}')
+  prompt_lengths, first, pads = _prompt_layout(model, inputs, prompt_lengths, padding)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(model, params, inputs, rng, prompt_lengths, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=top_k or None, top_p=top_p,
                    eos_id=eos_id, pad_id=pad_id, bos_id=bos_id, first=first,
-                   use_cache=use_cache, return_logits=return_logits)
+                   use_cache=use_cache, return_logits=return_logits, pads=pads)
 
 
 def length_penalty(length, alpha: float):
@@ -244,10 +286,11 @@ def length_penalty(length, alpha: float):
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_new_tokens', 'eos_id',
                                              'pad_id', 'bos_id', 'alpha', 'use_cache'))
 def _beam_search(model, params, inputs, *, beam_size, max_new_tokens, eos_id, pad_id, bos_id,
-                 alpha, use_cache):
+                 alpha, use_cache, pads=None):
   k = beam_size
+  # A batch row's beams share its pads: reordering beams within the row keeps them right.
   m, buffer = _runner(model, params, inputs, max_new_tokens, None, bos_id, pad_id, use_cache,
-                      repeat=k)
+                      repeat=k, pads=pads)
   batch, width = buffer.shape[0] // k, m.width
 
   def select(s: BeamState) -> BeamState:
@@ -295,7 +338,8 @@ def _beam_search(model, params, inputs, *, beam_size, max_new_tokens, eos_id, pa
 
 def beam_search(model, params, inputs, *, beam_size: int, max_new_tokens: int,
                 eos_id: int | None = None, length_penalty_alpha: float = 0.6, pad_id: int = 0,
-                bos_id: int | None = None, use_cache: bool = True) -> Beams:
+                bos_id: int | None = None, prompt_lengths=None, padding: str = 'right',
+                use_cache: bool = True) -> Beams:
   """Beam search with the GNMT length penalty, batched, in one jit program.
 
   Each step extends each of the `beam_size` beams by every token and keeps the beam_size
@@ -306,13 +350,18 @@ def beam_search(model, params, inputs, *, beam_size: int, max_new_tokens: int,
   replace it. A row stops when all its beams are finished, or after max_new_tokens. α = 0
   ranks by total log-probability; larger α favours longer outputs. With beam_size=1 this is
   greedy decoding for any α (every candidate of a step has the same length). Inputs and
-  max_new_tokens as for `generate` (prompts of one length P; beam_size ≤ vocabulary size). Returns
+  max_new_tokens as for `generate` (beam_size ≤ vocabulary size); prompts of different
+  lengths only left-padded (prompt_lengths with padding='left', as in `generate`). Returns
   Beams(tokens [batch, beam_size, length], scores [batch, beam_size]) sorted best first,
   length = P + max_new_tokens (DecoderLM) or max_new_tokens (EncoderDecoder); positions
   after eos_id hold pad_id.
   """
   max_new_tokens = _check(max_new_tokens, 0.0, None, None)
   beam_size = positive_int('beam_size', beam_size)
+  right, _, pads = _prompt_layout(model, inputs, prompt_lengths, padding)
+  if right is not None:
+    raise ValueError("prompt_lengths with padding='right': beam_search takes prompts of "
+                     "different lengths left-padded only (padding='left')")
   return _beam_search(model, params, inputs, beam_size=beam_size, max_new_tokens=max_new_tokens,
                       eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
-                      alpha=float(length_penalty_alpha), use_cache=use_cache)
+                      alpha=float(length_penalty_alpha), use_cache=use_cache, pads=pads)

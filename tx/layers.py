@@ -63,9 +63,16 @@ class MultiHeadAttention(nn.Module):
 
   decode=True (self-attention only) keeps keys and values in a 'cache'
   collection, sized by the input given to `init`; each call appends its T
-  tokens and attends causally to everything cached so far. Writing past the
-  cache length cannot be checked under jit (the index is traced): the decoding
-  loop must stop at the length the cache was initialised with.
+  tokens at cache slots s = index ... index + T − 1 and attends causally to everything
+  cached so far (key slot j ≤ s). A `mask` there covers the whole cache, [..., Tk = cache
+  length], e.g. the padding of left-padded rows, masked at every later step too. Writing past
+  the cache length cannot be checked under jit (the index is traced): the decoding loop must
+  stop at the length the cache was initialised with.
+
+  positions: [batch..., T] (or [T]) the positions rope rotates q and k by, default 0 ... T−1
+  (with decode: the cache slots). A left-padded row b has position s − pad_b at slot s, as
+  transformers numbers it (rope's q·k depends on m − n only, so the shift changes the logits
+  by rounding alone). Ignored without rope.
   """
   num_heads: int
   qkv_features: int | None = None  # default: input feature size.
@@ -120,29 +127,36 @@ class MultiHeadAttention(nn.Module):
       return scores_lib.AdditiveScore(**kw)(q, k)
     return scores_lib.LocationScore(self.location_keys, **kw)(q, k)
 
-  def _decode_step(self, q, k, v, mask):
-    """Writes this call's k, v into the cache at `cache_index`; returns full-cache k, v, mask."""
+  def _decode_step(self, q, k, v, mask, positions=None):
+    """Writes this call's k, v into the cache at `cache_index`; returns full-cache k, v, mask.
+
+    Rope rotates by `positions` (default: the cache slots); the causal mask always compares
+    cache slots."""
     initialized = self.has_variable('cache', 'cached_key')
     cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
     index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     if not initialized:  # `init` only sizes the cache.
-      return self._rope(q), self._rope(k), v, mask
-    positions = index.value + jnp.arange(q.shape[-3])
-    q, k = self._rope(q, positions), self._rope(k, positions)
+      return self._rope(q, positions), self._rope(k, positions), v, mask
+    length = cached_k.value.shape[-3]
+    if mask is not None and jnp.shape(mask)[-1] not in (1, length):
+      raise ValueError(f'mask has {jnp.shape(mask)[-1]} keys; in decode mode it covers the '
+                       f'whole cache: {length} keys (or 1, broadcast)')
+    slots = index.value + jnp.arange(q.shape[-3])
+    at = slots if positions is None else positions
+    q, k = self._rope(q, at), self._rope(k, at)
     start = (0,) * (k.ndim - 3) + (index.value, 0, 0)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
     index.value = index.value + q.shape[-3]
-    length = cached_k.value.shape[-3]
-    causal = jnp.arange(length)[None, :] <= positions[:, None]  # [T, length]
+    causal = jnp.arange(length)[None, :] <= slots[:, None]  # [T, length]
     return q, cached_k.value, cached_v.value, combine_masks(mask, causal)
 
   def _rope(self, x, positions=None):
     return apply_rope(x, positions, self.rope_base) if self.rope else x
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None,
+  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None, positions=None,
                deterministic: bool = True):
     check_choice('score', self.score, SCORES)
     check_choice('implementation', self.implementation, IMPLEMENTATIONS)
@@ -165,9 +179,9 @@ class MultiHeadAttention(nn.Module):
     v_BxSxKxD = dense(kv_heads, 'value')(inputs_kv)
     if self_attention and self.decode:
       q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask = self._decode_step(q_BxTxHxD, k_BxSxKxD,
-                                                                 v_BxSxKxD, mask)
+                                                                 v_BxSxKxD, mask, positions)
     elif self_attention:
-      q_BxTxHxD, k_BxSxKxD = self._rope(q_BxTxHxD), self._rope(k_BxSxKxD)
+      q_BxTxHxD, k_BxSxKxD = self._rope(q_BxTxHxD, positions), self._rope(k_BxSxKxD, positions)
 
     beta = self._beta(head_dim)
     dropout_rng = None
@@ -285,14 +299,16 @@ class DecoderBlock(_Block):
 
   Queries of the cross-attention come from the decoder, keys and values from the
   encoder output `memory`. Without `memory` the block has no cross-attention
-  (a GPT-style block); the caller supplies the causal `self_mask`.
+  (a GPT-style block); the caller supplies the causal `self_mask`. `positions` are the
+  self-attention's rope positions (see `MultiHeadAttention`).
   """
 
   @nn.compact
-  def __call__(self, x, memory=None, *, self_mask=None, cross_mask=None,
+  def __call__(self, x, memory=None, *, self_mask=None, cross_mask=None, positions=None,
                deterministic: bool = True):
     attn = self.attention('self_attention', True)
-    x = self.sublayer(x, lambda y: attn(y, mask=self_mask, deterministic=deterministic),
+    x = self.sublayer(x, lambda y: attn(y, mask=self_mask, positions=positions,
+                                        deterministic=deterministic),
                       'self_attention', deterministic)
     if memory is not None:
       cross = self.attention('cross_attention', False)

@@ -157,20 +157,26 @@ class Decoder(ModelHParams):
 
   `mask` (e.g. padding) is combined with the causal mask; with `memory`
   (the encoder output) each block also cross-attends under `cross_mask`.
-  In decode mode the causal mask comes from the KV cache.
+  In decode mode the causal mask comes from the KV cache, and `mask` covers the whole cache.
+  `positions` [batch..., T]: the tokens' positions, added by the posemb or, with rope, given
+  to every self-attention.
   """
 
   @nn.compact
   def __call__(self, x, memory=None, *, mask=None, cross_mask=None, positions=None,
                deterministic: bool = True):
+    rope = self.posemb == 'rope'
     x = AddPositionEmbs(self.posemb, self.num_positions, decode=self.decode,
-                        param_dtype=self.param_dtype, name='posemb')(x, positions)
+                        param_dtype=self.param_dtype, name='posemb')(
+                            x, None if rope else positions)
     x = _embedding_norm(self, x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     self_mask = mask if self.decode else combine_masks(mask, causal_mask(x.shape[-2]))
-    call = lambda block, x, memory, self_mask, cross_mask: block(
-        x, memory, self_mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
-    return _final_norm(self, _stack(self, DecoderBlock, call, x, memory, self_mask, cross_mask))
+    call = lambda block, x, memory, self_mask, cross_mask, positions: block(
+        x, memory, self_mask=self_mask, cross_mask=cross_mask, positions=positions,
+        deterministic=deterministic)
+    return _final_norm(self, _stack(self, DecoderBlock, call, x, memory, self_mask, cross_mask,
+                                    positions if rope else None))
 
 
 class TokenEmbedding(nn.Module):
@@ -210,18 +216,19 @@ class DecoderLM(ModelHParams, kw_only=True):
   the cache, then feed tokens chunk by chunk with mutable=['cache'].
 
   valid: [batch..., T] bool, False at padding (keys there are masked out); positions:
-    [batch..., T] the positions the posemb adds ('learn', the sinusoids). A left-padded batch,
-    as transformers' attention_mask and position_ids = max(cumsum(valid) − 1, 0) describe it,
-    gives each row's real tokens the outputs they have alone. Outputs at padding are
-    meaningless. Neither with decode=True.
+    [batch..., T] the positions the posemb adds ('learn', the sinusoids) or rope rotates q
+    and k by. A left-padded batch, as transformers' attention_mask and position_ids =
+    max(cumsum(valid) − 1, 0) describe it, gives each row's real tokens the outputs they have
+    alone. Outputs at padding are meaningless.
+    With decode=True, `valid` covers the whole cache, [batch..., cache length], the same at
+    every call (key slot j is attended to iff valid[j] and j ≤ the query's slot), and
+    `positions` are those of this call's T tokens (default: the cache slots).
   """
   vocab_size: int
   tie_embeddings: bool = True
 
   @nn.compact
   def __call__(self, tokens, *, valid=None, positions=None, deterministic: bool = True):
-    if valid is not None and self.decode:
-      raise ValueError('valid with decode=True: a KV cache of padded rows is not supported')
     embed = TokenEmbedding(self.vocab_size, self.d_model, self.tie_embeddings, self.dtype,
                            self.param_dtype, self.scale_embeddings, name='embed')
     x = Decoder(**hparams(self, ModelHParams), name='decoder')(

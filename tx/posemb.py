@@ -149,9 +149,10 @@ class AddPositionEmbs(nn.Module):
   decode: positions continue from a counter in the 'cache' collection, one
     call per generated chunk. Positions past num_positions are not checked at
     run time (the index is traced): the decoding loop must stop there.
-  positions: [batch..., T] integer positions instead of 0 ... T−1 (left-padded batches,
-    whose first real token is position 0): PE[positions] ('learn'; the sinusoids at those
-    positions). Not with decode or 'rope'.
+  positions: [batch..., T] integer positions instead of 0 ... T−1 (or, with decode, instead
+    of the counter's, which still advances by T): PE[positions] ('learn'; the sinusoids at
+    those positions). A left-padded row b has position t − pad_b at buffer slot t, so its
+    first real token is position 0. Not with 'rope', whose positions go to the attention.
   """
   posemb: str = 'sinusoidal'
   num_positions: int = 512  # rows of the learned table.
@@ -162,9 +163,9 @@ class AddPositionEmbs(nn.Module):
   @nn.compact
   def __call__(self, x, positions=None):
     check_choice('posemb', self.posemb, SEQUENCE_POSEMBS)
-    if positions is not None and (self.decode or self.posemb == 'rope'):
-      raise ValueError(f'positions with posemb={self.posemb!r}, decode={self.decode}: explicit '
-                       "positions are for posemb 'learn' or a sinusoid without decode")
+    if positions is not None and self.posemb == 'rope':
+      raise ValueError("positions with posemb='rope': rope rotates q and k inside attention "
+                       "(MultiHeadAttention(positions=)); here they are for 'learn' or a sinusoid")
     if self.posemb in ('rope', 'none'):
       return x
     t, d = x.shape[-2], x.shape[-1]
