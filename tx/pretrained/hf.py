@@ -169,7 +169,8 @@ def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None
   size and channels are those the parameters were made for (square images). ValueError for a
   ViT that HF's computes differently."""
   differs = {'posemb': model.posemb != 'learn', 'pool': model.pool != 'cls',
-             'norm': model.norm != 'pre', 'beta_scale': model.beta_scale != 1.0, 'learn_beta': model.learn_beta,
+             'norm': model.norm != 'pre', 'beta_scale': model.beta_scale != 1.0,
+             'learn_beta': model.learn_beta,
              'score': model.score != 'dot', 'embedding_norm': model.embedding_norm,
              'final_norm': model.final_norm is False, 'num_kv_heads': model.num_kv_heads
              not in (None, model.num_heads), 'extra_tokens': model.extra_tokens,

@@ -83,8 +83,9 @@ _MODEL_ARGS = {'pool_include_prefix': (False,), 'dynamic_img_size': (False,),
 
 
 def _read_file(path: str) -> dict:
-  """{name: float32 array} of a .safetensors file, or of a torch state-dict file; a {'model': ...} or {'state_dict': ...} wrapper and a
-  'module.' prefix (DataParallel) are removed."""
+  """{name: float32 array} of a .safetensors file, or of a torch state-dict file; a
+  {'model': ...} or {'state_dict': ...} wrapper and a 'module.' prefix (DataParallel) are
+  removed."""
   if path.endswith('.safetensors'):
     return read_safetensors(path)
   try:
