@@ -220,10 +220,15 @@ def test_bad_padding_arguments_are_one_clear_error():
   shapes = jax.eval_shape(decoder.init, jax.random.key(0), prompt)['cache']
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   step = functools.partial(decoder.apply, mutable=['cache'])
-  with pytest.raises(ValueError, match='mask has 2 keys; in decode mode it covers the whole '
-                     'cache: 4 keys'):
-    jax.eval_shape(step, {'params': params, 'cache': cache}, prompt[:, :2],
-                   valid=prompt[:, :2] > 0)
+  for width in (2, 1):  # one column would mask a row's whole cache: refused too.
+    with pytest.raises(ValueError, match=rf'mask \(DecoderLM valid=\) has {width} keys; in '
+                       'decode mode it covers the whole cache: 4 keys'):
+      jax.eval_shape(step, {'params': params, 'cache': cache}, prompt[:, :width],
+                     valid=prompt[:, :width] > 0)
+  unpadded = tx.beam_search(model, params, prompt, beam_size=2, max_new_tokens=2,
+                            prompt_lengths=[4, 4, 4])  # right "padding" of none: no padding.
+  np.testing.assert_array_equal(unpadded.tokens, tx.beam_search(
+      model, params, prompt, beam_size=2, max_new_tokens=2).tokens)
 
 
 @pytest.mark.parametrize('kind', ['lm', 'seq2seq'])

@@ -359,7 +359,7 @@ def beam_search(model, params, inputs, *, beam_size: int, max_new_tokens: int,
   max_new_tokens = _check(max_new_tokens, 0.0, None, None)
   beam_size = positive_int('beam_size', beam_size)
   right, _, pads = _prompt_layout(model, inputs, prompt_lengths, padding)
-  if right is not None:
+  if right is not None and (np.asarray(right) < np.shape(inputs)[1]).any():
     raise ValueError("prompt_lengths with padding='right': beam_search takes prompts of "
                      "different lengths left-padded only (padding='left')")
   return _beam_search(model, params, inputs, beam_size=beam_size, max_new_tokens=max_new_tokens,

@@ -139,9 +139,10 @@ class MultiHeadAttention(nn.Module):
     if not initialized:  # `init` only sizes the cache.
       return self._rope(q, positions), self._rope(k, positions), v, mask
     length = cached_k.value.shape[-3]
-    if mask is not None and jnp.shape(mask)[-1] not in (1, length):
-      raise ValueError(f'mask has {jnp.shape(mask)[-1]} keys; in decode mode it covers the '
-                       f'whole cache: {length} keys (or 1, broadcast)')
+    if mask is not None and jnp.shape(mask)[-1] != length:
+      # A one-column key mask would mean "every cached key or none": never what a row wants.
+      raise ValueError(f'mask (DecoderLM valid=) has {jnp.shape(mask)[-1]} keys; in decode '
+                       f'mode it covers the whole cache: {length} keys')
     slots = index.value + jnp.arange(q.shape[-3])
     at = slots if positions is None else positions
     q, k = self._rope(q, at), self._rope(k, at)
