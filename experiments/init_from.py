@@ -235,9 +235,9 @@ def adapt_params(checkpoint: Checkpoint, fresh, model, image_shape=None):
   for a ViT. ValueError naming the first parameter that does not fit."""
   notes = []
   loaded = tx.unstack_layers(checkpoint.params)
-  scanned = any(tx.models.STACKED in path for path in _flat(fresh))
-  loaded = _flat(tx.stack_layers(loaded) if scanned else loaded)
   wanted = _flat(fresh)
+  scanned = any(tx.models.STACKED in path for path in wanted)
+  loaded = _flat(tx.stack_layers(loaded) if scanned else loaded)
   is_vit = isinstance(model, tx.ViT)
   kernel, bias = ('embedding', 'kernel'), ('embedding', 'bias')
   if is_vit and checkpoint.normalisation and kernel in loaded:

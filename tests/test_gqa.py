@@ -74,6 +74,9 @@ def test_fused_equals_xla(kv_heads, beta):
                                                  implementation=impl)
   fused = jax.jit(lambda b: run(b, 'fused'))(b) if beta == 'traced' else run(b, 'fused')
   np.testing.assert_allclose(fused, run(b, 'xla'), atol=1e-5)
+  expected, _ = reference.attention(q, _repeat_heads(k, kv_heads), _repeat_heads(v, kv_heads),
+                                    mask, bias, b)  # float64, heads repeated
+  np.testing.assert_allclose(fused, expected, atol=1e-5)
 
 
 def test_attend_reads_grouped_values_as_repeated_ones_also_with_dropout():

@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 import tx  # noqa: E402
 from experiments.inspect import pretrained as inspect  # noqa: E402
 from experiments.inspect.head_stats import output_token_maps, rollout_maps  # noqa: E402
+from tests.test_pretrained import perturbed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -33,14 +34,6 @@ CLIPProcessor = getattr(transformers, 'CLIPImageProcessorPil', transformers.CLIP
 WORDS = ['[UNK]', '[CLS]', '[SEP]', 'the', 'cat', 'sat', 'on', 'mat', 'a', 'dog', 'ran', '.']
 TEXT = 'the cat sat on a mat . the dog ran'
 
-
-def perturbed(model):
-  """`model` in eval mode, N(0, 0.2²) added to every parameter (LayerNorm scales not 1, biases
-  not 0), so that nothing agrees by symmetry."""
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  return model.eval()
 
 
 def photo(width, height, seed=0):

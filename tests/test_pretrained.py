@@ -47,12 +47,16 @@ def tx_logits(model, params, x):
   return np.asarray(model.apply({'params': params}, x))
 
 
-@pytest.fixture(scope='module')
-def saved(tmp_path_factory):
-  model = hf_vit()
-  directory = tmp_path_factory.mktemp('hf') / 'vit'
+def save(model, tmp_path_factory, name: str):
+  """(model, the directory save_pretrained wrote it to)."""
+  directory = tmp_path_factory.mktemp('hf') / name
   model.save_pretrained(directory)
   return model, str(directory)
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  return save(hf_vit(), tmp_path_factory, 'vit')
 
 
 def test_a_saved_hf_vit_gives_the_same_logits_in_tx(saved):
@@ -132,9 +136,7 @@ GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=24, vocab_size=50, bos_t
 def gpt2(tmp_path_factory):
   torch.manual_seed(0)
   model = perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)))
-  directory = tmp_path_factory.mktemp('hf') / 'gpt2'
-  model.save_pretrained(directory)
-  return model, str(directory)
+  return save(model, tmp_path_factory, 'gpt2')
 
 
 def test_a_saved_gpt2_gives_the_same_logits_and_greedy_text_in_tx(gpt2):
@@ -217,7 +219,7 @@ def test_older_bert_files_and_sharded_or_bin_only_directories(tmp_path):
   config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
                                    num_attention_heads=2, intermediate_size=24,
                                    max_position_embeddings=10, num_labels=2)
-  transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / 'new')
+  perturbed(transformers.BertForSequenceClassification(config)).save_pretrained(tmp_path / 'new')
   _, reference = pretrained.load_hf_bert(str(tmp_path / 'new'))
   weights = load_file(str(tmp_path / 'new' / 'model.safetensors'))
   old = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias',

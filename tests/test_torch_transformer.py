@@ -18,6 +18,7 @@ torch = pytest.importorskip('torch')
 
 import tx  # noqa: E402
 from tx.pretrained._convert import attention, convert, dense, expected_shapes, norm  # noqa: E402
+from tests.test_pretrained import perturbed  # noqa: E402
 
 D, HEADS, D_FF, LAYERS = 32, 4, 64, 2
 ACTIVATIONS = {'relu': 'relu', 'gelu': 'gelu_exact'}  # torch's name → tx's.
@@ -27,13 +28,6 @@ pytestmark = [pytest.mark.filterwarnings('ignore:The PyTorch API of nested tenso
               pytest.mark.filterwarnings('ignore:enable_nested_tensor is True')]
 VARIANTS = [(norm_first, act) for norm_first in (False, True) for act in ('relu', 'gelu')]
 
-
-def perturbed(model):
-  """`model` in eval mode, N(0, 0.2²) added to every parameter (torch's current seed)."""
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  return model.eval()
 
 
 def torch_transformer(norm_first: bool, activation: str):

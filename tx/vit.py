@@ -109,7 +109,7 @@ class ViT(ModelHParams, kw_only=True):
   def __call__(self, images, *, deterministic: bool = True):
     check_choice('posemb', self.posemb, VIT_POSEMBS)
     check_choice('pool', self.pool, POOLS)
-    class_token = self.pool == 'cls' if self.class_token is None else self.class_token
+    class_token = self.has_class_token
     if self.pool == 'cls' and not class_token:
       raise ValueError("class_token=False with pool='cls'; pool='cls' reads the [CLS] token: "
                        "use class_token=True (or None), or pool='mean'")
@@ -163,6 +163,11 @@ class ViT(ModelHParams, kw_only=True):
       return pooled
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                     param_dtype=self.param_dtype, name='head')(pooled).astype(jnp.float32)
+
+  @property
+  def has_class_token(self) -> bool:
+    """Whether a [CLS] token leads the sequence: class_token, by default when pool == 'cls'."""
+    return self.pool == 'cls' if self.class_token is None else self.class_token
 
   def _learned_posemb(self, length: int, num_prefix: int):
     if self.has_variable('params', 'pos_embedding'):

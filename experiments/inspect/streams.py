@@ -66,9 +66,7 @@ def prefix_labels(model) -> list[str]:
   'CLS' when it has a class token (class_token, or by default when it pools [CLS]), then one
   per extra token (a ViT's registers). An EncoderClassifier has neither field: its [CLS] is
   there when it pools it."""
-  class_token = getattr(model, 'class_token', None)
-  pooled = model.pool == 'cls'
-  labels = ['CLS'] if (pooled if class_token is None else class_token) else []
+  labels = ['CLS'] if getattr(model, 'has_class_token', model.pool == 'cls') else []
   return labels + [f'extra {i}' for i in range(getattr(model, 'extra_tokens', 0))]
 
 

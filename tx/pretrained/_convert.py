@@ -47,11 +47,27 @@ def read_safetensors(path: str) -> dict:
     return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
 
 
+def flatten(tree) -> dict:
+  """{path (a tuple of keys): leaf} of a nested params dict."""
+  return {tuple(k.key for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def expected_shapes(model, example) -> dict:
   """{path: shape} of the model's parameters for an example input."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), example)
-  return {tuple(k.key for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params'])}
+  return {path: leaf.shape for path, leaf in flatten(shapes['params']).items()}
+
+
+def unconvert(pairs, flat: dict, where: str) -> dict:
+  """The inverse of `convert`: {name in the file: float32 array} from tx's flattened params by
+  `pairs` (name, tx path, to_tx, from_tx); ValueError for a parameter `where` (the format) has
+  no place for."""
+  left = sorted(set(flat) - {path for _, path, *_ in pairs})
+  if left:
+    raise ValueError(f'params has {"/".join(left[0])}, which {where} has no place for')
+  return {name: np.ascontiguousarray(from_tx(np.asarray(flat[path], np.float32)))
+          for name, path, _, from_tx in pairs}
 
 
 def convert(pairs, weights: dict, expected: dict, directory: str, ignored=()) -> dict:
@@ -101,6 +117,30 @@ def heads_out(hf: str, path: tuple, d: int, h: int) -> list:
   return [(f'{hf}.weight', (*path, 'kernel'), lambda w: w.T.reshape(h, d // h, d),
            lambda k: k.reshape(d, d).T),
           (f'{hf}.bias', (*path, 'bias'), *SAME)]
+
+
+def patch_embedding(name: str, path: tuple) -> list:
+  """A torch patch-embedding Conv2d `name` (weight [D, C, p, p], bias) ↔ tx's PatchEmbedding at
+  `path` (kernel [p, p, C, D], bias)."""
+  return [(f'{name}.weight', (*path, 'kernel'), lambda w: w.transpose(2, 3, 1, 0),
+           lambda k: k.transpose(3, 2, 0, 1)),
+          (f'{name}.bias', (*path, 'bias'), *SAME)]
+
+
+def fused_qkv(name: str, path: tuple, d: int, h: int, stacked_on: int) -> list:
+  """One fused projection `name` (weight, bias) holding W_q, W_k, W_v one after the other along
+  axis `stacked_on` of the weight (0: torch Linear [3d, d], as timm's qkv and torch's in_proj;
+  1: GPT-2's Conv1D [d, 3d]) ↔ tx's query, key, value DenseGeneral (kernel [d, h, d/h]) at
+  `path`. Loading only."""
+  pairs = []
+  for j, part in enumerate(('query', 'key', 'value')):
+    rows = slice(j * d, (j + 1) * d)
+    kernel = ((lambda w, rows=rows: w[rows].T.reshape(d, h, d // h)) if stacked_on == 0 else
+              (lambda w, rows=rows: w[:, rows].reshape(d, h, d // h)))
+    pairs += [(f'{name}.weight', (*path, part, 'kernel'), kernel),
+              (f'{name}.bias', (*path, part, 'bias'),
+               lambda b, rows=rows: b[rows].reshape(h, d // h))]
+  return pairs
 
 
 def norm(hf: str, path: tuple) -> list:

@@ -28,8 +28,9 @@ import jax
 import numpy as np
 
 from tx.models import DecoderLM, EncoderClassifier, unstack_layers
-from tx.pretrained._convert import (SAME, attention, convert, dense, expected_shapes, norm,
-                                   read_config, read_safetensors, safetensors_module)
+from tx.pretrained._convert import (SAME, attention, convert, dense, expected_shapes, flatten,
+                                   fused_qkv, norm, patch_embedding, read_config,
+                                   read_safetensors, safetensors_module, unconvert)
 from tx.vit import ViT
 
 # transformers 5's in-memory names → the historical names that Hub files use.
@@ -125,9 +126,7 @@ def _vit_pairs(model: ViT):
   d, h = model.d_model, model.num_heads
   pairs = [('vit.embeddings.cls_token', ('cls',), *SAME),
            ('vit.embeddings.position_embeddings', ('pos_embedding',), *SAME),
-           ('vit.embeddings.patch_embeddings.projection.weight', ('embedding', 'kernel'),
-            lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-           ('vit.embeddings.patch_embeddings.projection.bias', ('embedding', 'bias'), *SAME),
+           *patch_embedding('vit.embeddings.patch_embeddings.projection', ('embedding',)),
            *norm('vit.layernorm', ('encoder', 'final_norm'))]
   if model.num_classes:
     pairs += dense('classifier', ('head',))
@@ -185,18 +184,13 @@ def save_hf_vit(model: ViT, params, directory: str, id2label: dict | None = None
   pairs = _vit_pairs(model)
   if model.scan_layers:  # HF has one module per block: the scanned stack, sliced.
     params = unstack_layers(params)
-  flat = {tuple(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  left = sorted(set(flat) - {path for _, path, *_ in pairs})
-  if left:
-    raise ValueError(f'params has {"/".join(left[0])}, which HF ViT has no place for')
+  flat = flatten(params)
+  weights = unconvert(pairs, flat, 'HF ViT')
   tokens, channels = flat[('pos_embedding',)].shape[1] - 1, flat[('embedding', 'kernel')].shape[2]
   side = math.isqrt(tokens)
   if side * side != tokens:
     raise ValueError(f'the position table has {tokens} patch rows: not a square grid')
   activation = {v: k for k, v in _ACTIVATIONS.items() if k != 'gelu_new'}.get(model.activation)
-  weights = {hf: np.ascontiguousarray(from_tx(np.asarray(flat[path], np.float32)))
-             for hf, path, _, from_tx in pairs}
   labels = id2label or {i: f'LABEL_{i}' for i in range(model.num_classes)}
   config = {'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
             'hidden_size': model.d_model, 'num_hidden_layers': model.num_layers,
@@ -247,11 +241,7 @@ def _gpt2_pairs(model: DecoderLM):
            *norm('ln_f', ('decoder', 'final_norm'))]
   for i in range(model.num_layers):
     hf, block = f'h.{i}.', ('decoder', f'block_{i}')
-    for j, name in enumerate(('query', 'key', 'value')):
-      pairs += [(f'{hf}attn.c_attn.weight', (*block, 'self_attention', name, 'kernel'),
-                 lambda w, j=j: w[:, j * d:(j + 1) * d].reshape(d, h, d // h)),
-                (f'{hf}attn.c_attn.bias', (*block, 'self_attention', name, 'bias'),
-                 lambda b, j=j: b[j * d:(j + 1) * d].reshape(h, d // h))]
+    pairs += fused_qkv(f'{hf}attn.c_attn', (*block, 'self_attention'), d, h, stacked_on=1)
     pairs += [(f'{hf}attn.c_proj.weight', (*block, 'self_attention', 'out', 'kernel'),
                lambda w: w.reshape(h, d // h, d)),
               (f'{hf}attn.c_proj.bias', (*block, 'self_attention', 'out', 'bias'), same),

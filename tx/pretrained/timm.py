@@ -40,8 +40,8 @@ import re
 import jax
 import numpy as np
 
-from tx.pretrained._convert import (SAME, convert, dense, expected_shapes, heads_out, norm,
-                                   read_config, read_safetensors)
+from tx.pretrained._convert import (SAME, convert, dense, expected_shapes, fused_qkv, heads_out,
+                                   norm, patch_embedding, read_config, read_safetensors)
 from tx.vit import ViT
 
 # Size in the architecture name → (d_model, num_heads), from timm's vision_transformer.py.
@@ -207,9 +207,7 @@ def _grid(config: dict, model_args: dict, rows: int, num_prefix: int, patch: int
 def _pairs(model: ViT, weights: dict) -> list:
   """(timm name, tx path, to_tx) for every parameter of `model` (loading only: no saver)."""
   d, h = model.d_model, model.num_heads
-  pairs = [('patch_embed.proj.weight', ('embedding', 'kernel'),
-            lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-           ('patch_embed.proj.bias', ('embedding', 'bias'), *SAME)]
+  pairs = patch_embedding('patch_embed.proj', ('embedding',))
   optional = [('cls_token', [('cls_token', ('cls',), *SAME)]),
               ('reg_token', [('reg_token', ('extra_tokens',), *SAME)]),
               ('pos_embed', [('pos_embed', ('pos_embedding',), *SAME)]),
@@ -222,13 +220,8 @@ def _pairs(model: ViT, weights: dict) -> list:
   for i in range(model.num_layers):
     timm, block = f'blocks.{i}.', ('encoder', f'block_{i}')
     attn = (*block, 'self_attention')
-    for j, name in enumerate(('query', 'key', 'value')):
-      rows = slice(j * d, (j + 1) * d)
-      pairs += [(f'{timm}attn.qkv.weight', (*attn, name, 'kernel'),
-                 lambda w, rows=rows: w[rows].T.reshape(d, h, d // h)),
-                (f'{timm}attn.qkv.bias', (*attn, name, 'bias'),
-                 lambda b, rows=rows: b[rows].reshape(h, d // h))]
-    pairs += [*heads_out(f'{timm}attn.proj', (*attn, 'out'), d, h),
+    pairs += [*fused_qkv(f'{timm}attn.qkv', attn, d, h, stacked_on=0),
+              *heads_out(f'{timm}attn.proj', (*attn, 'out'), d, h),
               *dense(f'{timm}mlp.fc1', (*block, 'ffn', 'hidden')),
               *dense(f'{timm}mlp.fc2', (*block, 'ffn', 'output')),
               *norm(f'{timm}norm1', (*block, 'self_attention_norm')),

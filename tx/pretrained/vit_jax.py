@@ -54,7 +54,7 @@ import jax
 import numpy as np
 
 from tx.models import STACKED, stack_layers, unstack_layers
-from tx.pretrained._convert import SAME, convert, expected_shapes
+from tx.pretrained._convert import SAME, convert, expected_shapes, flatten, unconvert
 from tx.validate import check_choice
 from tx.vit import ViT
 
@@ -285,7 +285,7 @@ def image_size(path: str) -> tuple[int, int]:
 def _refuse_what_the_layout_computes_differently(model: ViT, layout: str) -> None:
   """ValueError naming the first field of `model` that `layout`'s code computes otherwise."""
   posembs = ('learn', 'none') if layout == 'vit_jax' else ('learn', 'sincos2d')
-  class_token = model.pool == 'cls' if model.class_token is None else model.class_token
+  class_token = model.has_class_token
   differs = {
       'posemb': model.posemb not in posembs,
       'posemb_prefix': (layout == 'vit_jax' and model.posemb == 'learn' and class_token
@@ -328,17 +328,12 @@ def save_vit_jax(model: ViT, params, path: str, layout: str = 'vit_jax') -> None
   table = None if stored.posemb != 'learn' else (
       _VIT_JAX_POSEMB if layout == 'vit_jax' else _BIG_VISION_POSEMB)
   pairs = _pairs(stored, layout, table)
-  flat = {tuple(k.key for k in key_path): leaf
-          for key_path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  left = sorted(set(flat) - {tx_path for _, tx_path, *_ in pairs})
-  if left:
-    raise ValueError(f'params has {"/".join(left[0])}, which {layout} has no place for')
+  flat = flatten(params)
   missing = sorted({tx_path for _, tx_path, *_ in pairs} - set(flat))
   if missing:
     raise ValueError(f'params has no {"/".join(missing[0])}, which {model.__class__.__name__}'
                      f'(pool={model.pool!r}, pooler={model.pooler}, num_classes='
                      f'{model.num_classes}) has')
-  arrays = {name: np.ascontiguousarray(from_tx(np.asarray(flat[tx_path], np.float32)))
-            for name, tx_path, _, from_tx in pairs}
+  arrays = unconvert(pairs, flat, layout)
   with open(path, 'wb') as f:  # a file object: np.savez would append '.npz' to a bare name.
     np.savez(f, **arrays)
