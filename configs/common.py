@@ -66,6 +66,28 @@ def training(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def image_data(name: str = 'folder', **overrides) -> ml_collections.ConfigDict:
+  """config.data for labelled images on disk (experiments/data/image_dataset.py, docs/data.md).
+
+  name: 'folder' (DIR/train/<class>/*.jpg, DIR/val/...), 'tfds' (a `tfds build
+  --file_format=array_record` folder) or 'parquet' (Hub-style shards); dir: where.
+  image_size: the side of the square model input; 0 reads it from the images.
+  crop: 'inception' (random-resized crop of area >= min_scale), 'shift' (pad by `shift`
+  pixels and crop back) or 'none'; flip: random horizontal flips; eval_crop: the evaluation
+  view's centred fraction of the shorter side (0.875: resize 256, crop 224); mixup: the
+  Beta(α, α) of mixup (0: off). skip_corrupt: an undecodable image gets weight 0 and a
+  warning instead of stopping the run. eval_split: '' takes val, validation or test.
+  image_key, label_key: the columns (tfds, parquet). workers: grain worker processes that
+  make batches (0: a thread of the trainer).
+  """
+  d = ml_collections.ConfigDict(dict(
+      name=name, dir='', image_size=0, crop='inception', min_scale=0.08, shift=0, flip=True,
+      eval_crop=0.875, mixup=0.0, skip_corrupt=False, train_split='train', eval_split='',
+      image_key='image', label_key='label', workers=0))
+  d.update(overrides)
+  return d
+
+
 def make_quick(c, steps: int = 60):
   """Shrinks a config in place to a smoke run: a 1-layer, 16-wide model and `steps` steps."""
   c.model.update(num_layers=1, d_model=16, num_heads=2, d_ff=32)

@@ -17,6 +17,7 @@ import numpy as np
 
 from configs import common
 from experiments import evaluators, init_from, runners, tasks
+from experiments import data as data_lib
 from experiments.optimizer import SCHEDULES
 from tx.validate import check_choice
 
@@ -81,7 +82,7 @@ def _check_data_and_model(config, values: dict, periodic: list, workdir: str | N
   """The data and model sections, against each other and against best_metric."""
   loader = _named('data', values['data'], tasks.LOADERS)
   _check_section('data.', values['data'], _signature_schema(loader, name=('str',),
-                                                            augment=('int',)))
+                                                            augment=('int',), workers=('int',)))
   data = config.data
   if data.get('min_length', 1) > data.get('max_length', math.inf):
     _fail('data.min_length', data.min_length,
@@ -91,11 +92,15 @@ def _check_data_and_model(config, values: dict, periodic: list, workdir: str | N
       f.name: _kinds(f.type) for f in dataclasses.fields(model_class)
       if f.init and f.name not in ('parent', 'name', 'attention_fn')} | {'name': ('str',)})
   dataset = _load_dataset(config)
-  n = len(dataset.train['targets'])
+  n = dataset.num_train
   if config.batch_size > n:
     _fail('batch_size', config.batch_size, f'it must be at most the {n} training examples')
-  if data.get('augment') and dataset.train['inputs'].ndim != 4:
-    _fail('data.augment', data.augment, 'only images [N, H, W, C] can be shifted; use 0')
+  if data.get('workers', 0) < 0:
+    _fail('data.workers', data.workers, 'it must be >= 0 (0: batches are made in the trainer)')
+  if data.get('augment') and (not isinstance(dataset, data_lib.Dataset) or
+                              dataset.sample(1)['inputs'].ndim != 4):
+    _fail('data.augment', data.augment, 'only images held in memory [N, H, W, C] are shifted '
+          "by it; use 0 (images on disk: data.crop='shift' and data.shift)")
   model = tasks.build_model(config, dataset.info)  # checks the dtype names.
   task = tasks.TASK_OF_MODEL[config.model.name]
   _trace(config, model, task, dataset)
@@ -219,7 +224,7 @@ def _load_dataset(config):
 def _trace(config, model, task: str, dataset):
   """Traces init and the eval loss on one training example (jax.eval_shape: nothing is
   compiled), so that tx's checks run and name the field."""
-  batch = {k: v[:1] for k, v in dataset.train.items()} | {'weight': np.ones(1, np.float32)}
+  batch = dataset.sample(1) | {'weight': np.ones(1, np.float32)}
 
   def eval_sums(rng):
     params = model.init(rng, *tasks.model_inputs(task, batch))['params']

@@ -22,21 +22,27 @@ import tx
 from experiments.cli import (define_run_reader_flags, exit_on_interrupt, fail_unless_verbose,
                              parse_flags, start_run_reader)
 from experiments.data import EOS, symbol_names
+from experiments.data import text as text_data
 from experiments.restore import load_run
 from tx.validate import check_choice
 
 METHODS = ('greedy', 'sample', 'beam')
 
 
-def encode_prompt(text: str, chars: str) -> np.ndarray:
-  """Character ids of `text` in the run's vocabulary (the characters of its training text)."""
-  unknown = sorted(set(text) - set(chars))
-  if unknown:
-    raise ValueError(f'--prompt has characters the model never saw: {"".join(unknown)!r}; allowed: '
-                     f'the {len(chars)} characters of its training text')
+def encode_prompt(text: str, vocabulary) -> np.ndarray:
+  """Token ids [1, T] of `text` in the run's vocabulary: a string of characters (those of its
+  training text; id i is vocabulary[i]) or the encode function of its tokenizer
+  (experiments.data.text.codec)."""
+  if isinstance(vocabulary, str):
+    unknown = sorted(set(text) - set(vocabulary))
+    if unknown:
+      raise ValueError(f'--prompt has characters the model never saw: {"".join(unknown)!r}; '
+                       f'allowed: the {len(vocabulary)} characters of its training text')
   if not text:
     raise ValueError('--prompt is empty; give at least one character')
-  return np.array([[chars.index(c) for c in text]], np.int32)
+  ids = ([vocabulary.index(c) for c in text] if isinstance(vocabulary, str)
+         else vocabulary(text))
+  return np.array([ids], np.int32)
 
 
 def encode_source(text: str, names: dict[int, str]) -> np.ndarray:
@@ -66,14 +72,15 @@ def generate_text(workdir: str, *, prompt: str | None = None, source: str | None
   if run.task == 'lm':
     if prompt is None:
       raise ValueError(f'--workdir={workdir!r} is a language-model run: give --prompt="..."')
-    inputs = encode_prompt(prompt, info['chars'])
+    encode, decode, _ = text_data.codec(info)  # by its characters, or by its tokenizer.
+    inputs = encode_prompt(prompt, info['chars'] if 'chars' in info else encode)
     length = max_len or run.config.model.num_positions  # the total, prompt included.
     if not max_new_tokens and length <= inputs.shape[1]:
+      unit = 'characters' if 'chars' in info else 'tokens'
       raise ValueError(f'--max_len={length} (the total length, prompt included) must exceed '
-                       f'the prompt\'s {inputs.shape[1]} characters; or give --max_new_tokens')
+                       f'the prompt\'s {inputs.shape[1]} {unit}; or give --max_new_tokens')
     max_new_tokens = max_new_tokens or length - inputs.shape[1]
-    ids = dict(eos_id=None)
-    decode = lambda tokens: ''.join(info['chars'][t] for t in tokens)
+    ids = dict(eos_id=None)  # text runs on past an end-of-text token, into the next document.
   elif run.task == 'seq2seq':
     if source is None:
       raise ValueError(f'--workdir={workdir!r} is a seq2seq run: give --source="..."')

@@ -344,7 +344,7 @@ def check_fits(config, model, task: str, dataset, workdir: str | None = None):
   run resumes in `workdir`."""
   if not config.get('init_from') or resumes(workdir):
     return
-  sample = {k: v[:1] for k, v in dataset.train.items()}
+  sample = dataset.sample(1)
   fresh = jax.eval_shape(lambda rng: model.init(rng, *tasks.model_inputs(task, sample))['params'],
                          jax.random.key(0))
   adapt_params(load(config.init_from), fresh, model, _image_shape(task, sample['inputs']))
@@ -371,7 +371,7 @@ def initial_state(run, state):
   global _announced
   source = run.config.init_from
   checkpoint = load(source)
-  image_shape = _image_shape(run.task, run.dataset.train['inputs'])
+  image_shape = _image_shape(run.task, run.dataset.sample(1)['inputs'])
   params, notes = adapt_params(checkpoint, state.params, run.model, image_shape)
   _check_vocabulary(run.config, run.model, run.dataset)
   beta, trained = run.model.beta_scale, getattr(checkpoint.model, 'beta_scale', 1.0)

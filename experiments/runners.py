@@ -13,7 +13,10 @@ Every runner has one interface, host-side lists with one entry per member (one f
 and pmap):
   init(run, seeds)            -> fresh host states
   put_state(states)           -> the device state
-  train_step(state, batches)  -> (state, metrics), on the devices
+  put(batches)                -> the members' batches placed on the devices (the input
+                                 pipeline calls it ahead, in its prefetch thread)
+  step(state, placed)         -> (state, metrics), on the devices
+  train_step(state, batches)  -> step(state, put(batches))
   eval_step(state, batch)     -> metric sums of one eval batch (shared by the members)
   fetch(tree)                 -> host copies, one per member
 jit and pmap take process-local batches (each host feeds only its own rows).
@@ -63,9 +66,15 @@ class _OneRun:
     (seed,) = seeds
     return [jax.device_get(init_state(run, seed))]
 
-  def train_step(self, state, batches):
+  def put(self, batches):
     (batch,) = batches
-    return self._train(state, self.put_batch(batch))
+    return self.put_batch(batch)
+
+  def step(self, state, placed):
+    return self._train(state, placed)
+
+  def train_step(self, state, batches):
+    return self.step(state, self.put(batches))
 
   def eval_step(self, state, batch):
     # Waited for: eval steps of different batches (and the next train step) are independent
@@ -146,16 +155,16 @@ class VmapRunner:
   def put_state(self, states):
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states)
 
-  def put_batch(self, batches):
+  def put(self, batches):
     """The members' batches stacked on a leading member axis, on the device."""
     return jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *batches))
 
-  def step(self, state, batch):
-    """One step of every member on a `put_batch` batch."""
-    return self._train(state, batch, self.betas)
+  def step(self, state, placed):
+    """One step of every member on a `put` batch."""
+    return self._train(state, placed, self.betas)
 
   def train_step(self, state, batches):
-    return self.step(state, self.put_batch(batches))
+    return self.step(state, self.put(batches))
 
   def eval_step(self, state, batch):
     return self._eval(state.params, batch, self.betas)

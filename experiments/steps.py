@@ -28,7 +28,7 @@ from experiments.optimizer import make_optimizer, make_schedule
 class Run:
   """Everything a training run is built from, derived from the config."""
   config: Any
-  dataset: data_lib.Dataset
+  dataset: Any  # data_lib.Dataset, or image_dataset.ImageDataset for images on disk
   task: str
   model: Any
   total_steps: int
@@ -45,7 +45,7 @@ def setup(config) -> Run:
   dataset = tasks.load_dataset(config)
   task = tasks.TASK_OF_MODEL.get(config.model.name, 'classify')
   model = tasks.build_model(config, dataset.info)
-  steps_per_epoch = len(dataset.train['targets']) // config.batch_size
+  steps_per_epoch = dataset.num_train // config.batch_size
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
   if total_steps <= 0:
     raise ValueError(f'config.total_steps={config.total_steps} and config.num_epochs='
@@ -67,7 +67,7 @@ def init_state(run: Run, seed=None, beta_scale=None) -> TrainState:
   model = run.model_for(beta_scale)
   rng = jax.random.key(run.config.seed if seed is None else seed)
   init_rng, train_rng = jax.random.split(rng)
-  sample = {k: v[:1] for k, v in run.dataset.train.items()}
+  sample = run.dataset.sample(1)
   params = jax.jit(model.init)(init_rng, *tasks.model_inputs(run.task, sample))['params']
   return TrainState(jnp.zeros((), jnp.int32), params, run.optimizer.init(params),
                     jax.random.key_data(train_rng))

@@ -16,6 +16,8 @@ import optax
 
 import tx
 from experiments import data as data_lib
+from experiments.data import image_dataset
+from experiments.data.text import text_lm
 from tx.validate import check_choice
 
 MODELS = {'ViT': tx.ViT, 'EncoderClassifier': tx.EncoderClassifier,
@@ -24,28 +26,35 @@ TASK_OF_MODEL = {'ViT': 'classify', 'EncoderClassifier': 'classify',
                  'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 LOADERS = {'digits': data_lib.digits, 'mnist1d': data_lib.mnist1d, 'seq2seq': data_lib.seq2seq,
-           'char_lm': data_lib.char_lm, 'cifar': data_lib.cifar}  # config.data.name -> loader.
-GENERATED = ('digits', 'mnist1d', 'seq2seq')  # pure functions of their arguments: cached.
+           'char_lm': data_lib.char_lm, 'cifar': data_lib.cifar,
+           'folder': image_dataset.image_folder, 'tfds': image_dataset.tfds,
+           'parquet': image_dataset.parquet, 'text': text_lm}  # config.data.name -> loader.
+# Pure functions of their arguments (or, on disk, only listed and read lazily): cached.
+CACHED = ('digits', 'mnist1d', 'seq2seq', 'folder', 'tfds', 'parquet')
+# config.data fields that say how batches are made, not what the dataset is.
+PIPELINE_FIELDS = ('augment', 'workers')
 
 
-def load_dataset(config) -> data_lib.Dataset:
-  """config.data's dataset. The generated ones are kept (the last 4 used) for the process, so
-  that a sweep's validation and its runs make each once (MNIST-1D takes about 0.8 s); treat
-  the arrays as read-only."""
+def load_dataset(config):
+  """config.data's dataset (a data_lib.Dataset in memory, or an image_dataset.ImageDataset).
+  The CACHED ones are kept (the last 4 used) for the process, so that a sweep's validation
+  and its runs make each once (MNIST-1D takes about 0.8 s, listing ImageNet's folders
+  longer); treat the arrays as read-only."""
   d = config.data.to_dict()
   name = d.pop('name')
   check_choice('config.data.name', name, LOADERS)
-  d.pop('augment', None)  # applied by the batch loader, not the dataset.
+  for field in PIPELINE_FIELDS:
+    d.pop(field, None)
   try:
-    if name in GENERATED:  # their arguments are numbers, strings and None: JSON keeps them.
-      return _generated(name, json.dumps(d, sort_keys=True))
+    if name in CACHED:  # their arguments are numbers, strings and None: JSON keeps them.
+      return _cached(name, json.dumps(d, sort_keys=True))
     return LOADERS[name](**d)
   except TypeError as e:
     raise ValueError(f'config.data for {name!r}: {e}') from None
 
 
 @functools.lru_cache(maxsize=4)
-def _generated(name: str, args: str) -> data_lib.Dataset:
+def _cached(name: str, args: str):
   return LOADERS[name](**json.loads(args))
 
 
@@ -77,9 +86,14 @@ def build_model(config, info: dict):
     raise ValueError(f'config.model for {name}: {e}') from None
 
 
-def _cross_entropy(logits, labels, weights, label_smoothing: float):
-  """Σ weights · CE(logits, smoothed one-hot labels), plus accuracy sums."""
+def _cross_entropy(logits, labels, weights, label_smoothing: float, mix=None):
+  """Σ weights · CE(logits, smoothed one-hot labels), plus accuracy sums (against `labels`).
+  mix = (λ, labels'): the targets are λ·onehot(labels) + (1 − λ)·onehot(labels') (mixup)."""
   targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if mix is not None:
+    lam, other = mix
+    targets = lam[..., None] * targets + (1 - lam[..., None]) * jax.nn.one_hot(
+        other, logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
@@ -111,7 +125,9 @@ def loss_and_metrics(task: str, model, params, batch, *, rng=None, train: bool =
   weights = loss_weights(task, batch, pad_id)
   logits = model.apply({'params': params}, *model_inputs(task, batch, bos_id),
                        deterministic=not train, rngs=rngs)
-  loss, correct, count, hit = _cross_entropy(logits, batch['targets'], weights, label_smoothing)
+  mix = (batch['mix'], batch['mix_targets']) if 'mix' in batch else None
+  loss, correct, count, hit = _cross_entropy(logits, batch['targets'], weights, label_smoothing,
+                                             mix)
   accuracy = 'accuracy' if task == 'classify' else 'token_accuracy'
   metrics = {'loss_sum': loss, 'loss_count': count, f'{accuracy}_sum': correct,
              f'{accuracy}_count': count}
@@ -133,10 +149,11 @@ EVAL_METRICS = {'classify': ('accuracy', 'loss'),
                 'lm': ('loss', 'token_accuracy', 'bits_per_char')}
 
 
-def eval_metrics_of(task: str, means: dict) -> dict:
-  """Host floats from summarized eval sums, with bits per character (loss / ln 2) for
-  language models."""
+def eval_metrics_of(task: str, means: dict, chars_per_token: float = 1.0) -> dict:
+  """Host floats from summarized eval sums, with bits per character for language models:
+  loss / ln 2 per token, divided by the test text's characters per token (1 for a character
+  LM, the dataset's info['chars_per_token'] for a subword one)."""
   out = {k: float(v) for k, v in means.items()}
   if task == 'lm':
-    out['bits_per_char'] = out['loss'] / math.log(2)
+    out['bits_per_char'] = out['loss'] / math.log(2) / chars_per_token
   return out

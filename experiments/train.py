@@ -29,7 +29,7 @@ from typing import Any
 import flax
 import jax
 
-from experiments import data as data_lib
+from experiments.data import pipeline
 from experiments import evaluators as evaluators_lib
 from experiments import init_from
 from experiments import metrics as metrics_lib
@@ -170,9 +170,12 @@ class _Loop:
     state, first = self.restore()
     self.progress = metrics_lib.Progress(total, c.batch_size * len(self.members), first)
     last = None  # (step, metrics) of the step not yet checked and logged
-    with catch_stop_signals() as stop:
-      for step in range(first, total if self.any_active() else first):
-        state, metrics = self.runner.train_step(state, self.batches(step))
+    last_step = total if self.any_active() else first
+    with catch_stop_signals() as stop, pipeline.train_feed(
+        self.run.dataset, [m.config for m in self.members], first, last_step,
+        c.data.get('workers', 0), self.runner.put) as feed:
+      for step in range(first, last_step):
+        state, metrics = self.runner.step(state, next(feed))
         self.settle(last)  # the previous step's, while this one runs.
         done, last = step + 1, (step + 1, metrics)
         self.check_saves(done)
@@ -288,14 +291,6 @@ class _Loop:
       m.checkpoints.delete_after(first)  # those steps are trained and saved again.
       m.last_saved = first
     return first
-
-  def batches(self, step: int) -> list:
-    """Each member's batch; members with the same seed draw the same one, computed once."""
-    by_seed = {}
-    for m in self.members:
-      if m.config.seed not in by_seed:
-        by_seed[m.config.seed] = data_lib.train_batch(self.run.dataset, m.config, step)
-    return [by_seed[m.config.seed] for m in self.members]
 
   def settle(self, last):
     """Checks a step's metrics (the caller's `last`, or None) and logs them when it is time."""

@@ -87,7 +87,7 @@ def time_vectorized(spec: specs.Spec, members: int, *, repeats: int = 5) -> dict
   batch = specs.synthetic_batch(spec)
   vmapped = VmapRunner(run, betas)
   states = vmapped.put_state(vmapped.init(run, range(members)))
-  together = measure(stepper(vmapped.step, states, vmapped.put_batch([batch] * members)),
+  together = measure(stepper(vmapped.step, states, vmapped.put([batch] * members)),
                      repeats=repeats, warmup=2)
 
   # One program for every member, β traced as in the vmapped step (not one compile per β).

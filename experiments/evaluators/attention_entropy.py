@@ -23,7 +23,7 @@ from experiments import data, tasks
 def evaluate(context, *, examples: int = 256) -> list[dict]:
   run = context.run
   pad, bos = run.dataset.info.get('pad_id', data.PAD), run.dataset.info.get('bos_id', data.BOS)
-  batch = {k: v[:examples] for k, v in run.dataset.test.items()}
+  batch = run.dataset.test_examples(examples)
 
   def entropies(params, beta):
     weights = tx.attention_weights(run.model_for(beta), {'params': params},

@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from experiments import data, tasks
+from experiments import tasks
+from experiments.data import pipeline
 
 
 def metric_names(task: str) -> tuple[str, ...]:
@@ -28,7 +29,11 @@ def metric_names(task: str) -> tuple[str, ...]:
 def evaluate(context) -> list[dict]:
   run, runner = context.run, context.runner
   total = None  # summed on the devices, fetched once.
-  for batch in data.eval_batches(run.dataset, run.config.eval_batch_size or run.config.batch_size):
-    sums = runner.eval_step(context.state, batch)
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return [tasks.eval_metrics_of(run.task, tasks.summarize(s)) for s in runner.fetch(total)]
+  size = run.config.eval_batch_size or run.config.batch_size
+  with pipeline.eval_feed(run.dataset, size, run.config.data.get('workers', 0)) as batches:
+    for batch in batches:
+      sums = runner.eval_step(context.state, batch)
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  per_token = run.dataset.info.get('chars_per_token', 1.0)
+  return [tasks.eval_metrics_of(run.task, tasks.summarize(s), per_token)
+          for s in runner.fetch(total)]

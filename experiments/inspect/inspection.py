@@ -44,7 +44,7 @@ def inspect_run(workdir: str, out: str | None = None, examples: int = 4,
   out = output_dir(workdir, out)
   check_replaceable(out)
   run, params, step = load_run(workdir, step)
-  available = len(run.dataset.test['inputs'])
+  available = run.dataset.num_test
   if examples > available:
     print(f'--examples={examples}: the test set has {available}; drawing {available}',
           flush=True)
@@ -62,7 +62,7 @@ def _write(run, params, step, out, examples, stat_examples, max_tokens, workdir)
     written.append(name)
     save_figure(fig, os.path.join(out, name))
 
-  batch = {key: v[:max(examples, stat_examples)] for key, v in run.dataset.test.items()}
+  batch = run.dataset.test_examples(max(examples, stat_examples))
   all_layers = attention_layers(run, params, batch)
   layers = [layer.take(examples) for layer in all_layers]
   shown = {key: v[:examples] for key, v in batch.items()}

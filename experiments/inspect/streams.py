@@ -10,6 +10,7 @@ import numpy as np
 import tx
 from experiments import tasks
 from experiments.data import BOS, PAD, symbol_names
+from experiments.data import text as text_data
 
 
 @dataclasses.dataclass
@@ -94,11 +95,9 @@ def streams(run, batch: dict) -> dict[str, Stream]:
             'target': _sequence_stream(np.asarray(tasks.model_inputs('seq2seq', batch, bos)[1]),
                                        real, label),
             'output': _sequence_stream(targets, real, label)}
-  if run.task == 'lm':
-    chars = run.dataset.info['chars']
-    shown = {' ': '␣', '\n': '\\n', '\t': '\\t'}
-    return {'tokens': _sequence_stream(x, np.ones(x.shape, bool),
-                                       lambda i: shown.get(chars[i], chars[i]))}
+  if run.task == 'lm':  # characters or subword tokens, as text_data.codec labels them.
+    token_name = text_data.codec(run.dataset.info)[2]
+    return {'tokens': _sequence_stream(x, np.ones(x.shape, bool), token_name)}
   model = run.model
   if x.ndim == 4:  # images: the patch grid, row-major.
     p = model.patch_size

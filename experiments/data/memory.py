@@ -1,8 +1,8 @@
-"""Datasets as in-memory NumPy arrays, and a stateless, seeded batch sampler.
+"""Datasets held in memory as NumPy arrays: digits, MNIST-1D, seq2seq, character LM, CIFAR.
 
 Nothing is downloaded. Every dataset is a `Dataset` of train/test arrays keyed by name
-('inputs', 'targets', ...). Batches are a pure function of (seed, step): the data-iterator
-position that a checkpoint needs is the step.
+('inputs', 'targets', ...); its batches are a pure function of (seed, step)
+(experiments/data/sampling.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pickle
 import jax
 import numpy as np
 
+from experiments.data import sampling
 from tx.validate import check_choice
 
 # Token ids shared by the algorithmic seq2seq tasks.
@@ -27,6 +28,43 @@ class Dataset:
   test: dict
   info: dict  # num_classes / vocab_size / ... as the model needs them.
   extrapolate: dict | None = None  # longer test sequences (seq2seq), evaluated by length.
+
+  # What every dataset offers the trainer (experiments/data/image_dataset.py has the same).
+  @property
+  def num_train(self) -> int:
+    return len(self.train['targets'])
+
+  @property
+  def num_test(self) -> int:
+    return len(self.test['targets'])
+
+  def sample(self, n: int = 1) -> dict:
+    """The first n training examples, unaugmented: their shapes build and trace the model."""
+    return {k: v[:n] for k, v in self.train.items()}
+
+  def test_examples(self, n: int) -> dict:
+    return {k: v[:n] for k, v in self.test.items()}
+
+  def train_batch(self, config, step: int) -> dict:
+    """This process's rows of the global batch for `step`, shifted by up to
+    config.data.augment pixels, with a weight of 1 per example."""
+    c = config
+    idx = sampling.batch_indices(self.num_train, c.batch_size, step, c.seed,
+                                 jax.process_index(), jax.process_count())
+    batch = {k: v[idx] for k, v in self.train.items()}
+    shift = c.data.get('augment', 0)
+    if shift:  # drawn for the global batch, then sliced: the same shifts on 1 host or many.
+      offsets = shift_offsets(np.random.default_rng([c.seed, step, 1]), c.batch_size, shift)
+      start = jax.process_index() * len(idx)
+      batch['inputs'] = shift_images(batch['inputs'], offsets[start:start + len(idx)], shift)
+    return batch | {'weight': np.ones(len(idx), np.float32)}
+
+  def eval_batch(self, batch_size: int, index: int) -> dict:
+    """This process's rows of test batch `index` (global batches of batch_size, the last one
+    padded with weight-0 rows)."""
+    rows, valid = sampling.eval_rows(self.num_test, batch_size, index, jax.process_index(),
+                                     jax.process_count())
+    return {k: v[rows] for k, v in self.test.items()} | {'weight': valid.astype(np.float32)}
 
 
 def digits(test_size: int = 360, split_seed: int = 0) -> Dataset:
@@ -142,6 +180,14 @@ def _read_text(path: str) -> str:
   return text.replace('\r\n', '\n').replace('\r', '\n')
 
 
+def pydoc_text() -> str:
+  """The default text of the language models: the English text of Python's documentation topics
+  (`pydoc_data.topics`, ~465k characters, shipped with CPython), topics in sorted order joined
+  by blank lines."""
+  from pydoc_data.topics import topics
+  return '\n\n'.join(topics[k] for k in sorted(topics))
+
+
 def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 0.1) -> Dataset:
   """Character-level language modelling on a local UTF-8 text file (default: the English text of
   Python's documentation topics, `pydoc_data`, ~465k characters, which ships with CPython).
@@ -154,8 +200,7 @@ def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 
       raise ValueError(f'data.path={path!r} is not a readable file')
     text = _read_text(path)
   else:
-    from pydoc_data.topics import topics
-    text = '\n\n'.join(topics[k] for k in sorted(topics))
+    text = pydoc_text()
   chars = sorted(set(text))
   ids = np.searchsorted(np.array(chars), np.array(list(text))).astype(np.int32)
   cut = int(len(ids) * (1 - test_fraction))
@@ -163,7 +208,7 @@ def char_lm(path: str | None = None, seq_len: int = 128, test_fraction: float = 
     raise ValueError(f'data.path has {len(ids)} characters: too short for seq_len={seq_len}')
 
   def windows(arr, stride):
-    w = np.stack([arr[s:s + seq_len + 1] for s in range(0, len(arr) - seq_len - 1, stride)])
+    w = np.stack([arr[s:s + seq_len + 1] for s in range(0, len(arr) - seq_len, stride)])
     return {'inputs': w[:, :-1], 'targets': w[:, 1:]}
 
   return Dataset(windows(ids[:cut], seq_len // 2), windows(ids[cut:], seq_len),
@@ -259,46 +304,3 @@ def shift_images(images, offsets, max_shift: int):
   _, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
   return np.stack([padded[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
-
-
-def batch_indices(num_examples: int, batch_size: int, step: int, seed: int,
-                  process_index: int = 0, process_count: int = 1):
-  """Indices of this process's share of the global batch for `step`.
-
-  Epoch e = step // (N // B) uses permutation(seed, e); process p of P takes rows
-  [p·B/P, (p+1)·B/P) of the global batch. Stateless: resuming at `step` continues the sequence.
-  """
-  steps_per_epoch = num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={batch_size} is larger than the {num_examples} training examples')
-  epoch, i = divmod(step, steps_per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  per = batch_size // process_count
-  start = i * batch_size + process_index * per
-  return order[start:start + per]
-
-
-def train_batch(dataset: Dataset, config, step: int) -> dict:
-  """This process's rows of the global batch for `step` (stateless: the position is the step),
-  shifted by up to config.data.augment pixels, with a weight of 1 per example."""
-  c = config
-  idx = batch_indices(len(dataset.train['targets']), c.batch_size, step, c.seed,
-                      jax.process_index(), jax.process_count())
-  batch = {k: v[idx] for k, v in dataset.train.items()}
-  shift = c.data.get('augment', 0)
-  if shift:  # drawn for the global batch, then sliced: the same shifts on 1 host or many.
-    offsets = shift_offsets(np.random.default_rng([c.seed, step, 1]), c.batch_size, shift)
-    start = jax.process_index() * len(idx)
-    batch['inputs'] = shift_images(batch['inputs'], offsets[start:start + len(idx)], shift)
-  return batch | {'weight': np.ones(len(idx), np.float32)}
-
-
-def eval_batches(dataset: Dataset, batch_size: int):
-  """The test set in global batches of `batch_size`, padded with weight-0 rows; this process's rows."""
-  n = len(dataset.test['targets'])
-  pid, per = jax.process_index(), batch_size // jax.process_count()
-  for start in range(0, n, batch_size):
-    rows = np.arange(start + pid * per, start + (pid + 1) * per)
-    valid = rows < n
-    batch = {k: v[np.where(valid, rows, 0)] for k, v in dataset.test.items()}
-    yield batch | {'weight': valid.astype(np.float32)}
