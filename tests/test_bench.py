@@ -1,7 +1,8 @@
-"""The benchmark suite: the analytic FLOP count against XLA's own count, and a tiny run of
-`python -m experiments.bench` end to end."""
+"""The benchmark suite: the analytic FLOP count against XLA's own count, the data section's
+workers-needed arithmetic, and a tiny run of `python -m experiments.bench` end to end."""
 
 import json
+import math
 import os
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 
 from experiments.bench import __main__ as bench
 from experiments import steps, tasks
-from experiments.bench import flops, report, specs, step_time
+from experiments.bench import data_rate, flops, report, specs, step_time
 
 # Small enough to compile in a second, wide enough that matrix products dominate.
 COUNTED = [specs.Spec('v', 'ViT', num_layers=2, d_model=128, num_heads=4, d_ff=512, batch=2,
@@ -56,9 +57,22 @@ def test_tiny_benchmark_end_to_end(tmp_path):
   assert saved['parallel']['devices'] == bench.SIMULATED_DEVICES
   assert saved['parallel']['pmap']['median_s'] > 0 and saved['parallel']['jit']['median_s'] > 0
   assert saved['vectorized']['members'] == 2 and saved['vectorized']['speedup'] > 0
+  data = saved['data']
+  assert data['train_view']['images_per_s'] > 0 and data['eval_view']['images_per_s'] > 0
+  assert [r['workers'] for r in data['pipeline']] == [1]
+  assert all(r['images_per_s'] > 0 for r in data['pipeline'])
+  assert data['per_worker_images_per_s'] == data['train_view']['images_per_s']
+  # The ViT rows of this run's train section, then the H100 reference.
+  assert [t['images_per_s'] for t in data['targets']] == [
+      r['examples_per_s'] for r in saved['train'] if r['model'].startswith('vit')] + [
+          data_rate.H100_VIT_B16['images_per_s']]
+  assert all(t['workers_needed'] == math.ceil(t['images_per_s'] / data['per_worker_images_per_s'])
+             for t in data['targets'])
+  assert data['image']['format'] == 'JPEG' and data['cpu_count'] == os.cpu_count()
   table = (tmp_path / 'bench.md').read_text()
   for heading in ('| matmul |', '| model | dtype |', '| T | ours ms |', '| runner |',
-                  'member-steps/s'):
+                  'member-steps/s', '| pipeline.train_feed | 1 worker |',
+                  '| target | images/s | workers needed |'):
     assert heading in table
   if 'rows' in results['peer']:  # torch installed: the ratio tx/peer is reported per model
     assert {r['model'] for r in saved['peer']['rows']} == {s.name for s in
@@ -71,6 +85,18 @@ def test_tiny_benchmark_end_to_end(tmp_path):
                for r in saved['peer']['rows'])
   for png in ('attention.png', 'throughput.png'):
     assert os.path.getsize(tmp_path / png) > 10_000
+
+
+def test_workers_needed_is_the_ceiling_of_target_over_the_rate_of_one_worker():
+  assert data_rate.workers_needed(2078, 587) == 4  # 3.54 workers: the fourth makes up the rest
+  assert data_rate.workers_needed(1000, 500) == 2  # an exact multiple needs no extra worker
+  assert data_rate.workers_needed(1, 500) == 1
+  # docs/performance.md: tx's bf16 ViT-B/16 step on one H100, batch 128, 61.6 ms.
+  assert data_rate.H100_VIT_B16['images_per_s'] == pytest.approx(2078, abs=0.5)
+  rows = [dict(model='vit-a', dtype='float32', examples_per_s=50.0),
+          dict(model='lm-b', dtype='float32', examples_per_s=9.0)]
+  assert [t['images_per_s'] for t in data_rate.targets(rows)] == [50.0, 2077.9]
+  assert [t['images_per_s'] for t in data_rate.targets(None)] == [2077.9]
 
 
 def test_ratio_to_the_peer_uses_the_tx_timing_taken_next_to_it():

@@ -7,6 +7,8 @@ Sections (all by default, in this order; docs/performance.md has more, and the r
   attention   ours against the fused implementation, T = 128 … 8192: time and peak memory
   parallel    pmap against jit on 8 devices (8 simulated CPU devices on a CPU host)
   vectorized  a vmapped sweep of 8 members against one run after another
+  data        images/s of the image pipeline (JPEG decode + augmentation, one process and
+              through grain's workers), and the workers the ViT step rates need (data_rate.py)
 
 CPU hosts time specs.CPU_SPECS, GPU hosts specs.GPU_SPECS. After every section it writes
 bench.json, bench.md, attention.png and throughput.png into --workdir.
@@ -25,33 +27,41 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.bench import attention_kernels, plots, report, specs, step_time
+from experiments.bench import attention_kernels, data_rate, plots, report, specs, step_time
 from experiments.bench.timing import environment
 from experiments.cli import exit_on_interrupt
 from experiments.metrics import write_atomically
 
-SECTIONS = ('matmul', 'train', 'peer', 'attention', 'parallel', 'vectorized')
+SECTIONS = ('matmul', 'train', 'peer', 'attention', 'parallel', 'vectorized', 'data')
 SIMULATED_DEVICES = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def plan(mode: str, backend: str) -> dict:
-  """What each mode measures: models, dtypes, matmul sizes, attention lengths, repeats."""
+  """What each mode measures: models, dtypes, matmul sizes, attention lengths, repeats, and
+  the data section's images (data_rate.bench's arguments)."""
   gpu = backend == 'gpu'
   full = specs.GPU_SPECS if gpu else specs.CPU_SPECS
   common = dict(dtypes=('float32', 'bfloat16'), parallel_spec='vit-digits',
                 vectorized_spec=specs.CPU_SPECS[0], members=8, compile_peer=True,
                 matmul_sizes=(4096, 8192, 16384) if gpu else (512, 1024, 2048),
                 attention_shape=(4, 16, 64) if gpu else (1, 4, 64),  # batch, heads, head dim
-                peer_dtype='bfloat16' if gpu else 'float32')  # the dtype of each target
+                peer_dtype='bfloat16' if gpu else 'float32',  # the dtype of each target
+                # ImageNet-sized JPEGs to 224, the ViT-B/16 input; 64 files, read again and again
+                data=dict(count=64, width=500, height=375, size=224, batch=32, repeats=5,
+                          batches=16, workers=(1, 2)))
   if mode == 'tiny':
     # The ViT only: the test suite's time budget (tests/test_bench_peer.py tests every
     # kind's peer, and tests/test_bench.py the FLOP count of every kind).
     return dict(common, specs=specs.TINY_SPECS[:1], matmul_sizes=(128, 256), lengths=(64, 128),
                 attention_shape=(1, 2, 16), repeats=1, parallel_spec='vit-tiny',
-                vectorized_spec=specs.TINY_SPECS[0], members=2, compile_peer=False)
+                vectorized_spec=specs.TINY_SPECS[0], members=2, compile_peer=False,
+                # One worker only: its start-up (~2 s of imports) is most of the section's time.
+                data=dict(count=8, width=80, height=60, size=32, batch=8, repeats=2, batches=4,
+                          workers=(1,)))
   if mode == 'quick':
-    return dict(common, specs=full[:2] + full[3:], lengths=(128, 512, 2048), repeats=3)
+    return dict(common, specs=full[:2] + full[3:], lengths=(128, 512, 2048), repeats=3,
+                data=dict(common['data'], repeats=3, batches=8))
   return dict(common, specs=full, lengths=(128, 256, 512, 1024, 2048, 4096, 8192), repeats=5)
 
 
@@ -86,7 +96,8 @@ def run(mode: str, out: str, sections=SECTIONS, log=print) -> dict:
   # spec name -> its compiled tx step in the peer's dtype, which 'peer' times again
   timers = {} if 'peer' in sections else None
   measure = dict(matmul=_matmul, train=_train, peer=_peer, attention=_attention,
-                 parallel=_parallel, vectorized=_vectorized)
+                 parallel=_parallel, vectorized=_vectorized,
+                 data=lambda p, timers, log: _data(p, results.get('train'), log))
   for name in SECTIONS:
     if name not in sections and not (name == 'matmul' and 'train' in sections):  # MFU needs it
       continue
@@ -185,6 +196,12 @@ def _vectorized(p: dict, timers, log) -> dict:
   r = dict(step_time.time_vectorized(spec, p['members'], repeats=p['repeats']), model=spec.name)
   log(f'vectorized: {r["speedup"]:.2f}x sequential')
   return r
+
+
+def _data(p: dict, train_rows, log) -> dict:
+  """The image pipeline's images/s, and the workers needed by the step rate of each ViT row
+  of this run's train section (if it ran) and of ViT-B/16 on an H100."""
+  return data_rate.bench(**p['data'], train_rows=train_rows, log=log)
 
 
 def main(argv):

@@ -6,7 +6,7 @@ from __future__ import annotations
 def markdown(results: dict) -> str:
   """The report: the environment, then a table per section that was run."""
   sections = (('matmul', _matmul), ('train', _train), ('attention', _attention),
-              ('parallel', _parallel), ('vectorized', _vectorized))
+              ('parallel', _parallel), ('vectorized', _vectorized), ('data', _data))
   return '\n\n'.join([_environment(results)] + [part for key, section in sections
                                                 if key in results for part in section(results)])
 
@@ -107,3 +107,22 @@ def _vectorized(results: dict) -> list[str]:
       [[kind, f'{v[key + "_member_steps_per_s"]:.1f}', f'{v[key]["first_s"]:.1f}']
        for kind, key in (('sequential', 'sequential'), ('vectorized (vmap)', 'vectorized'))])
       + f'\n\nvectorized/sequential: {v["speedup"]:.2f}x']
+
+
+def _data(results: dict) -> list[str]:
+  d = results['data']
+  image = d['image']
+  rows = [['train view: decode, inception crop, flip', 'one process',
+           f'{d["train_view"]["images_per_s"]:.0f}'],
+          ['eval view: decode (draft), centre crop', 'one process',
+           f'{d["eval_view"]["images_per_s"]:.0f}']]
+  rows += [['pipeline.train_feed', f'{r["workers"]} worker{"s" if r["workers"] > 1 else ""}',
+            f'{r["images_per_s"]:.0f}'] for r in d['pipeline']]
+  return [f'Input pipeline: {image["count"]} {image["format"]}s of {image["width"]}×'
+          f'{image["height"]} (quality {image["quality"]}, {image["mean_bytes"] / 1e3:.0f} KB '
+          f'on average) to {d["size"]}×{d["size"]}, batch {d["batch"]}, {d["cpu_count"]} '
+          'CPUs:\n\n' + _table(['', 'processes', 'images/s'], rows),
+          'Workers needed = ⌈target images/s ÷ the train view\'s images/s of one process⌉:\n\n'
+          + _table(['target', 'images/s', 'workers needed'],
+                   [[t['label'], f'{t["images_per_s"]:,.0f}', t['workers_needed']]
+                    for t in d['targets']])]
