@@ -171,15 +171,20 @@ def test_two_processes_read_disjoint_rows_that_make_the_global_batch(data_dirs, 
   d = tasks.load_dataset(config('folder', data_dirs['folder'], mixup=0.0))
   c = config('folder', '')
   full = d.train_batch(c, 4)
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  parts = []
-  for p in range(2):
-    monkeypatch.setattr(jax, 'process_index', lambda p=p: p)
-    parts.append(d.train_batch(c, 4))
+  parts = [d.train_batch(c, 4, (p, 2)) for p in range(2)]
   for key in full:  # each row's augmentation is seeded by its global row: the same pixels.
     np.testing.assert_array_equal(np.concatenate([x[key] for x in parts]), full[key])
-  halves = [d.eval_batch(4, 1) for p in range(2)]
-  assert halves[0]['weight'].shape == (2,)
+  for index in range(2):
+    whole, halves = d.eval_batch(4, index), [d.eval_batch(4, index, (p, 2)) for p in range(2)]
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([x[key] for x in halves]), whole[key])
+  # The pipeline asks the trainer's jax which process it is, never a worker's (always (0, 1)).
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  with pipeline.train_feed(d, [c], 4, 5, workers=1) as feed:
+    (batch,), = list(feed)
+  for key in full:
+    np.testing.assert_array_equal(batch[key], parts[1][key])
 
 
 @pytest.mark.parametrize('layout, error', [

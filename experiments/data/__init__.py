@@ -8,8 +8,9 @@
   sampling.py       which examples make up a step's batch: a pure function of (seed, step)
   pipeline.py       grain: batches made in worker processes and placed on the devices ahead
 
-Every dataset offers the same few members to the trainer: info, num_train, num_test,
-sample(n), test_examples(n), train_batch(config, step) and eval_batch(batch_size, index).
+Every dataset offers the same few members to the trainer: info, held_in_memory, num_train,
+num_test, sample(n), test_examples(n), train_batch(config, step, process) and
+eval_batch(batch_size, index, process), process = (p, P) saying which rows are this process's.
 """
 
 from experiments.data import pipeline

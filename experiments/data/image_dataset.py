@@ -16,7 +16,6 @@ import io
 import sys
 from typing import Any
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -43,6 +42,7 @@ class ImageDataset:
   test_source: Any
   info: dict
   views: Views
+  held_in_memory = False  # its batches are read and decoded ahead, in a thread or workers.
 
   @property
   def num_train(self) -> int:
@@ -84,11 +84,11 @@ class ImageDataset:
   def test_examples(self, n: int) -> dict:
     return self._batch(self.test_source, range(min(n, self.num_test)), self._eval_view)
 
-  def train_batch(self, config, step: int) -> dict:
-    """This process's rows of the global batch for `step`, each augmented with a generator
+  def train_batch(self, config, step: int, process=(0, 1)) -> dict:
+    """Process (p, P)'s rows of the global batch for `step`, each augmented with a generator
     seeded by (seed, step, global row), so independent of the workers and hosts."""
     c, v = config, self.views
-    p, count = jax.process_index(), jax.process_count()
+    p, count = process
     idx = sampling.batch_indices(self.num_train, c.batch_size, step, c.seed, p, count)
     first_row = p * len(idx)
 
@@ -102,9 +102,8 @@ class ImageDataset:
       batch = images.mixup(batch, np.random.default_rng([c.seed, step, p, 2]), v.mixup)
     return batch
 
-  def eval_batch(self, batch_size: int, index: int) -> dict:
-    rows, valid = sampling.eval_rows(self.num_test, batch_size, index, jax.process_index(),
-                                     jax.process_count())
+  def eval_batch(self, batch_size: int, index: int, process=(0, 1)) -> dict:
+    rows, valid = sampling.eval_rows(self.num_test, batch_size, index, *process)
     batch = self._batch(self.test_source, rows, self._eval_view)
     return batch | {'weight': batch['weight'] * valid}
 

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import pickle
 
-import jax
 import numpy as np
 
 from experiments.data import sampling
@@ -30,6 +29,7 @@ class Dataset:
   extrapolate: dict | None = None  # longer test sequences (seq2seq), evaluated by length.
 
   # What every dataset offers the trainer (experiments/data/image_dataset.py has the same).
+  held_in_memory = True  # its batches are gathered on demand, not made ahead in a thread.
   @property
   def num_train(self) -> int:
     return len(self.train['targets'])
@@ -45,25 +45,23 @@ class Dataset:
   def test_examples(self, n: int) -> dict:
     return {k: v[:n] for k, v in self.test.items()}
 
-  def train_batch(self, config, step: int) -> dict:
-    """This process's rows of the global batch for `step`, shifted by up to
+  def train_batch(self, config, step: int, process=(0, 1)) -> dict:
+    """Process (p, P)'s rows of the global batch for `step`, shifted by up to
     config.data.augment pixels, with a weight of 1 per example."""
     c = config
-    idx = sampling.batch_indices(self.num_train, c.batch_size, step, c.seed,
-                                 jax.process_index(), jax.process_count())
+    idx = sampling.batch_indices(self.num_train, c.batch_size, step, c.seed, *process)
     batch = {k: v[idx] for k, v in self.train.items()}
     shift = c.data.get('augment', 0)
     if shift:  # drawn for the global batch, then sliced: the same shifts on 1 host or many.
       offsets = shift_offsets(np.random.default_rng([c.seed, step, 1]), c.batch_size, shift)
-      start = jax.process_index() * len(idx)
+      start = process[0] * len(idx)
       batch['inputs'] = shift_images(batch['inputs'], offsets[start:start + len(idx)], shift)
     return batch | {'weight': np.ones(len(idx), np.float32)}
 
-  def eval_batch(self, batch_size: int, index: int) -> dict:
-    """This process's rows of test batch `index` (global batches of batch_size, the last one
-    padded with weight-0 rows)."""
-    rows, valid = sampling.eval_rows(self.num_test, batch_size, index, jax.process_index(),
-                                     jax.process_count())
+  def eval_batch(self, batch_size: int, index: int, process=(0, 1)) -> dict:
+    """Process (p, P)'s rows of test batch `index` (global batches of batch_size, the last
+    one padded with weight-0 rows)."""
+    rows, valid = sampling.eval_rows(self.num_test, batch_size, index, *process)
     return {k: v[rows] for k, v in self.test.items()} | {'weight': valid.astype(np.float32)}
 
 
