@@ -19,7 +19,7 @@ documents into windows of seq_len tokens (experiments/data/text.py, docs/data.md
 bits per token by the test text's characters per token (3.50 here). The default text is 116k
 train / 13k test tokens, so the run is 500 steps (~9 epochs): 1,500 overfit (test loss 4.62
 nats/token at step 500, 6.23 at 1,500, train loss 0.38). Expected (2-core CPU, measured
-2026-12-06, JAX 0.10.2): 109 s wall; test loss 4.46 nats/token = 6.44 bits per token = 1.84
+2026-12-06, JAX 0.10.2): 64 s wall; test loss 4.46 nats/token = 6.44 bits per token = 1.84
 bits per character, next-token accuracy 0.226.
 """
 
