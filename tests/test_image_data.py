@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -361,3 +362,23 @@ def test_the_cifar_config_reads_each_format(data_dirs, name):
   assert d.sample(1)['inputs'].shape == (1, 32, 32, 3) and d.info['num_classes'] == 3
   with pytest.raises(ValueError, match=r"^config argument data='hub'; allowed: 'pickle', "):
     cifar.get_config('data=hub')
+
+
+def test_ctrl_c_with_worker_processes_saves_and_prints_no_worker_tracebacks(data_dirs, tmp_path):
+  from tests.test_interrupts import WITH_CTRL_C
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, '-c', WITH_CTRL_C, '-m', 'experiments.run',
+       '--config=configs/vit.py:data=folder,quick', f'--config.data.dir={data_dirs["folder"]}',
+       '--config.data.image_size=8', '--config.batch_size=8', '--config.total_steps=100000',
+       '--config.log_every=5', '--config.data.workers=1', f'--workdir={workdir}'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)
+  for line in proc.stdout:
+    if line.startswith('step '):  # training: Ctrl-C reaches the trainer and its workers.
+      os.killpg(proc.pid, signal.SIGINT)
+      break
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert 'SIGINT: saved step' in out
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 
 import grain
 import jax
@@ -38,7 +39,8 @@ def _iterate(dataset, make, first: int, last: int, workers: int, put):
     # An element is a whole batch: one reading thread per worker, two batches ahead. (grain's
     # defaults, 16 threads and 500 elements, hold gigabytes of batches per worker.)
     reading = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    it = ds.to_iter_dataset(reading).mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = ds.to_iter_dataset(reading).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_ctrl_c)
   else:  # made in the prefetch thread below, or on demand: no copies, no worker start-up.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if put is not None:
@@ -48,6 +50,13 @@ def _iterate(dataset, make, first: int, last: int, workers: int, put):
   if workers or not dataset.held_in_memory:
     return iter(ThreadPrefetchIterDataset(it, prefetch_buffer_size=PREFETCH))
   return iter(it)
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int):
+  """Ctrl-C reaches every process of the terminal's group: the trainer saves and stops, and
+  closing the pipeline stops the workers, which would otherwise print a traceback each."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _absl_flags_parsed():
