@@ -17,7 +17,6 @@ import numpy as np
 
 from configs import common
 from experiments import evaluators, init_from, runners, tasks
-from experiments import data as data_lib
 from experiments.optimizer import SCHEDULES
 from tx.validate import check_choice
 
@@ -97,7 +96,7 @@ def _check_data_and_model(config, values: dict, periodic: list, workdir: str | N
     _fail('batch_size', config.batch_size, f'it must be at most the {n} training examples')
   if data.get('workers', 0) < 0:
     _fail('data.workers', data.workers, 'it must be >= 0 (0: batches are made in the trainer)')
-  if data.get('augment') and (not isinstance(dataset, data_lib.Dataset) or
+  if data.get('augment') and (not dataset.held_in_memory or
                               dataset.sample(1)['inputs'].ndim != 4):
     _fail('data.augment', data.augment, 'only images held in memory [N, H, W, C] are shifted '
           "by it; use 0 (images on disk: data.crop='shift' and data.shift)")

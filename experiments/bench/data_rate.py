@@ -24,10 +24,8 @@ The train and eval views are batch ÷ the median time of `repeats` batches after
 batch.
 
 Workers needed for a target rate R images/s: ⌈R ÷ r⌉, r the train view's images/s (one
-process, one core). A grain worker reads with several threads and PIL releases the GIL while
-decoding and resizing, so on a many-core host one worker can use more than one core; the
-count is then one of single-core workers, that is of cores. The pipeline rows show what W
-workers deliver here against W·r.
+process, one core; a worker reads with one thread). The pipeline rows show what W workers
+deliver here against W·r.
 
 Targets: every ViT row of the train section of the same run (its examples/s on this host; on
 a CPU host these are small-image ViTs, so the count says what feeding that step rate with
@@ -37,10 +35,10 @@ ImageNet-sized JPEGs would take), and tx's ViT-B/16 train step on one H100: bflo
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
-import statistics
 import tempfile
 import time
 
@@ -48,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from configs import common
+from experiments.bench import timing
 from experiments.data import image_dataset, pipeline
 
 QUALITY = 90
@@ -116,14 +115,10 @@ def targets(train_rows) -> list[dict]:
 def _view_rate(make_batch, batch: int, repeats: int) -> dict:
   """{'images_per_s': batch ÷ median, 'median_s', 'times_s'} of make_batch(k) for k = 1 …
   repeats, after make_batch(0) as a warm-up (first reads of the files, lazy imports)."""
-  make_batch(0)
-  times = []
-  for k in range(1, repeats + 1):
-    start = time.perf_counter()
-    make_batch(k)
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return {'images_per_s': batch / median, 'median_s': median, 'times_s': times}
+  k = itertools.count()
+  r = timing.measure(lambda: make_batch(next(k)), repeats=repeats)
+  return {'images_per_s': batch / r['median_s'], 'median_s': r['median_s'],
+          'times_s': r['times_s']}
 
 
 def _pipeline_rate(dataset, config, workers: int, batches: int) -> dict:

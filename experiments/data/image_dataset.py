@@ -12,12 +12,10 @@ data.image_size is 0 (the sampled images must then all have one square size).
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from experiments.data import images, sampling, sources
 from tx.validate import check_choice
@@ -112,19 +110,12 @@ _skipped: set = set()  # names of the corrupt images this process skipped.
 
 
 def native_size(source, probes: int = 8) -> int:
-  """The side of the source's images, read from the headers of `probes` examples spread over
-  it; a ValueError if they are not all one square size."""
+  """The side of the source's images, read from `probes` examples spread over it; a
+  ValueError if they are not all one square size (a CorruptImage if one does not decode)."""
   sizes = {}
   for i in np.linspace(0, len(source) - 1, min(probes, len(source))).astype(int):
     record = source[int(i)]
-    data = record['image']
-    try:
-      size = (data.shape[1], data.shape[0]) if isinstance(data, np.ndarray) else \
-          Image.open(io.BytesIO(data)).size
-    except Exception:  # noqa: BLE001
-      images.decode(data, record['name'])  # raises CorruptImage naming it.
-      raise
-    sizes.setdefault(size, record['name'])
+    sizes.setdefault(images.decode(record['image'], record['name']).size, record['name'])
   if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
     found = ', '.join(f'{w}×{h} ({name})' for (w, h), name in list(sizes.items())[:2])
     raise ValueError(f'data.image_size=0 takes the size from the images, but they are {found}; '
