@@ -145,7 +145,11 @@ class VmapRunner:
     train = lambda state, batch, beta: step_functions(run, beta)[0](state, batch)
     evaluate = lambda params, batch, beta: step_functions(run, beta)[1](params, batch)
     self._train = jax.jit(jax.vmap(train), donate_argnums=(0,))
-    self._eval = jax.jit(jax.vmap(evaluate, in_axes=(0, None, 0)))
+    # Every member reads the same eval batch, but it is stacked per member (in_axes 0), not
+    # broadcast (in_axes None): XLA:CPU (jaxlib 0.10.2) compiled the broadcast form of the LM's
+    # weighted loss sum into member 0's value for every member once the batch is large
+    # (256 × 128 tokens); tests/test_vectorized.py checks each member against its own run.
+    self._eval = jax.jit(jax.vmap(evaluate))
 
   def init(self, run, seeds):
     seeds = jnp.asarray(seeds, jnp.int32)
@@ -167,7 +171,7 @@ class VmapRunner:
     return self.step(state, self.put(batches))
 
   def eval_step(self, state, batch):
-    return self._eval(state.params, batch, self.betas)
+    return self._eval(state.params, self.put([batch] * len(self.betas)), self.betas)
 
   def fetch(self, tree):
     host = jax.device_get(tree)  # arrays, not NumPy scalars, also for 0-d leaves (orbax).

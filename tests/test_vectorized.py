@@ -342,3 +342,24 @@ def test_sigterm_during_the_end_of_run_evaluation_resumes_the_same_group(
   assert 'SIGTERM: training had finished' in out, out[-3000:]
   assert not any((d / 'summary.json').exists() for d in workdir.iterdir())
   _rerun_equals(grid, workdir, uninterrupted, resumed_from=20)
+
+
+def test_each_member_is_evaluated_with_its_own_parameters():
+  """A large shared eval batch (256 × 128 tokens of the character LM): each member's sums equal
+  its own single-run evaluation. Broadcasting the batch to the members (vmap in_axes None) made
+  XLA:CPU return member 0's loss for every member at this size."""
+  from configs import lm
+  from experiments import runners, steps
+  c = lm.get_config()
+  c.model.update(num_layers=1, d_model=32, d_ff=64)
+  run = steps.setup(c)
+  group = runners.make_runner('vmap', None, run, betas=[1.0, 1.0])
+  states = group.init(run, [0, 1])
+  batch = run.dataset.eval_batch(256, 0)
+  single = runners.make_runner('jit', jax.devices()[:1], run)
+  together = group.fetch(group.eval_step(group.put_state(states), batch))
+  alone = [single.fetch(single.eval_step(jax.device_put(s), batch))[0] for s in states]
+  assert together[0]['loss_sum'] != together[1]['loss_sum']
+  for t, a in zip(together, alone):
+    for key in a:
+      np.testing.assert_allclose(t[key], a[key], rtol=1e-5)
