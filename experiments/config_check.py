@@ -24,11 +24,12 @@ from tx.validate import check_choice
 AT_LEAST_1 = ('batch_size', 'grad_accum_steps', 'log_every', 'eval_every', 'checkpoint_every',
               'keep_checkpoints', 'data.patch_size', 'data.train_size', 'data.test_size',
               'data.min_length', 'data.max_length', 'data.extrapolate_max_length',
-              'data.num_symbols', 'data.seq_len', 'model.num_layers', 'model.d_model',
-              'model.num_heads', 'model.d_ff', 'model.patch_size', 'model.num_positions',
+              'data.num_symbols', 'data.seq_len', 'data.max_distance', 'model.num_layers',
+              'model.d_model', 'model.num_heads', 'model.patch_size', 'model.num_positions',
               'model.num_classes', 'model.vocab_size',
               # evaluator options as evals.<type>.<option>, whatever the evaluator's name.
-              'evals.attention_entropy.examples', 'evals.exact_match_by_length.batch_size')
+              'evals.attention_entropy.examples', 'evals.exact_match_by_length.batch_size',
+              'evals.bits_by_length.max_factor', 'evals.bits_by_length.batch_size')
 BELOW_1 = ('label_smoothing', 'optimizer.b1', 'optimizer.b2', 'model.dropout',
            'model.attention_dropout')  # [0, 1)
 RANGES = {**{f: (lambda v: v >= 1, 'it must be a positive integer') for f in AT_LEAST_1},

@@ -49,7 +49,7 @@ def error_of(config) -> str:
     ('lm', {'model.posemb': 'learn', 'model.num_positions': 32},
      'config.model.num_positions=32: sequence length 128 exceeds the learned posemb table '
      '(num_positions=32)'),
-    ('mnist1d', {'data.patch_size': 2},  # 20 patches + CLS do not fit the 11-row table.
+    ('mnist1d', {'data.patch_size': 2, 'model.posemb': 'learn'},  # 21 rows do not fit 11.
      'config.model.num_positions=11: sequence length 21 exceeds the learned posemb table'),
     ('mnist1d', {'model.posemb': 'sincos2d'},
      "config.model.posemb='sincos2d'; allowed: 'learn', 'sinusoidal', 'rope', 'none'"),
@@ -76,7 +76,7 @@ def error_of(config) -> str:
     ('seq2seq', {'data.min_length': 5, 'data.max_length': 3},
      'config.data.min_length=5; it must be <= config.data.max_length=3'),
     ('vit', {'evals.test.type': 'confusion'},
-     "config.evals.test.type='confusion'; allowed: 'attention_entropy', 'exact_match_by_length',"),
+     "config.evals.test.type='confusion'; allowed: 'attention_entropy', 'bits_by_length', 'exact_match_by_length',"),
     ('vit', {'evals.test.at': 'start'}, "config.evals.test.at='start'; allowed: 'eval', 'end'"),
     ('vit', {'evals.test.at': 'end'},
      "config.best_metric='accuracy'; allowed: (none: no evaluator with at='eval' names one)"),
@@ -218,7 +218,7 @@ ZERO_INVALID = {'batch_size', 'grad_accum_steps', 'log_every', 'eval_every', 'ch
                 'keep_checkpoints', 'total_steps', 'optimizer.lr', 'data.patch_size',
                 'data.train_size', 'data.test_size', 'data.min_length', 'data.max_length',
                 'data.num_symbols', 'data.seq_len', 'data.test_fraction', 'model.num_layers',
-                'model.d_model', 'model.num_heads', 'model.d_ff', 'model.patch_size',
+                'model.d_model', 'model.num_heads', 'model.patch_size',
                 'model.num_positions', 'evals.attention_entropy.examples'}
 TOO_LARGE = {'label_smoothing': 1.0, 'optimizer.b1': 1.0, 'optimizer.b2': 1.5, 'num_devices': 9,
              'model.dropout': 1.0, 'model.attention_dropout': 1.5, 'data.test_fraction': 1.0,
@@ -234,7 +234,8 @@ PAIRS = {  # inconsistent values; every one is invalid on its own base config.
             {'model.posemb': 'rope', 'model.d_model': 12, 'model.num_heads': 4}],
     'vit': [{'model.patch_size': 3},
             {'model.posemb': 'sincos2d', 'model.d_model': 18, 'model.num_heads': 2}],
-    'mnist1d': [{'data.patch_size': 3}, {'data.patch_size': 2}, {'model.posemb': 'sincos2d'},
+    'mnist1d': [{'data.patch_size': 3}, {'data.patch_size': 2, 'model.posemb': 'learn'},
+                {'model.posemb': 'sincos2d'},
                 {'data.augment': 1}],
     'seq2seq': [{'data.min_length': 5, 'data.max_length': 3}, {'data.augment': 2},
                 {'model.posemb': 'learn', 'model.num_positions': 4}],

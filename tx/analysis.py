@@ -1,5 +1,6 @@
 """Reading attention out of a model: the weights of every layer, their entropy, rollout,
-mean distance, and how much of them position alone explains."""
+mean distance, and how much of them position alone explains; and the hidden states of every
+layer, with how contextual they are (Ethayarajh, 2019)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from tx.layers import DecoderBlock, EncoderBlock
 from tx.models import Decoder, Encoder, unstack_layers
 
 _SHORT = {'encoder': 'enc', 'decoder': 'dec'}
@@ -227,3 +229,106 @@ def position_content_shares(weights, offsets, valid=None) -> dict:
   return {'relative': ss_offset / total, 'absolute': ss_cell / total,
           'content': ss_examples / total,
           'profile': {int(i): group_mean[:, g] for g, i in enumerate(ids) if used[g]}}
+
+
+_LAYER_0 = ('posemb', 'embedding_norm')  # a stack's modules before its first block, in order.
+
+
+def hidden_states(model, variables, *args, method=None, **kwargs) -> dict:
+  """Runs `model.apply(variables, *args, **kwargs)` and returns the residual stream of every
+  encoder and decoder stack, layer by layer: {stack: [h_0, h_1, ..., h_L]}, each
+  h_l [batch..., T, d_model]:
+
+    h_0 = E(tokens) + P    the input of the first block: the token embedding plus the position
+                           embedding (none with rope, which rotates q and k instead), after
+                           the embedding LayerNorm with embedding_norm=True (BERT);
+    h_l = block_l(h_{l-1}) the output of block l (1-based), l = 1..L; h_L comes before the final
+                           LayerNorm of a pre-LN stack.
+
+  `stack` is the stack's module path: 'decoder' for a DecoderLM, 'encoder' and 'decoder' for
+  an EncoderDecoder (`method='encode'`: the encoder only), 'encoder' for an
+  EncoderClassifier or a ViT; a bare Encoder or Decoder is 'encoder' or 'decoder'. The
+  outputs are read with Flax's `capture_intermediates`, so no module sows anything for it;
+  with scan_layers=True the layers come back unstacked.
+  """
+  def wanted(module, method_name: str) -> bool:  # under nn.scan a block's parent is a Scope.
+    return method_name == '__call__' and (
+        isinstance(module, (EncoderBlock, DecoderBlock))
+        or (module.name in _LAYER_0 and isinstance(module.parent, (Encoder, Decoder))))
+
+  _, state = model.apply(variables, *args, method=method, capture_intermediates=wanted,
+                         mutable=['intermediates'], **kwargs)
+  flat = flax.traverse_util.flatten_dict(unstack_layers(state.get('intermediates', {})))
+  root = next((name for cls, name in ((Decoder, 'decoder'), (Encoder, 'encoder'))
+               if isinstance(model, cls)), '')
+  stacks: dict = {}
+  for path, (value,) in flat.items():
+    if path[-1] == '__call__':
+      stacks.setdefault('/'.join(path[:-2]) or root, {})[path[-2]] = value
+  out = {}
+  for stack, outputs in stacks.items():
+    first = [outputs[name] for name in _LAYER_0 if name in outputs][-1:]
+    blocks = sorted((int(name[len('block_'):]), h) for name, h in outputs.items()
+                    if name.startswith('block_'))
+    out[stack] = first + [h for _, h in blocks]
+  return out
+
+
+def _unit_rows(x) -> np.ndarray:
+  """x [..., d] as float64 rows of norm 1 (a zero row stays zero)."""
+  x = np.asarray(x, np.float64)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.where(norm > 0, norm, 1.0)
+
+
+def mean_pairwise_cosine(x) -> float:
+  """The mean cosine similarity of the rows of x [n, d] over all pairs i ≠ j (n ≥ 2):
+
+    (1 / (n² − n)) Σ_{i≠j} cos(x_i, x_j) = (‖Σ_i u_i‖² − Σ_i ‖u_i‖²) / (n² − n),
+
+  u_i = x_i / ‖x_i‖ (Σ_{i,j} u_i·u_j = ‖Σ_i u_i‖²; a zero row has cosine 0 with every row),
+  in O(n·d) and float64. With the rows one word's representations in n contexts it is
+  Ethayarajh's (2019) self-similarity SelfSim(w), 1 for a static embedding; with rows drawn
+  from the whole corpus, his anisotropy baseline, the expected cosine of two random words
+  (0 for isotropic representations, near 1 when all share one direction).
+  """
+  u = _unit_rows(x)
+  n = u.shape[0]
+  if u.ndim != 2 or n < 2:
+    raise ValueError(f'x.shape={u.shape}; allowed: [n, d] with n >= 2 rows')
+  total = u.sum(0)
+  return float((total @ total - (u * u).sum()) / (n * n - n))
+
+
+def intra_sentence_similarity(x, valid=None):
+  """Ethayarajh's (2019) intra-sentence similarity of each sentence, the mean cosine of its
+  words' representations x_i with their mean s̄:
+
+    IntraSim(s) = (1/n) Σ_i cos(x_i, s̄),   s̄ = (1/n) Σ_i x_i,
+
+  over the n valid positions of x [batch..., T, d] (valid [batch..., T] bool, default all).
+  Returns float64 [batch...]; 0 for a sentence with no valid position.
+  """
+  x = np.asarray(x, np.float64)
+  m = np.ones(x.shape[:-1]) if valid is None else np.asarray(valid, np.float64)
+  count = m.sum(-1)
+  mean = (x * m[..., None]).sum(-2) / np.maximum(count, 1)[..., None]
+  cos = (_unit_rows(x) * _unit_rows(mean)[..., None, :]).sum(-1)
+  return (cos * m).sum(-1) / np.maximum(count, 1)
+
+
+def max_explainable_variance(x) -> float:
+  """Ethayarajh's (2019) maximum explainable variance of a word's representations x [n, d]
+  (its occurrence matrix, one row per context): the share of their (uncentred) second moment
+  along the best single direction,
+
+    MEV = σ_1² / Σ_i σ_i²,   σ_i the singular values of x,
+
+  the most of the representations that any static embedding (one vector per word, scaled per
+  context) can explain: 1 when every row is a multiple of one vector, 1/min(n, d) at least.
+  """
+  x = np.asarray(x, np.float64)
+  if x.ndim != 2 or not x.size:
+    raise ValueError(f'x.shape={x.shape}; allowed: a non-empty [n, d] matrix')
+  s2 = np.linalg.svd(x, compute_uv=False) ** 2
+  return float(s2[0] / max(s2.sum(), 1e-300))

@@ -20,11 +20,13 @@ import numpy as np
 from tx import scores as scores_lib
 from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention
 from tx.masks import combine_masks
+from tx.posemb import alibi_bias
 from tx.posemb import rope as apply_rope
 from tx.validate import check_beta, check_choice, concrete
 
 Dtype = Any
 SCORES = ('dot', 'general', 'additive', 'cosine', 'location')
+BETA_LENGTHS = ('none', 'log')  # MultiHeadAttention.beta_length.
 NORMS = ('post', 'pre')
 # 'gelu' is the tanh approximation 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) (BERT's paper,
 # GPT-2); 'gelu_exact' is x·Φ(x) with the normal CDF Φ (erf), as HF ViT, timm and BERT compute.
@@ -73,6 +75,23 @@ class MultiHeadAttention(nn.Module):
   (with decode: the cache slots). A left-padded row b has position s − pad_b at slot s, as
   transformers numbers it (rope's q·k depends on m − n only, so the shift changes the logits
   by rounding alone). Ignored without rope.
+
+  alibi (self-attention only): adds ALiBi's bias b_hij = −m_h·|i − j| to the logits
+  (`tx.posemb.alibi_bias`; Press et al. 2022), i and j the query's and key's token index
+  (with decode: cache slots, whose differences equal those of a left-padded row's positions),
+  on top of any `bias` given.
+
+  beta_length: 'none' (β as above) or 'log', the length-aware temperature of Chiang & Cholak
+  (2022) and Scalable-Softmax (Nakanishi, 2025): query i's logits are scaled by log n_i,
+
+    β_i = β · log n_i = beta_scale · log(n_i) / sqrt(d_head)   (β learned per head: β_h log n_i)
+
+  where n_i is the number of keys query i may attend, counted from its mask row (causal: i + 1;
+  padding: the real keys; decode: the cache slots filled so far, less masked ones; no mask:
+  Tk). n_i ≤ 1 gives log n_i = 0, uniform weights over its one key (or none) and never NaN.
+  For score='dot' the factor is folded into q (β_i q_i·k_j = β (log n_i · q_i)·k_j), so β stays
+  a scalar or per head and the fused kernel remains valid; other scores get a per-query β
+  [batch..., H, Tq, 1].
   """
   num_heads: int
   qkv_features: int | None = None  # default: input feature size.
@@ -86,6 +105,8 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0  # attention-weight dropout.
   rope: bool = False  # rotary position embedding on q and k (self-attention only).
   rope_base: float = 10000.0
+  alibi: bool = False  # ALiBi's linear distance bias on the logits (self-attention only).
+  beta_length: str = 'none'  # 'none' | 'log': β_i = β · log(n_i keys query i may attend).
   location_keys: int = 512  # key positions the score='location' kernel is built for.
   decode: bool = False
   dtype: Dtype = jnp.float32
@@ -131,13 +152,13 @@ class MultiHeadAttention(nn.Module):
     """Writes this call's k, v into the cache at `cache_index`; returns full-cache k, v, mask.
 
     Rope rotates by `positions` (default: the cache slots); the causal mask always compares
-    cache slots."""
+    cache slots. Also returns the queries' cache slots [T] (ALiBi's query positions)."""
     initialized = self.has_variable('cache', 'cached_key')
     cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
     index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     if not initialized:  # `init` only sizes the cache.
-      return self._rope(q, positions), self._rope(k, positions), v, mask
+      return self._rope(q, positions), self._rope(k, positions), v, mask, jnp.arange(q.shape[-3])
     length = cached_k.value.shape[-3]
     if mask is not None and jnp.shape(mask)[-1] != length:
       # A one-column key mask would mean "every cached key or none": never what a row wants.
@@ -151,7 +172,23 @@ class MultiHeadAttention(nn.Module):
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
     index.value = index.value + q.shape[-3]
     causal = jnp.arange(length)[None, :] <= slots[:, None]  # [T, length]
-    return q, cached_k.value, cached_v.value, combine_masks(mask, causal)
+    return q, cached_k.value, cached_v.value, combine_masks(mask, causal), slots
+
+  def _alibi(self, bias, q_slots, num_keys: int):
+    """bias + ALiBi's −m_h·|i − j| [H, Tq, Tk] over query slots i and key slots 0 ... Tk − 1."""
+    alibi = alibi_bias(self.num_heads, q_slots, jnp.arange(num_keys))
+    return alibi if bias is None else bias + alibi
+
+  @staticmethod
+  def _log_keys(mask, num_keys: int):
+    """log n_i, n_i the keys each query may attend (its mask row's count, or num_keys without a
+    mask), floored at n = 1 so that a query with one key or none gets 0: [batch..., H|1, Tq|1]."""
+    if mask is None:
+      n = jnp.full((1, 1), num_keys, jnp.float32)
+    else:
+      n = jnp.sum(jnp.asarray(mask, bool), axis=-1, dtype=jnp.float32)
+      n = n.reshape((1,) * max(2 - n.ndim, 0) + n.shape)
+    return jnp.log(jnp.maximum(n, 1.0))
 
   def _rope(self, x, positions=None):
     return apply_rope(x, positions, self.rope_base) if self.rope else x
@@ -179,12 +216,23 @@ class MultiHeadAttention(nn.Module):
     k_BxSxKxD = dense(kv_heads, 'key')(inputs_kv)
     v_BxSxKxD = dense(kv_heads, 'value')(inputs_kv)
     if self_attention and self.decode:
-      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask = self._decode_step(q_BxTxHxD, k_BxSxKxD,
-                                                                 v_BxSxKxD, mask, positions)
+      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, q_slots = self._decode_step(
+          q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, positions)
     elif self_attention:
       q_BxTxHxD, k_BxSxKxD = self._rope(q_BxTxHxD, positions), self._rope(k_BxSxKxD, positions)
+      q_slots = jnp.arange(q_BxTxHxD.shape[-3])
+    if self.alibi and self_attention:
+      bias = self._alibi(bias, q_slots, k_BxSxKxD.shape[-3])
 
     beta = self._beta(head_dim)
+    check_choice('beta_length', self.beta_length, BETA_LENGTHS)
+    if self.beta_length == 'log':
+      log_n_BxHxT = self._log_keys(mask, k_BxSxKxD.shape[-3])
+      if self.score == 'dot':  # q·k is linear in q: β stays what the fused kernel takes.
+        log_n_BxTxHx1 = jnp.swapaxes(log_n_BxHxT, -1, -2)[..., None]
+        q_BxTxHxD = (q_BxTxHxD.astype(jnp.float32) * log_n_BxTxHx1).astype(q_BxTxHxD.dtype)
+      else:
+        beta = jnp.reshape(beta, (-1, 1, 1) if jnp.ndim(beta) == 1 else ()) * log_n_BxHxT[..., None]
     dropout_rng = None
     if self.dropout_rate > 0.0 and not deterministic:
       dropout_rng = self.make_rng('dropout')
@@ -233,11 +281,12 @@ class BlockHParams(nn.Module):
   """Hyper-parameters shared by the blocks and by every model built from them."""
   num_heads: int = 8
   num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = num_heads.
-  d_ff: int = 2048
+  d_ff: int = 2048  # FFN hidden width; 0: no FFN sublayer (attention-only blocks).
   dropout: float = 0.0  # residual, embedding and FFN-hidden dropout.
   attention_dropout: float = 0.0
   beta_scale: float = 1.0  # β = beta_scale / sqrt(d_head).
   learn_beta: bool = False
+  beta_length: str = 'none'  # 'log': β_i = β · log n_i, n_i the keys query i may attend.
   score: str = 'dot'
   implementation: str | None = None
   attention_fn: Callable = dot_product_attention  # a library-only hook: see MultiHeadAttention.
@@ -258,13 +307,15 @@ def hparams(module, cls=BlockHParams) -> dict:
 
 class _Block(BlockHParams, kw_only=True):
   rope: bool = False
+  alibi: bool = False
 
   def attention(self, name: str, self_attention: bool):
     return MultiHeadAttention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, beta_scale=self.beta_scale,
-        learn_beta=self.learn_beta, score=self.score, implementation=self.implementation,
-        attention_fn=self.attention_fn, dropout_rate=self.attention_dropout,
-        rope=self.rope and self_attention, location_keys=self.num_positions,
+        learn_beta=self.learn_beta, beta_length=self.beta_length, score=self.score,
+        implementation=self.implementation, attention_fn=self.attention_fn,
+        dropout_rate=self.attention_dropout, rope=self.rope and self_attention,
+        alibi=self.alibi and self_attention, location_keys=self.num_positions,
         decode=self.decode and self_attention, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
 
@@ -282,6 +333,12 @@ class _Block(BlockHParams, kw_only=True):
     return FeedForward(self.d_ff, self.activation, self.dropout, self.dtype, self.param_dtype,
                        name='ffn')(x, deterministic=deterministic)
 
+  def ffn_sublayer(self, x, deterministic: bool):
+    """AddNorm(x, FFN(x)); with d_ff = 0 the block has no FFN and x passes unchanged."""
+    if not self.d_ff:
+      return x
+    return self.sublayer(x, lambda y: self.ffn(y, deterministic), 'ffn', deterministic)
+
 
 class EncoderBlock(_Block):
   """x ← AddNorm(x, SelfAttention(x)); x ← AddNorm(x, FFN(x))."""
@@ -291,7 +348,7 @@ class EncoderBlock(_Block):
     attn = self.attention('self_attention', True)
     x = self.sublayer(x, lambda y: attn(y, mask=mask, deterministic=deterministic),
                       'self_attention', deterministic)
-    return self.sublayer(x, lambda y: self.ffn(y, deterministic), 'ffn', deterministic)
+    return self.ffn_sublayer(x, deterministic)
 
 
 class DecoderBlock(_Block):
@@ -316,4 +373,4 @@ class DecoderBlock(_Block):
       x = self.sublayer(
           x, lambda y: cross(y, memory, mask=cross_mask, deterministic=deterministic),
           'cross_attention', deterministic)
-    return self.sublayer(x, lambda y: self.ffn(y, deterministic), 'ffn', deterministic)
+    return self.ffn_sublayer(x, deterministic)

@@ -40,7 +40,9 @@ class ModelHParams(BlockHParams, kw_only=True):
   """
   num_layers: int = 6
   d_model: int = 512
-  posemb: str = 'sinusoidal'  # 'learn' | 'sinusoidal' | 'sinusoidal_concat' | 'rope' | 'none'.
+  # 'learn' | 'sinusoidal' | 'sinusoidal_concat' | 'rope' | 'alibi' | 'none'; rope and alibi act
+  # in the self-attention only (rotated q, k; a distance bias), never in the cross-attention.
+  posemb: str = 'sinusoidal'
   scale_embeddings: bool = True  # token embeddings × √d_model (Vaswani); GPT-2, BERT: False.
   embedding_norm: bool = False  # a LayerNorm over the embedded inputs after the posemb (BERT).
   # A LayerNorm after the last block ('final_norm'): None = only with norm='pre' (ViT, GPT-2);
@@ -51,7 +53,7 @@ class ModelHParams(BlockHParams, kw_only=True):
 
 
 def _block_args(model: ModelHParams) -> dict:
-  return dict(hparams(model), rope=model.posemb == 'rope')
+  return dict(hparams(model), rope=model.posemb == 'rope', alibi=model.posemb == 'alibi')
 
 
 STACKED = 'blocks'  # the scanned stack's name; unscanned blocks are 'block_0', 'block_1', ...

@@ -1,5 +1,5 @@
 """Positional encodings: sinusoidal 1-D (interleaved or [sin | cos]), sincos 2-D, rotary (RoPE),
-learned, none.
+ALiBi (a bias on the attention logits), learned, none.
 
 Self-attention is permutation-equivariant; a positional encoding is what tells
 the model where each token is. `base` is the sinusoid frequency base (10000 in
@@ -17,7 +17,7 @@ import numpy as np
 
 from tx.validate import check_choice
 
-SEQUENCE_POSEMBS = ('learn', 'sinusoidal', 'rope', 'none', 'sinusoidal_concat')
+SEQUENCE_POSEMBS = ('learn', 'sinusoidal', 'rope', 'none', 'sinusoidal_concat', 'alibi')
 SINUSOIDS = ('sinusoidal', 'sinusoidal_concat')  # the fixed 1-D tables.
 
 
@@ -116,6 +116,38 @@ def rope(x, positions=None, base: float = 10000.0):
   return out.reshape(x.shape).astype(x.dtype)
 
 
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's head slopes m_h (Press et al., ICLR 2022), float64 [num_heads].
+
+  For H a power of 2, the geometric sequence m_h = 2^(−8h/H), h = 1, ..., H (H = 8: 1/2, 1/4,
+  ..., 1/256). Otherwise, the paper's rule: with P = 2^⌊log2 H⌋, the P slopes of P heads, then
+  the first H − P of the odd-numbered slopes of 2P heads, 2^(−8(2i−1)/(2P)), i = 1, ..., H − P
+  (which fall between the first ones).
+  """
+  if not isinstance(num_heads, (int, np.integer)) or isinstance(num_heads, bool) or num_heads < 1:
+    raise ValueError(f'num_heads={num_heads!r}; allowed: a positive integer')
+  power = 2 ** int(np.floor(np.log2(num_heads)))
+  geometric = lambda n: 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+  extra = geometric(2 * power)[0::2][:num_heads - power]
+  return np.concatenate([geometric(power), extra])
+
+
+def alibi_bias(num_heads: int, q_positions, k_positions):
+  """ALiBi's logit bias b_hij = −m_h·|i − j|, float32 [H, Tq, Tk], for query positions i
+  [Tq] and key positions j [Tk], with the slopes m_h of `alibi_slopes`.
+
+  Press et al. define it for causal attention, b_hij = −m_h·(i − j) for j ≤ i; the keys j > i
+  are masked there, so |i − j| gives the same logits. Without a causal mask (an encoder) the
+  symmetric −m_h·|i − j| penalises distance in both directions alike, one of the
+  bidirectional variants the authors suggest. The bias is added to the β-scaled logits
+  (β·q·k + b), so it does not change with β.
+  """
+  slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+  i = jnp.asarray(q_positions, jnp.float32)[:, None]
+  j = jnp.asarray(k_positions, jnp.float32)[None, :]
+  return -slopes[:, None, None] * jnp.abs(i - j)
+
+
 def resample_posemb(posemb, new_grid: tuple[int, int], num_prefix_tokens: int = 0,
                     old_grid: tuple[int, int] | None = None):
   """Resizes a learned 2-D posemb table to a new patch grid (bilinear), e.g. for a new image size.
@@ -144,8 +176,8 @@ class AddPositionEmbs(nn.Module):
 
   posemb: 'learn' (a trained table of `num_positions` rows, N(0, 0.02) init),
     'sinusoidal' (`sinusoidal_1d`, any length), 'sinusoidal_concat' (`sinusoidal_concat_1d`:
-    [sin | cos], fairseq's frequencies), or 'rope'/'none' (identity here; rope is applied
-    to q and k inside attention).
+    [sin | cos], fairseq's frequencies), or 'rope'/'alibi'/'none' (identity here; rope
+    rotates q and k and alibi biases the logits inside attention).
   decode: positions continue from a counter in the 'cache' collection, one
     call per generated chunk. Positions past num_positions are not checked at
     run time (the index is traced): the decoding loop must stop there.
@@ -166,7 +198,7 @@ class AddPositionEmbs(nn.Module):
     if positions is not None and self.posemb == 'rope':
       raise ValueError("positions with posemb='rope': rope rotates q and k inside attention "
                        "(MultiHeadAttention(positions=)); here they are for 'learn' or a sinusoid")
-    if self.posemb in ('rope', 'none'):
+    if self.posemb in ('rope', 'alibi', 'none'):
       return x
     t, d = x.shape[-2], x.shape[-1]
     offset = 0

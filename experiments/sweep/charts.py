@@ -7,7 +7,14 @@ import numpy as np
 
 from experiments.metrics import pyplot, read_metrics, save_figure
 
-BETA, LEARN = 'model.beta_scale', 'model.learn_beta'
+BETA, LEARN, SCORE = 'model.beta_scale', 'model.learn_beta', 'model.score'
+LINES_BY_LENGTH = ('model.posemb', 'model.beta_length')  # one line each in against_length.
+
+
+def _variant_keys(keys: list[str]) -> list[str]:
+  """The swept keys that name a variant, one line (against_length) or bar (by_variant) each:
+  posemb, beta_length, and a swept score together with the β that goes with it."""
+  return [k for k in keys if k in LINES_BY_LENGTH or (SCORE in keys and k in (SCORE, BETA, LEARN))]
 
 
 def _groups(rows: list[dict], keys: list[str]) -> dict[str, list[dict]]:
@@ -84,29 +91,62 @@ def entropy_by_layer_against_beta(rows: list[dict], keys: list[str], path: str):
   save_figure(fig, path)
 
 
-def against_length(rows: list[dict], keys: list[str], path: str):
-  """Exact match against sequence length: one panel per group of the swept keys other than
-  posemb and seed (e.g. per task), one line per posemb. A shaded band marks lengths beyond
-  training; gaps mark lengths a model could not be run on."""
-  panels = _groups(rows, [k for k in keys if k not in ('seed', 'model.posemb')])
+def against_length(rows: list[dict], keys: list[str], metric: str, ylabel: str, path: str):
+  """row[metric] ({length: value}) against sequence length: one panel per group of the swept
+  keys other than seed, posemb and beta_length (e.g. per task), one line per posemb and
+  beta_length. A shaded band marks lengths beyond training; gaps mark lengths a model could
+  not be run on."""
+  panels = _groups(rows, [k for k in keys if k != 'seed' and k not in _variant_keys(keys)])
   fig, axes = pyplot().subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
                                 sharey=True)
   for ax, (title, members) in zip(axes[0], panels.items()):
-    for label, runs in _groups(members, [k for k in keys if k == 'model.posemb']).items():
-      lengths = sorted(int(n) for n in runs[0]['exact_match_by_length'])
-      values = [[r['exact_match_by_length'].get(str(n)) for r in runs] for n in lengths]
+    colors = {}  # one colour per posemb; the log-length β dashed.
+    for label, runs in _groups(members, _variant_keys(keys)).items():
+      lengths = sorted(int(n) for n in runs[0][metric])
+      values = [[r[metric].get(str(n)) for r in runs] for n in lengths]
       mean = [np.nan if None in v else np.mean(v) for v in values]
       if any(np.isnan(mean)):
         label += ' (gap: beyond its learned table)'
-      ax.plot(lengths, mean, marker='o', label=label)
+      ax.plot(lengths, mean, marker='o', label=label,
+              color=colors.setdefault(runs[0].get('model.posemb', label), f'C{len(colors)}'),
+              linestyle='--' if runs[0].get('model.beta_length') == 'log' else '-')
     trained = max(r.get('train_max_length', 0) for r in members)
     if trained:
       ax.axvspan(trained + 0.5, max(lengths) + 0.5, color='grey', alpha=0.15,
                  label='longer than any training sequence')
-    ax.set(xlabel='sequence length', ylabel='exact match (teacher-forced)', ylim=(-0.02, 1.02),
-           title=title)
+    ax.set(xlabel='sequence length', ylabel=ylabel, title=title)
+    if metric == 'exact_match_by_length':
+      ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
   fig.suptitle('length extrapolation')
+  save_figure(fig, path)
+
+
+def by_variant(rows: list[dict], keys: list[str], metrics: list[tuple[str, str]], path: str):
+  """Bars of each (metric, label) of `metrics`, one panel each: a bar per variant (e.g. a score
+  with its β), one colour per group of the other swept keys (e.g. per task); the height is the
+  mean over seeds, the error bar the std (ddof 1)."""
+  other = [k for k in keys if k != 'seed' and k not in _variant_keys(keys)]
+  variants = _groups(rows, _variant_keys(keys))
+  series = list(_groups(rows, other))
+  width = 0.8 / len(series)
+  fig, axes = pyplot().subplots(1, len(metrics), squeeze=False,
+                                figsize=(1.1 * len(variants) * len(metrics) + 1, 4.8))
+  for ax, (metric, ylabel) in zip(axes[0], metrics):
+    for i, name in enumerate(series):
+      xs, means, stds = [], [], []
+      for x, members in enumerate(variants.values()):
+        values = [r[metric] for r in _groups(members, other).get(name, [])
+                  if r.get(metric) is not None]
+        if values:
+          xs.append(x + (i - (len(series) - 1) / 2) * width)
+          means.append(np.mean(values))
+          stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+      ax.bar(xs, means, width, yerr=stds, capsize=3, color=f'C{i}', label=name)
+    ax.set_xticks(range(len(variants)), [v.replace(', ', '\n') for v in variants], fontsize=7)
+    ax.set(ylabel=ylabel, title=f'{ylabel} (mean ± std over seeds)')
+    if other:
+      ax.legend(fontsize=8)
   save_figure(fig, path)
 
 
@@ -124,12 +164,19 @@ def plot_sweep(rows: list[dict], keys: list[str], sweepdir: str) -> list[str]:
 
   plot('learning_curves.png', learning_curves)
   metric = next((m for m in ('eval/accuracy', 'eval/exact_match') if m in rows[0]), None)
-  if BETA in keys and metric:
+  if SCORE in keys and metric:  # each score comes with its own β: a variant, not an axis.
+    plot('scores.png', by_variant, [(metric, metric[5:]), (
+        'eval/attention_entropy', 'attention entropy (nats, mean over layers)')])
+  elif BETA in keys and metric:
     plot(f'{metric[5:]}_vs_beta.png', against_beta, metric, metric[5:])
     if 'eval/attention_entropy' in rows[0]:
       plot('entropy_vs_beta.png', against_beta, 'eval/attention_entropy',
            'attention entropy (nats, mean over layers)')
       plot('entropy_by_layer_vs_beta.png', entropy_by_layer_against_beta)
   if all('exact_match_by_length' in r for r in rows):
-    plot('exact_match_vs_length.png', against_length)
+    plot('exact_match_vs_length.png', against_length, 'exact_match_by_length',
+         'exact match (teacher-forced)')
+  if all('bits_per_char_by_length' in r for r in rows):
+    plot('bits_per_char_vs_length.png', against_length, 'bits_per_char_by_length',
+         'bits per character (test)')
   return written

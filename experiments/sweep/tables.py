@@ -9,6 +9,10 @@ import numpy as np
 
 from experiments.metrics import write_atomically
 
+# summary.json's times, aggregated beside the eval metrics: a run's whole wall time (start-up,
+# compiles, training, evaluations; a vectorized group's members share theirs).
+TIMES = ('wall_time_s',)
+
 
 def write_csv(rows: list[dict], path: str):
   """One row per run; nested results become columns 'name/key' (e.g. attention_entropy/<layer>)."""
@@ -24,10 +28,11 @@ def write_csv(rows: list[dict], path: str):
 
 
 def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
-  """Groups rows by every swept key except 'seed': mean and std of each eval metric over the
-  runs that did not diverge (n), and how many diverged when any did."""
+  """Groups rows by every swept key except 'seed': mean and std of each eval metric (and of
+  each of TIMES) over the runs that did not diverge (n), and how many diverged when any did."""
   group_keys = [k for k in keys if k != 'seed']
   metrics = sorted({k for row in rows for k in row if k.startswith('eval/')})
+  metrics += [k for k in TIMES if any(k in row for row in rows)]
   any_diverged = any('diverged' in row for row in rows)
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
@@ -49,13 +54,14 @@ def write_markdown(groups: list[dict], path: str, title: str):
   """The groups of `aggregate` as a Markdown table, each metric as mean ± std."""
   if not groups:
     return
-  metrics = [k for k in groups[0] if k.startswith('eval/')]
+  metrics = [k for k in groups[0] if k.startswith('eval/') or k in TIMES]
   keys = [k for k in groups[0] if k not in metrics]
   row = lambda cells: '| ' + ' | '.join(cells) + ' |'
   lines = [f'# {title}', '', 'Mean ± std over seeds (n runs per row); n/a: not evaluated '
            '(see extrapolation_note in results.csv).', '', row(keys + metrics),
            '|' + ' --- |' * (len(keys) + len(metrics))]
+  cell = lambda m, v: f'{v[0]:.{1 if m in TIMES else 4}f} ± {v[1]:.{1 if m in TIMES else 4}f}'
   for g in groups:
     lines.append(row([str(g[k]) for k in keys]
-                     + [f'{g[m][0]:.4f} ± {g[m][1]:.4f}' if g[m] else 'n/a' for m in metrics]))
+                     + [cell(m, g[m]) if g[m] else 'n/a' for m in metrics]))
   write_atomically(path, '\n'.join(lines) + '\n')
