@@ -3,10 +3,11 @@
   python -m experiments.sweep --config=configs/ablations/posemb_mnist1d.py
   python -m experiments.sweep --config=configs/ablations/posemb_mnist1d.py:quick --vectorize
 
-The base is configs/mnist1d.py (EncoderClassifier, 10 tokens of 4 samples +
-CLS) on a shorter schedule (1,000 steps instead of 3,000; `:steps=N` changes
-it) so that the grid, 4 posembs × {plain, shuffled} × 3 seeds = 24 runs, fits
-in 30 minutes on a 2-core CPU. The shuffled variant applies one fixed
+The base is configs/mnist1d.py's model (EncoderClassifier, 10 tokens of 4
+samples + CLS) without its recipe's additions (disjoint patches, no
+transformations of the training examples), on a shorter schedule (1,000 steps;
+`:steps=N` changes it) so that the grid, 4 posembs × {plain, shuffled} × 3 seeds
+= 24 runs, fits in 30 minutes on a 2-core CPU. The shuffled variant applies one fixed
 permutation of the 40 positions to every example: a model that reads
 positions can still learn it, but locality is gone.
 sincos2d is for 2-D grids (ViT) and is not swept here.
@@ -19,7 +20,9 @@ QUICK_POSEMBS = ('none', 'rope')  # `:quick` checks the machinery, not every enc
 
 
 def get_config(arg=None):
-  return common.ablation_config(mnist1d, arg)
+  c = common.ablation_config(mnist1d, arg)
+  c.data.update(dict(patch_overlap=0, shift=0, scale=0.0, shear=0.0, noise=0.0))
+  return c
 
 
 def sweep(add, arg=None):

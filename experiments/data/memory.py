@@ -79,22 +79,90 @@ def digits(test_size: int = 360, split_seed: int = 0) -> Dataset:
                  {'num_classes': 10})
 
 
-def mnist1d(patch_size: int = 1, shuffle: bool = False) -> Dataset:
+def mnist1d(patch_size: int = 1, shuffle: bool = False, patch_overlap: int = 0,
+            validation: int = 0, shift: int = 0, scale: float = 0.0, shear: float = 0.0,
+            noise: float = 0.0) -> Dataset:
   """MNIST-1D (Greydanus, 2020) from `mnist1d.data.make_dataset` with its default arguments
   (4,000 train / 1,000 test sequences of length 40, 10 classes); never its download.
-  patch_size p > 1 groups the 40 samples into 40/p tokens of p features. shuffle=True is the
-  package's shuffled-sequence variant: one fixed permutation of the 40 positions for every
-  example, which destroys spatial structure."""
+
+  patch_size p groups the 40 samples into 40/p tokens; patch_overlap o widens each token by o
+  samples on each side (`mnist1d_tokens`: p + 2·o features), which makes the model's linear
+  input projection a Conv1D of kernel p + 2·o and stride p. shuffle=True is the package's
+  shuffled-sequence variant: one fixed permutation of the 40 positions for every example,
+  applied before the tokens are cut, which destroys spatial structure.
+  validation=N holds out the last N training examples and evaluates on them instead of the
+  test set (for choosing hyper-parameters without the test set).
+  shift, scale, shear, noise: every training example of every step is transformed as the
+  generator transforms its templates (`mnist1d_transform`), before the permutation; 0 is off.
+  """
   from mnist1d.data import get_dataset_args, make_dataset
   if 40 % patch_size:
     raise ValueError(f'data.patch_size={patch_size}; MNIST-1D has length 40, so it must divide 40')
+  if not 0 <= validation < 4000:
+    raise ValueError(f'data.validation={validation}; allowed: 0 (evaluate on the test set) to '
+                     '3999 training examples held out')
+  if not 0 <= shift < 40:
+    raise ValueError(f'data.shift={shift}; allowed: 0 to 39 samples of circular shift')
   args = get_dataset_args()
-  args.shuffle_seq = shuffle
+  args.shuffle_seq = False
   d = make_dataset(args)
-  shape = lambda x: x.astype(np.float32).reshape(len(x), 40 // patch_size, patch_size)
-  return Dataset({'inputs': shape(d['x']), 'targets': d['y'].astype(np.int32)},
-                 {'inputs': shape(d['x_test']), 'targets': d['y_test'].astype(np.int32)},
-                 {'num_classes': 10})
+  # The package's shuffled variant draws its permutation next from the global RNG that
+  # make_dataset seeded; its normalization ignores the order, so this is the same data.
+  order = np.random.permutation(40) if shuffle else np.arange(40)
+  x, y = d['x'].astype(np.float32), d['y'].astype(np.int32)
+  x_test, y_test = d['x_test'].astype(np.float32), d['y_test'].astype(np.int32)
+  if validation:
+    x, x_test, y, y_test = x[:-validation], x[-validation:], y[:-validation], y[-validation:]
+  tokens = lambda signals: mnist1d_tokens(signals[:, order], patch_size, patch_overlap)
+  return Mnist1dDataset({'inputs': tokens(x), 'targets': y},
+                        {'inputs': tokens(x_test), 'targets': y_test}, {'num_classes': 10},
+                        signals=x, order=order, patch=(patch_size, patch_overlap),
+                        augment=(shift, scale, shear, noise))
+
+
+def mnist1d_tokens(signals, patch_size: int, overlap: int = 0):
+  """[N, L] signals -> [N, L/p, p + 2·o] tokens (p = patch_size, o = overlap): token t is
+  samples [t·p − o, (t + 1)·p + o) of the signal zero-padded by o on each side; o = 0 gives
+  the L/p disjoint patches."""
+  padded = np.pad(signals, ((0, 0), (overlap, overlap)))
+  starts = np.arange(0, signals.shape[1], patch_size)
+  return padded[:, starts[:, None] + np.arange(patch_size + 2 * overlap)]
+
+
+def mnist1d_transform(x, k, a, b, z, scale: float, shear: float, noise: float):
+  """The generator's transformations of a template, applied to signals x [n, L]:
+  x'_i = roll(x_i, k_i)·(1 + scale·a_i) − shear·b_i·ramp + noise·z_i, ramp = linspace(−½, ½, L):
+  a circular translation by k_i samples, an amplitude scale, a shear (a linear ramp) and
+  iid Gaussian noise; a_i, b_i ~ U(−½, ½) and z_i ~ N(0, I) are drawn by the caller."""
+  n, length = x.shape
+  rolled = x[np.arange(n)[:, None], (np.arange(length) - k[:, None]) % length]
+  ramp = np.linspace(-0.5, 0.5, length, dtype=np.float32)
+  return (rolled * (1 + scale * a[:, None]) - shear * b[:, None] * ramp
+          + noise * z).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Mnist1dDataset(Dataset):
+  """MNIST-1D whose training batches are made from the 40-sample signals: transformed
+  (`mnist1d_transform` with k_i uniform in {−shift, ..., shift}, drawn with a_i, b_i, z_i
+  from default_rng([seed, step, 2]) for the global batch, so the same on one host or many),
+  permuted by `order`, then cut into tokens."""
+  signals: np.ndarray | None = None  # [N, 40] training signals, before the permutation.
+  order: np.ndarray | None = None  # position j of a sequence is sample order[j].
+  patch: tuple = (1, 0)  # (patch_size, patch_overlap) of the tokens.
+  augment: tuple = (0, 0.0, 0.0, 0.0)  # (shift, scale, shear, noise).
+
+  def train_batch(self, config, step: int, process=(0, 1)) -> dict:
+    c, (shift, scale, shear, noise) = config, self.augment
+    idx = sampling.batch_indices(self.num_train, c.batch_size, step, c.seed, *process)
+    rng = np.random.default_rng([c.seed, step, 2])
+    draws = (rng.integers(-shift, shift + 1, c.batch_size), rng.uniform(-0.5, 0.5, c.batch_size),
+             rng.uniform(-0.5, 0.5, c.batch_size),
+             rng.standard_normal((c.batch_size, 40), np.float32))
+    rows = slice(process[0] * len(idx), (process[0] + 1) * len(idx))
+    x = mnist1d_transform(self.signals[idx], *(d[rows] for d in draws), scale, shear, noise)
+    return {'inputs': mnist1d_tokens(x[:, self.order], *self.patch),
+            'targets': self.train['targets'][idx], 'weight': np.ones(len(idx), np.float32)}
 
 
 SEQ2SEQ_TASKS = ('copy', 'reverse', 'sort', 'addition')
