@@ -26,11 +26,11 @@ TASK_OF_MODEL = {'ViT': 'classify', 'EncoderClassifier': 'classify',
                  'EncoderDecoder': 'seq2seq', 'DecoderLM': 'lm'}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 LOADERS = {'digits': data_lib.digits, 'mnist1d': data_lib.mnist1d, 'seq2seq': data_lib.seq2seq,
-           'char_lm': data_lib.char_lm, 'cifar': data_lib.cifar,
+           'char_lm': data_lib.char_lm, 'cifar': data_lib.cifar, 'skips': data_lib.skip_sentences,
            'folder': image_dataset.image_folder, 'tfds': image_dataset.tfds,
            'parquet': image_dataset.parquet, 'text': text_lm}  # config.data.name -> loader.
 # Pure functions of their arguments (or, on disk, only listed and read lazily): cached.
-CACHED = ('digits', 'mnist1d', 'seq2seq', 'folder', 'tfds', 'parquet')
+CACHED = ('digits', 'mnist1d', 'seq2seq', 'skips', 'folder', 'tfds', 'parquet')
 # config.data fields that say how batches are made, not what the dataset is.
 PIPELINE_FIELDS = ('augment', 'workers')
 

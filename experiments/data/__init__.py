@@ -1,6 +1,7 @@
 """tx's input pipeline: datasets, sources on disk, image and text transforms, and batches.
 
   memory.py         in-memory datasets (digits, MNIST-1D, seq2seq, character LM, CIFAR pickles)
+  skips.py          the lecture's Markov-with-skips sentences as a word-level LM dataset
   sources.py        random-access sources on disk: image folders, TFDS ArrayRecord, parquet
   image_dataset.py  those sources as datasets, with their train and eval views
   images.py         decoding and augmenting images (inception crop, flip, resize, mixup)
@@ -18,3 +19,4 @@ from experiments.data.memory import (BOS, EOS, FIRST_SYMBOL, PAD, SEQ2SEQ_TASKS,
                                      cifar, digits, mnist1d, seq2seq, shift_images,
                                      shift_offsets, symbol_names)
 from experiments.data.sampling import batch_indices
+from experiments.data.skips import skip_sentences
