@@ -75,7 +75,8 @@ def test_evaluator_options_and_types_are_checked(my_evaluators):
 
 
 def test_the_built_in_evaluators_are_listed():
-  assert evaluators.available() == ('attention_entropy', 'bits_by_length', 'exact_match_by_length', 'task_metrics')
+  assert evaluators.available() == ('attention_entropy', 'bits_by_length',
+                                    'exact_match_by_length', 'task_metrics')
 
 
 @pytest.mark.parametrize('name', ['vit', 'seq2seq', 'lm'])
