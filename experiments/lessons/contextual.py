@@ -34,8 +34,8 @@ reversal is learnt well before). The encoder is the bidirectional model here bec
 no masked LM (an EncoderClassifier learns labels, and MNIST-1D has no tokens that recur in
 other contexts). Writes to --workdir (default runs/lesson-contextual[-quick]): one run
 directory per model and seed (a rerun resumes or skips them), results.json (every seed's
-values), results.md (mean ± std over seeds) and contextual_by_layer.png. --quick trains 1-layer, 16-wide models for 60
-steps on 2 seeds: it checks the machinery and is no result. The models are trained and
+values), results.md (mean ± std over seeds) and contextual_by_layer.png. --quick trains
+1-layer, 16-wide models for 60 steps on 2 seeds: it checks the machinery and is no result. The models are trained and
 measured float32 on the CPU; docs/lessons.md §5 reads the results.
 """
 
