@@ -9,12 +9,11 @@ Base: configs/lm.py (a 2-layer pre-LN DecoderLM, d_model 128, on Python's docume
 at seq_len=64, 1,000 steps of batch 16 (`:steps=N`). The bits_by_length evaluator scores the
 same test tokens in non-overlapping windows of 64, 128 and 256 characters
 (bits_per_char_vs_length.png). Grid: {sinusoidal, rope, alibi} × {none, log} × 3 seeds = 18
-runs. Measured 2026-12-06 with `:steps=400 --vectorize` on a 2-core CPU that other jobs
-shared: 52.7 min; bits/char at L, 2L, 4L: alibi 2.55, 2.54, 2.53 (flat), rope 2.28, 2.39,
-2.76, sinusoidal 2.56, 3.23, 3.59 (docs/results.md §7). A learned table
-cannot run past L: the evaluator reports those lengths as not evaluated. `:quick` checks the
-machinery in one vectorized group: alibi with the log β, 2 seeds, 60 steps of the 1-layer
-model at L = 32.
+runs, 9 min 20 s with --vectorize on the 2-core CPU (2026-12-06); bits/char at L, 2L, 4L:
+alibi 2.12, 2.10, 2.10 (flat), rope 1.95, 2.16, 2.79, sinusoidal 2.08, 3.29, 3.95
+(docs/results.md §7). A learned table cannot run past L: the evaluator reports those lengths
+as not evaluated. `:quick` checks the machinery in one vectorized group: alibi with the log
+β, 2 seeds, 60 steps of the 1-layer model at L = 32.
 """
 
 from configs import common, lm
