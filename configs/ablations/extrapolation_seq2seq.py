@@ -11,9 +11,9 @@ and the cross-attention, i + 1 in the decoder), s = 1. Every run is evaluated by
 test split (1..10) and the extrapolation split (11..20) by greedy decoding
 (exact_match_vs_length.png). Grid: {reverse, sort} × {sinusoidal, rope, alibi} × {none, log}
 × 3 seeds = 36 runs; `:task=reverse` (or sort) runs one task's 18. Measured 2026-12-06 with
---vectorize on a 2-core CPU that other jobs shared: 82.8 min (the sort half, on a quieter
-machine, 20 min). Expected (docs/results.md §7): over lengths 11..20, sort 0.53 exact match with
-alibi, 0.37 rope, 0.10 sinusoidal; reverse at most 0.14 with any of them.
+--vectorize on the 2-core CPU: 11 min 57 s. Expected (docs/results.md §7): over lengths
+11..20, sort 0.53 exact match with alibi, 0.37 rope, 0.10 sinusoidal; reverse at most 0.14 with
+any of them.
 `:quick` checks the machinery in one vectorized group: reverse, alibi with the log β, 2 seeds,
 60 steps of the 1-layer model.
 """

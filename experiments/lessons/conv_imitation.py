@@ -332,7 +332,8 @@ def run(workdir: str, quick: bool = False, seeds: int = 3, heads: int | None = N
 def define_flags():
   """The command's flags; defined only when run as a program."""
   flags.DEFINE_bool('quick', False, f'A smaller, shorter run (checks the machinery): {QUICK}.')
-  flags.DEFINE_string('workdir', None, 'Output directory; default runs/lessons-conv_imitation.')
+  flags.DEFINE_string('workdir', None, 'Output directory; default '
+                      'runs/lesson-conv_imitation[-quick][-Nheads] (N from --heads).')
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 ... N−1, trained together.')
   flags.DEFINE_integer('heads', None, 'Attention heads; default K² = 9.')
   flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
@@ -345,7 +346,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if f.heads is not None and f.heads < 1:
     fail(f'--heads={f.heads}; it must be a positive integer')
-  workdir = f.workdir or 'runs/lessons-conv_imitation'
+  suffix = ('-quick' if f.quick else '') + (f'-{f.heads}heads' if f.heads else '')
+  workdir = f.workdir or 'runs/lesson-conv_imitation' + suffix
   try:
     results = run(workdir, f.quick, f.seeds, f.heads, log=functools.partial(print, flush=True))
   except Exception as e:

@@ -605,7 +605,7 @@ def run(workdir: str, quick: bool = False) -> dict:
 def define_flags():
   """The command's flags; defined only when run as a program."""
   flags.DEFINE_bool('quick', False, 'Smaller sizes and fewer points (checks the machinery).')
-  flags.DEFINE_string('workdir', None, 'Output directory; default runs/lessons-properties.')
+  flags.DEFINE_string('workdir', None, 'Output directory; default runs/lesson-properties[-quick].')
   flags.DEFINE_bool('verbose', False, 'Show full tracebacks on errors.')
 
 
@@ -614,7 +614,7 @@ def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; use [--quick] [--workdir=DIR]')
   logging.set_verbosity(logging.WARNING)
-  workdir = f.workdir or 'runs/lessons-properties'
+  workdir = f.workdir or 'runs/lesson-properties' + ('-quick' if f.quick else '')
   try:
     results = run(workdir, f.quick)
   except Exception as e:
