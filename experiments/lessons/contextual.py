@@ -35,8 +35,8 @@ no masked LM (an EncoderClassifier learns labels, and MNIST-1D has no tokens tha
 other contexts). Writes to --workdir (default runs/lesson-contextual[-quick]): one run
 directory per model and seed (a rerun resumes or skips them), results.json (every seed's
 values), results.md (mean ± std over seeds) and contextual_by_layer.png. --quick trains
-1-layer, 16-wide models for 60 steps on 2 seeds: it checks the machinery and is no result. The models are trained and
-measured float32 on the CPU; docs/lessons.md §5 reads the results.
+1-layer, 16-wide models for 60 steps on 2 seeds: it checks the machinery and is no result.
+The models are trained and measured float32 on the CPU; docs/lessons.md §5 reads the results.
 """
 
 from __future__ import annotations
