@@ -21,6 +21,7 @@ be run (a learned posemb table of L rows), 'extrapolation_note' with tx's reason
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -48,6 +49,14 @@ def test_stream(test: dict) -> np.ndarray:
   return np.concatenate([inputs.reshape(-1), targets[-1, -1:]])
 
 
+@functools.partial(jax.jit, static_argnames='model')
+def _window_nll(model, params, inputs, targets):
+  """Nats per window [B]: one program per model and window length, shared by the members of a
+  vectorized group that have the same β."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': params}, inputs), targets).sum(-1)
+
+
 def _member(run, model, params, factors: tuple, batch_size: int) -> dict:
   train_length = int(run.config.data.seq_len)
   stream = test_stream(run.dataset.test)
@@ -58,8 +67,6 @@ def _member(run, model, params, factors: tuple, batch_size: int) -> dict:
                      f'fewer than one window of {longest}')
   scored = count * longest  # the same predicted tokens at every length.
   per_token = run.dataset.info.get('chars_per_token', 1.0)
-  window_nll = jax.jit(lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({'params': p}, x), y).sum(-1))  # nats per window [B]
   by_length, out, note = {}, {}, ''
   for f in sorted(factors):
     n = f * train_length
@@ -74,7 +81,7 @@ def _member(run, model, params, factors: tuple, batch_size: int) -> dict:
     total = 0.0
     for start in range(0, len(inputs), batch_size):  # full batches: one compiled program.
       rows = np.arange(start, start + batch_size) % len(inputs)
-      nats = np.asarray(window_nll(params, inputs[rows], targets[rows]), np.float64)
+      nats = np.asarray(_window_nll(model, params, inputs[rows], targets[rows]), np.float64)
       total += nats[:len(inputs) - start].sum()
     bpc = total / scored / math.log(2) / per_token
     by_length[n] = bpc
