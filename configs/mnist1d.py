@@ -23,8 +23,8 @@ and evaluates on the last N (the test set stays unseen while choosing).
 Expected (measured 2026-12-06, JAX 0.10.2, docs/results.md §8): test accuracy
 0.973 / 0.982 / 0.975 for --config.seed=0 / 1 / 2 (mean 0.977 ± 0.005; the
 paper's CNN: 0.94, GRU: 0.91); `:shuffle` 0.656 / 0.653 / 0.673 (0.661 ± 0.011;
-CNN 0.56, GRU 0.57). One run: 452 s wall measured while other jobs shared the
-2-core CPU, 192 CPU-seconds (so 96-192 s alone).
+CNN 0.56, GRU 0.57). One run: about 98 s of training and evaluation on the 2-core
+CPU with nothing else running (the sweep's wall_time_s), 192 CPU-seconds.
 """
 
 import ml_collections

@@ -9,8 +9,8 @@ False and True: the shuffled variant is the same recipe on sequences whose 40 po
 permuted by one fixed permutation after the augmentation, so that the two rows differ only
 in locality. results.md holds mean ± std over the seeds; docs/results.md §8 has the numbers
 (measured 2026-12-06): test accuracy 0.9767 ± 0.0047 plain, 0.6607 ± 0.0108 shuffled.
-6 runs of 3,000 steps, each 185 CPU-seconds (1.5-3 min alone on 2 cores; they ran 39-40
-min each, 6 at once, while other jobs shared the CPU). `:quick` (a 1-layer, 16-wide model,
+6 runs of 3,000 steps: 9 min 55 s on the 2-core CPU with nothing else running (98 s a
+run), the same table as a first run on a shared CPU. `:quick` (a 1-layer, 16-wide model,
 60 steps, 2 seeds) checks the machinery, not the result.
 """
 
