@@ -181,3 +181,30 @@ def test_extreme_beta_and_bias_stay_finite():
   assert np.all(np.isfinite(tx.dot_product_attention(q, k, v, bias=bias)))
   with pytest.raises(ValueError, match='negative or NaN'):
     tx.dot_product_attention(q, k, v, beta=np.nan)
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'fused'])
+def test_key_lengths_are_the_padding_mask(implementation):
+  """key_lengths = the mask [j < length] ANDed with `mask`, on both paths; a length of 0
+  leaves every row of its batch element without keys (output 0), as a mask would."""
+  rng = np.random.default_rng(11)
+  q = rng.normal(size=(3, 5, 4, 8)).astype(np.float32)
+  k, v = (rng.normal(size=(3, 7, 2, 8)).astype(np.float32) for _ in range(2))  # grouped query.
+  lengths = np.array([7, 3, 0])
+  mask = rng.random((3, 1, 5, 7)) < 0.8
+  padding = np.arange(7) < lengths[:, None, None, None]
+  for m in (None, mask):
+    got = tx.dot_product_attention(q, k, v, mask=m, key_lengths=lengths,
+                                   implementation=implementation)
+    ref, _ = reference.attention(q, np.repeat(k, 2, -2), np.repeat(v, 2, -2),
+                                 mask=padding if m is None else padding & m)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+  assert np.all(np.asarray(got)[2] == 0)
+
+
+def test_key_lengths_are_checked():
+  q = np.zeros((2, 4, 1, 8), np.float32)
+  with pytest.raises(ValueError, match='key_lengths has dtype float32; it must be integer'):
+    tx.dot_product_attention(q, q, q, key_lengths=np.ones(2, np.float32))
+  with pytest.raises(ValueError, match=r'key_lengths has shape \(3,\), which does not broadcast'):
+    tx.dot_product_attention(q, q, q, key_lengths=np.ones(3, np.int32))

@@ -223,3 +223,45 @@ def test_prefix_tokens_keep_their_rows_when_the_table_is_resampled():
 def test_inconsistent_token_options_are_one_clear_error(options, message):
   with pytest.raises(ValueError, match=message):
     tx.ViT(**{**SMALL, **options}).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize('options', [
+    dict(pool='cls', posemb='learn'),
+    dict(pool='mean', posemb='rope', class_token=True, extra_tokens=2),
+    dict(pool='cls', posemb='sincos2d', implementation='fused'),
+    dict(pool='mean', posemb='learn', extra_tokens=1, scan_layers=True, remat=True,
+         implementation='fused'),
+])
+def test_padded_tokens_give_the_unpadded_logits_and_gradients(options):
+  """pad_tokens_to=8: 17 or 19 tokens (16 patches after [CLS] and extra tokens) padded to 24,
+  the pad keys masked through key_lengths; logits and every gradient equal the unpadded
+  model's (through nn.scan and nn.remat too)."""
+  images = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  labels = np.array([1, 4, 7])
+  plain = tx.ViT(**SMALL, **options)
+  params = plain.init(jax.random.key(0), images)['params']
+  leaves, tree = jax.tree.flatten(params)  # the head starts at zero: move every parameter.
+  noise = [0.3 * jax.random.normal(k, x.shape) for k, x in
+           zip(jax.random.split(jax.random.key(1), len(leaves)), leaves)]
+  params = jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise)])
+  padded = plain.clone(pad_tokens_to=8)
+
+  def loss(p, model):
+    logits = model.apply({'params': p}, images)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels]), logits
+
+  (l0, logits0), g0 = jax.value_and_grad(loss, has_aux=True)(params, plain)
+  (l1, logits1), g1 = jax.value_and_grad(loss, has_aux=True)(params, padded)
+  np.testing.assert_allclose(logits1, logits0, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g0)
+  assert abs(float(l1 - l0)) < 1e-5 and np.abs(np.asarray(logits0)).std() > 0.1
+
+
+def test_padding_to_a_multiple_of_8_is_what_makes_vit_b16_fused():
+  """The rule `tx.fused_is_valid` applies (bfloat16 on a GPU): 197 tokens, no; 200, yes."""
+  heads = jax.ShapeDtypeStruct((128, 197, 12, 64), jnp.bfloat16)
+  assert not tx.fused_is_valid(heads, heads, heads, backend='gpu')
+  heads = jax.ShapeDtypeStruct((128, 200, 12, 64), jnp.bfloat16)
+  assert tx.fused_is_valid(heads, heads, heads, backend='gpu')
+  with pytest.raises(ValueError, match='pad_tokens_to=0; it must be an integer >= 1'):
+    tx.ViT(**SMALL, pad_tokens_to=0).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tx.masks import combine_masks, padding_mask
 from tx.scores import dot_score
 from tx.validate import check_beta, check_choice, concrete
 
@@ -192,7 +193,7 @@ def attend(scores, v, *, mask=None, bias=None, beta=1.0, dropout_rate: float = 0
   return out.astype(v.dtype), weights
 
 
-def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
+def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None, key_lengths=None,
                           return_weights: bool = False, implementation: str | None = None,
                           dropout_rate: float = 0.0, dropout_rng=None):
   """Scaled dot-product attention: softargmax_β(Q Kᵀ + bias) V, row-wise over keys.
@@ -215,6 +216,10 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
       A scalar, a per-head array [H] (e.g. a learned β), or anything broadcastable
       to the logits. β = 0 averages the attendable values uniformly; β → ∞
       returns the value of the argmax key.
+    key_lengths: integer, broadcastable to [batch...]: only keys j < key_lengths may be
+      attended (trailing keys are padding). The same as the mask [j < key_lengths] ANDed
+      with `mask`, but the fused kernel takes it as its sequence lengths instead of a
+      [T, T] bias: how a sequence padded to a length cuDNN accepts stays on cuDNN.
     return_weights: also return the float32 weights [batch..., H, Tq, Tk].
     implementation: 'xla' for this einsum path; 'fused' for
       `jax.nn.dot_product_attention` (cuDNN where `fused_is_valid`, jax.nn's XLA
@@ -234,6 +239,18 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
   if beta is None:
     beta = 1.0 / np.sqrt(q.shape[-1])
   check_beta(beta)
+  if key_lengths is not None:
+    key_lengths = jnp.asarray(key_lengths)
+    if not jnp.issubdtype(key_lengths.dtype, jnp.integer):
+      raise ValueError(f'key_lengths has dtype {key_lengths.dtype}; it must be integer')
+    batch = tuple(logits_shape[:-3])
+    try:
+      ok = np.broadcast_shapes(key_lengths.shape, batch) == batch
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f'key_lengths has shape {key_lengths.shape}, which does not broadcast '
+                       f'to the batch dims [batch...] = {batch}')
   dropout = dropout_rng is not None and dropout_rate > 0.0
   if implementation is None:
     implementation = 'fused' if fused_is_valid(q, k, v, beta=beta, dropout=dropout,
@@ -246,8 +263,10 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None,
     if dropout:
       raise ValueError(f'dropout_rate={dropout_rate} needs implementation=None or "xla"; '
                        'the fused kernel has no attention-weight dropout')
-    return _fused(q, k, v, mask, bias, beta, logits_shape)
+    return _fused(q, k, v, mask, bias, beta, key_lengths, logits_shape)
 
+  if key_lengths is not None:
+    mask = combine_masks(mask, padding_mask(key_lengths, kv_len=k.shape[-3]))
   out, weights = attend(_dot_scores(q, k), v, mask=mask, bias=bias, beta=beta,
                         dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   out = out.astype(q.dtype)
@@ -302,9 +321,10 @@ def fused_is_valid(q, k, v, *, beta=None, score: str = 'dot',
           and score == 'dot' and not dropout and not return_weights)
 
 
-def _fused(q, k, v, mask, bias, beta, logits_shape):
+def _fused(q, k, v, mask, bias, beta, key_lengths, logits_shape):
   """`jax.nn.dot_product_attention` on our [batch..., T, H, D] layout; k and v keep their K
-  heads (jax.nn and cuDNN compute grouped-query attention themselves)."""
+  heads (jax.nn and cuDNN compute grouped-query attention themselves); key_lengths become
+  its key_value_seq_lengths."""
   batch = logits_shape[:-3]
   flat = lambda x: jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
   as4d = lambda m: None if m is None else jnp.broadcast_to(m, logits_shape).reshape(
@@ -320,18 +340,24 @@ def _fused(q, k, v, mask, bias, beta, logits_shape):
     scale = 1.0
     q = (q.astype(jnp.float32) * (b[..., 0] if b.ndim else b)).astype(q.dtype)
   args = (flat(q), flat(k), flat(v), as4d(bias), as4d(mask))
+  lengths = {}
+  if key_lengths is not None:
+    flat_lengths = jnp.broadcast_to(key_lengths, batch).reshape(-1).astype(jnp.int32)
+    lengths['key_value_seq_lengths'] = flat_lengths
   out = None
   # The rule sees q with β folded in, as cuDNN will; cuDNN's remaining refusals come at trace
   # time and are caught here.
   if fused_is_valid(q, k, v, max_head_dim=256):
     try:
-      out = jax.nn.dot_product_attention(*args, scale=scale, implementation='cudnn')
+      out = jax.nn.dot_product_attention(*args, scale=scale, implementation='cudnn', **lengths)
     except (ValueError, NotImplementedError, RuntimeError):
       out = None  # shapes or a layout cuDNN does not support: jax.nn's XLA path below.
   if out is None:
-    out = jax.nn.dot_product_attention(*args, scale=scale, implementation='xla')
+    out = jax.nn.dot_product_attention(*args, scale=scale, implementation='xla', **lengths)
   out = out.reshape(batch + out.shape[-3:])
   if mask is not None:  # jax.nn gives a uniform average for fully-masked rows; we give 0.
     row_ok = jnp.any(jnp.broadcast_to(mask, logits_shape), axis=-1)  # [batch..., H, Tq]
     out = jnp.where(jnp.swapaxes(row_ok, -1, -2)[..., None], out, 0)
+  if key_lengths is not None:
+    out = jnp.where((key_lengths > 0)[..., None, None, None], out, 0)
   return out.astype(q.dtype)

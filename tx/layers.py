@@ -19,7 +19,7 @@ import numpy as np
 
 from tx import scores as scores_lib
 from tx.attention import IMPLEMENTATIONS, attend, dot_product_attention
-from tx.masks import combine_masks
+from tx.masks import combine_masks, padding_mask
 from tx.posemb import alibi_bias
 from tx.posemb import rope as apply_rope
 from tx.validate import check_beta, check_choice, concrete
@@ -52,7 +52,7 @@ class MultiHeadAttention(nn.Module):
   score='dot' runs `attention_fn` (as Flax's `MultiHeadDotProductAttention(attention_fn=...)`:
   the module never chooses the kernel), called as
     attention_fn(q, k, v, mask=, bias=, beta=, implementation=, return_weights=,
-                 dropout_rate=, dropout_rng=) -> out, or (out, weights) with return_weights
+                 dropout_rate=, dropout_rng=[, key_lengths=]) -> out, or (out, weights)
   with the signature and meaning of `tx.dot_product_attention`, the default, which chooses
   the kernel for implementation=None. The weights are requested whenever 'intermediates' is
   mutable and implementation is not 'fused', so under None they are always sown when asked
@@ -70,6 +70,11 @@ class MultiHeadAttention(nn.Module):
   length], e.g. the padding of left-padded rows, masked at every later step too. Writing past
   the cache length cannot be checked under jit (the index is traced): the decoding loop must
   stop at the length the cache was initialised with.
+
+  key_lengths: integer [batch...] (or a scalar): keys j >= key_lengths are padding, as the
+  mask [j < key_lengths] would say. score='dot' hands it to `attention_fn` (passed only when
+  given), where the fused kernel takes it as sequence lengths; other scores and
+  beta_length='log' fold it into the mask. Not with decode (a mask covers the cache there).
 
   positions: [batch..., T] (or [T]) the positions rope rotates q and k by, default 0 ... T−1
   (with decode: the cache slots). A left-padded row b has position s − pad_b at slot s, as
@@ -195,7 +200,7 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None, positions=None,
-               deterministic: bool = True):
+               key_lengths=None, deterministic: bool = True):
     check_choice('score', self.score, SCORES)
     check_choice('implementation', self.implementation, IMPLEMENTATIONS)
     features = self.qkv_features or inputs_q.shape[-1]
@@ -215,6 +220,11 @@ class MultiHeadAttention(nn.Module):
     q_BxTxHxD = dense(self.num_heads, 'query')(inputs_q)
     k_BxSxKxD = dense(kv_heads, 'key')(inputs_kv)
     v_BxSxKxD = dense(kv_heads, 'value')(inputs_kv)
+    if key_lengths is not None and self.decode:
+      raise ValueError('key_lengths with decode=True; in decode mode a mask covers the cache')
+    if key_lengths is not None and (self.score != 'dot' or self.beta_length == 'log'):
+      mask = combine_masks(mask, padding_mask(key_lengths, kv_len=k_BxSxKxD.shape[-3]))
+      key_lengths = None
     if self_attention and self.decode:
       q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, q_slots = self._decode_step(
           q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, positions)
@@ -242,9 +252,10 @@ class MultiHeadAttention(nn.Module):
     if self.score == 'dot':
       want_weights = (self.is_mutable_collection('intermediates')
                       and self.implementation != 'fused')
+      lengths = {} if key_lengths is None else {'key_lengths': key_lengths}
       out_BxTxHxD = self.attention_fn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
                                       implementation=self.implementation,
-                                      return_weights=want_weights, **common)
+                                      return_weights=want_weights, **common, **lengths)
       if want_weights:
         out_BxTxHxD, weights_BxHxTxS = out_BxTxHxD
     else:
@@ -344,9 +355,10 @@ class EncoderBlock(_Block):
   """x ← AddNorm(x, SelfAttention(x)); x ← AddNorm(x, FFN(x))."""
 
   @nn.compact
-  def __call__(self, x, mask=None, *, deterministic: bool = True):
+  def __call__(self, x, mask=None, *, key_lengths=None, deterministic: bool = True):
     attn = self.attention('self_attention', True)
-    x = self.sublayer(x, lambda y: attn(y, mask=mask, deterministic=deterministic),
+    x = self.sublayer(x, lambda y: attn(y, mask=mask, key_lengths=key_lengths,
+                                        deterministic=deterministic),
                       'self_attention', deterministic)
     return self.ffn_sublayer(x, deterministic)
 

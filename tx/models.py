@@ -142,16 +142,19 @@ class Encoder(ModelHParams):
   """N encoder blocks over embedded inputs x [batch..., T, d_model], after the posemb.
 
   A final LayerNorm closes the stack with norm='pre' (as in ViT), or as `final_norm` says.
+  `mask` and `key_lengths` (keys j >= key_lengths are padding) reach every self-attention
+  (`MultiHeadAttention`).
   """
 
   @nn.compact
-  def __call__(self, x, mask=None, *, deterministic: bool = True):
+  def __call__(self, x, mask=None, *, key_lengths=None, deterministic: bool = True):
     x = AddPositionEmbs(self.posemb, self.num_positions, param_dtype=self.param_dtype,
                         name='posemb')(x)
     x = _embedding_norm(self, x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    call = lambda block, x, mask: block(x, mask, deterministic=deterministic)
-    return _final_norm(self, _stack(self, EncoderBlock, call, x, mask))
+    call = lambda block, x, mask, key_lengths: block(x, mask, key_lengths=key_lengths,
+                                                     deterministic=deterministic)
+    return _final_norm(self, _stack(self, EncoderBlock, call, x, mask, key_lengths))
 
 
 class Decoder(ModelHParams):

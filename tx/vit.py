@@ -88,6 +88,13 @@ class ViT(ModelHParams, kw_only=True):
     ViTModel's pooler, vit_jax's pre_logits).
   num_classes: the head's outputs; 0 means no head: the model returns h [batch..., d_model]
     (timm's num_classes=0, features for a linear probe).
+  pad_tokens_to: the encoder's sequence is padded with zero tokens at its end to a multiple
+    of this (1: none), and the pad keys are masked out through the attention's key_lengths.
+    Real tokens see exactly what they see unpadded (logits and gradients equal to rounding);
+    the pad rows are dropped before pooling. It exists for the fused kernel: ViT at 224 with
+    [CLS] has 197 tokens, an odd length cuDNN's backward pass rejects (`tx.fused_is_valid`),
+    while 200 (pad_tokens_to=8) runs on cuDNN. Sown attention weights then cover the padded
+    length.
   """
   num_classes: int
   patch_size: int = 16
@@ -104,6 +111,7 @@ class ViT(ModelHParams, kw_only=True):
   posemb_prefix: bool = True
   fc_norm: bool = False
   pooler: bool = False
+  pad_tokens_to: int = 1
 
   @nn.compact
   def __call__(self, images, *, deterministic: bool = True):
@@ -118,6 +126,9 @@ class ViT(ModelHParams, kw_only=True):
                        'pooled vector is the output)')
     if self.extra_tokens < 0:
       raise ValueError(f'extra_tokens={self.extra_tokens}; it must be >= 0')
+    if not isinstance(self.pad_tokens_to, int) or self.pad_tokens_to < 1:
+      raise ValueError(f'pad_tokens_to={self.pad_tokens_to!r}; it must be an integer >= 1 '
+                       '(1: no padding)')
     p = self.patch_size
     height, width = images.shape[-3], images.shape[-2]
     if height % p or width % p:
@@ -149,10 +160,17 @@ class ViT(ModelHParams, kw_only=True):
     final_norm = self.final_norm
     if final_norm is None:
       final_norm = self.norm == 'pre' and not self.fc_norm
+    length = x.shape[-2]
+    padded = -(-length // self.pad_tokens_to) * self.pad_tokens_to
+    key_lengths = None
+    if padded > length:
+      x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padded - length), (0, 0)])
+      key_lengths = jnp.asarray(length, jnp.int32)
     encoder_args = dict(hparams(self, ModelHParams), posemb='rope' if self.posemb == 'rope'
-                        else 'none', num_positions=x.shape[-2], final_norm=final_norm)
-    x = Encoder(**encoder_args, name='encoder')(x, deterministic=deterministic)
-    pooled = x[..., 0, :] if self.pool == 'cls' else x[..., num_prefix:, :].mean(axis=-2)
+                        else 'none', num_positions=padded, final_norm=final_norm)
+    x = Encoder(**encoder_args, name='encoder')(x, key_lengths=key_lengths,
+                                                deterministic=deterministic)
+    pooled = x[..., 0, :] if self.pool == 'cls' else x[..., num_prefix:length, :].mean(axis=-2)
     if self.fc_norm:
       pooled = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                             param_dtype=self.param_dtype, name='fc_norm')(pooled)

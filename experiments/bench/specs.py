@@ -41,6 +41,7 @@ class Spec:
   num_classes: int = 10
   seq_len: int = 0  # EncoderDecoder: source and target length; DecoderLM: context length
   vocab_size: int = 0
+  pad_tokens_to: int = 1  # ViT: tx pads its tokens to a multiple of this (tx.ViT's field)
 
   @property
   def task(self) -> str:
@@ -58,7 +59,8 @@ def tx_model(spec: Spec, dtype=jnp.float32):
                 d_ff=spec.d_ff, dtype=dtype, param_dtype=jnp.float32)
   if spec.kind == 'ViT':
     return tx.ViT(**common, num_classes=spec.num_classes, patch_size=spec.patch_size,
-                  posemb='learn', pool='cls', norm='pre', activation='gelu')
+                  posemb='learn', pool='cls', norm='pre', activation='gelu',
+                  pad_tokens_to=spec.pad_tokens_to)
   common.update(vocab_size=spec.vocab_size, num_positions=spec.seq_len)
   if spec.kind == 'EncoderDecoder':
     return tx.EncoderDecoder(**common, posemb='sinusoidal', norm='post', activation='relu',
