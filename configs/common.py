@@ -56,7 +56,7 @@ def training(**overrides) -> ml_collections.ConfigDict:
   c.init_from = ''
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule='cosine', warmup_steps=100, b1=0.9, b2=0.999, weight_decay=1e-4,
-      grad_clip=1.0))
+      grad_clip=1.0, mu_dtype=''))  # mu_dtype: Adam's first moment; '' = the params' dtype.
   # Evaluators (experiments/evaluators/): at='eval' runs at every eval step, 'end' after training.
   c.evals = ml_collections.ConfigDict(dict(
       test=dict(type='task_metrics', at='eval'),

@@ -17,7 +17,7 @@ import numpy as np
 
 from configs import common
 from experiments import evaluators, init_from, runners, tasks
-from experiments.optimizer import SCHEDULES
+from experiments.optimizer import MU_DTYPES, SCHEDULES
 from tx.validate import check_choice
 
 # Ranges of numeric fields; every other int or float field must be >= 0 (and finite).
@@ -66,6 +66,7 @@ def check_config(config, workdir: str | None = None) -> None:
   check_choice('config.parallel', config.parallel, runners.PARALLEL)
   check_choice('config.best_mode', config.best_mode, ('max', 'min'))
   check_choice('config.optimizer.schedule', config.optimizer.schedule, SCHEDULES)
+  check_choice('config.optimizer.mu_dtype', config.optimizer.mu_dtype, MU_DTYPES)
   if not (config.total_steps or config.num_epochs):
     _fail('total_steps', config.total_steps, 'set it or config.num_epochs > 0')
   if config.tensorboard and importlib.util.find_spec('tensorboardX') is None:
