@@ -1,6 +1,7 @@
 """The benchmark suite: the analytic FLOP count against XLA's own count, the data section's
 workers-needed arithmetic, and a tiny run of `python -m experiments.bench` end to end."""
 
+import importlib.util
 import json
 import math
 import os
@@ -120,3 +121,23 @@ def test_tx_timed_around_the_peer_cancels_a_linear_drift():
   after = {'median_s': 0.3, 'times_s': [0.3]}  # the host slowed down steadily meanwhile
   t = step_time.around(before, after, batch=8)
   assert t['median_s'] == pytest.approx(0.2) and t['examples_per_s'] == pytest.approx(40)
+
+
+def test_gpu_script_runs_every_part_in_toy_sizes(tmp_path):
+  """python -m experiments.bench.gpu --tiny: every part, each tx row in its own process."""
+  from experiments.bench import gpu
+  results = gpu.run(str(tmp_path), tiny=True, log=lambda *_: None)
+  saved = json.loads((tmp_path / 'gpu.json').read_text())
+  assert saved['skipped'] == [] and saved['matmul']['flop_per_s'] > 0
+  rows = saved['variants']
+  assert [r['variant'] for r in rows] == [v[0] for v in gpu.VARIANTS[:2]]
+  assert [r['pad_tokens_to'] for r in rows] == [1, 8]
+  assert all(r['median_s'] > 0 and 0 < r['mfu'] < 1 for r in rows)
+  assert saved['sweep']['members'] == 2 and saved['sweep']['speedup'] > 0
+  assert {r['implementation'] for r in saved['attention']} == {'xla', 'fused'}
+  if importlib.util.find_spec('torch'):
+    assert saved['peers'][0]['step_s_median'] > 0
+  table = (tmp_path / 'gpu.md').read_text()
+  assert '| vit-tiny | pad_tokens_to=8 |' in table and results['wall_s'] > 0
+  late = gpu.run(str(tmp_path / 'late'), tiny=True, budget_s=0, log=lambda *_: None)
+  assert late['skipped'] == ['variants', 'vits', 'peers', 'sweep', 'attention']

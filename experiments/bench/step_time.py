@@ -29,10 +29,12 @@ from experiments.runners import VmapRunner
 from experiments.tasks import DTYPES
 
 
-def run_of(spec: specs.Spec, model) -> steps.Run:
+def run_of(spec: specs.Spec, model, mu_dtype: str = '') -> steps.Run:
   """The trainer's Run for `model` on spec's task: configs/common.py's AdamW at a constant
-  learning rate, and one synthetic example to initialise from."""
+  learning rate (its first moment in `mu_dtype`, '' = float32), and one synthetic example to
+  initialise from."""
   config = common.training()
+  config.optimizer.mu_dtype = mu_dtype
   schedule = optax.constant_schedule(config.optimizer.lr)
   sample = specs.synthetic_batch(dataclasses.replace(spec, batch=1))
   dataset = data_lib.Dataset(sample, {}, {'bos_id': data_lib.BOS, 'pad_id': data_lib.PAD})
@@ -51,11 +53,11 @@ def stepper(step, state, batch):
   return run
 
 
-def step_timer(spec: specs.Spec, dtype: str = 'float32'):
+def step_timer(spec: specs.Spec, dtype: str = 'float32', mu_dtype: str = ''):
   """Compiles the tx train step of `spec` once and returns timer(repeats) -> dict: median
   seconds per step after 2 warm-up steps, examples/s and achieved FLOP/s. Each call times
   more steps of the same run, so a model is timed again next to its peer without compiling."""
-  run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]))
+  run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]), mu_dtype)
   next_step = stepper(jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)),
                       steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec)))
   flop = flops.train_step(spec)
