@@ -185,7 +185,8 @@ def markdown(results: dict) -> str:
   if peers and best:
     lines += ['| peer | ms/step | peer / fastest tx variant (> 1: tx faster) |', '|---|---|---|']
     for r in peers:
-      name = f'{"timm" if r["impl"] == "timm" else "PyTorch"}{" compile" if r["compiled"] else " eager"}'
+      name = ('timm' if r['impl'] == 'timm' else 'PyTorch') + (
+          ' compile' if r['compiled'] else ' eager')
       lines.append(f'| {name} | {r["step_s_median"] * 1e3:.1f} | '
                    f'{r["step_s_median"] / best:.2f}x |')
     lines.append('')
