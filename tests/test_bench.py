@@ -141,3 +141,30 @@ def test_gpu_script_runs_every_part_in_toy_sizes(tmp_path):
   assert '| vit-tiny | pad_tokens_to=8 |' in table and results['wall_s'] > 0
   late = gpu.run(str(tmp_path / 'late'), tiny=True, budget_s=0, log=lambda *_: None)
   assert late['skipped'] == ['variants', 'vits', 'peers', 'sweep', 'attention']
+
+
+def test_xla_flag_sets_alternate_with_the_baseline_and_are_divided_by_it(tmp_path, monkeypatch):
+  """experiments.bench.xla_flags: per round every flag set once, none first; the ratio is the
+  median over rounds over the baseline's; a flag XLA refuses is a row with its error."""
+  from experiments.bench import xla_flags
+  calls = []
+
+  def fake_run_module(module, *args, env):
+    flag = env['XLA_FLAGS'].split()[-1] if env['XLA_FLAGS'] else ''
+    calls.append(flag)
+    if flag == '--bad':
+      raise RuntimeError('python -m experiments.bench.step_time failed: unknown flag --bad')
+    base = {'': 0.010, '--fast': 0.008}[flag]
+    return {'median_s': base * (1 + 0.1 * (len(calls) > 3))}  # the host slows in round 2
+
+  monkeypatch.setattr(xla_flags, 'run_module', fake_run_module)
+  monkeypatch.setenv('XLA_FLAGS', '')
+  rows = xla_flags.run(['vit-tiny'], ['--fast', '--bad'], rounds=2, repeats=1,
+                       dtype='float32', out=str(tmp_path), log=lambda *_: None)
+  assert calls == ['', '--fast', '--bad'] * 2
+  by = {r['flags']: r for r in rows}
+  assert by['--fast']['ratio'] == pytest.approx(0.8) and by['']['ratio'] == 1.0
+  assert 'unknown flag' in by['--bad']['error'] and 'median_s' not in by['--bad']
+  assert json.loads((tmp_path / 'xla_flags.json').read_text()) == rows
+  table = xla_flags.markdown(rows)
+  assert '| vit-tiny | `--fast` | 8.4 | 8.0, 8.8 | 0.80 |' in table and 'failed' in table

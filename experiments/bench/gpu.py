@@ -24,7 +24,6 @@ starts, no memory held by another), as its median over `repeats` steps after 2 w
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -63,22 +62,13 @@ def plan(tiny: bool) -> dict:
               repeats=10, matmul_sizes=(4096, 8192, 16384), variants=VARIANTS)
 
 
-def time_step(spec_name: str, dtype: str, pad: int, mu_dtype: str, repeats: int) -> dict:
-  """The tx train step of one spec and variant, in this process."""
-  spec = dataclasses.replace(specs.by_name(spec_name), pad_tokens_to=pad)
-  start = time.time()
-  timer = step_time.step_timer(spec, dtype, mu_dtype)
-  first = time.time() - start
-  return dict(timer(repeats), compile_and_first_steps_s=first)
-
-
 def _tx_row(p, spec, variant, env, rate) -> dict:
   name, pad, mu_dtype, flag = variant
   env = dict(env, XLA_FLAGS=f'{env.get("XLA_FLAGS", "")} {flag}'.strip())
   row = dict(model=spec.name, variant=name, pad_tokens_to=pad, mu_dtype=mu_dtype,
              xla_flags=flag, batch=spec.batch, dtype=p['dtype'])
   try:
-    row.update(run_module('experiments.bench.gpu', f'--step={spec.name}', f'--pad={pad}',
+    row.update(run_module('experiments.bench.step_time', f'--spec={spec.name}', f'--pad={pad}',
                           f'--mu_dtype={mu_dtype}', f'--dtype={p["dtype"]}',
                           f'--repeats={p["repeats"]}', env=env))
     row['mfu'] = flops.train_step(spec) / row['median_s'] / rate
@@ -216,9 +206,6 @@ def save(results: dict, out: str) -> str:
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.step:  # one tx timing, as one JSON line (run() starts these).
-    print(json.dumps(time_step(f.step, f.dtype, f.pad, f.mu_dtype, f.repeats)), flush=True)
-    return
   # Several processes share the GPU in turn: none may take 75% of its memory up front.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   jax.devices()
@@ -231,10 +218,5 @@ if __name__ == '__main__':
   flags.DEFINE_bool('tiny', False, 'Toy sizes: the same parts on a CPU in seconds (tested).')
   flags.DEFINE_float('budget_s', 450.0, 'Parts that would start after this many seconds are '
                      'skipped (a call on the GPU machine is limited to 8-10 minutes).')
-  flags.DEFINE_string('step', '', 'Internal: time one tx train step of this spec and print it.')
-  flags.DEFINE_integer('pad', 1, 'Internal (--step): the ViT pad_tokens_to.')
-  flags.DEFINE_string('mu_dtype', '', 'Internal (--step): optimizer.mu_dtype.')
-  flags.DEFINE_string('dtype', 'bfloat16', 'Internal (--step): compute dtype.')
-  flags.DEFINE_integer('repeats', 10, 'Internal (--step): timed steps.')
   app.run(exit_on_interrupt(main, lambda: 'the parts measured so far are in '
                             f'{flags.FLAGS.workdir}/gpu.json'))

@@ -9,11 +9,18 @@ on the device once, as the PyTorch peer's is.
   MFU             = achieved FLOP/s / matmul FLOP/s
   matmul FLOP/s   = max over n of 2·n³ / the fastest timed n×n by n×n product, same device
                     and dtype, measured before and after the models (the faster kept)
+
+  python -m experiments.bench.step_time --spec=NAME [--dtype=...] [--pad=N] [--mu_dtype=...]
+
+times one spec's step in a process of its own and prints it as one JSON line: how
+experiments.bench.gpu and experiments.bench.xla_flags time a variant with its own XLA flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +139,30 @@ def best_rate(*measurements: dict) -> dict:
   timed), the fastest, with every measurement's rate kept under 'measured'."""
   best = max(measurements, key=lambda m: m['flop_per_s'])
   return dict(best, measured=[m['flop_per_s'] for m in measurements])
+
+
+def time_step(spec_name: str, dtype: str = 'float32', pad: int = 1, mu_dtype: str = '',
+              repeats: int = 10) -> dict:
+  """step_timer's timing of one spec (a ViT with pad_tokens_to=pad), with the seconds its
+  compile and warm-up took."""
+  spec = dataclasses.replace(specs.by_name(spec_name), pad_tokens_to=pad)
+  start = time.time()
+  timer = step_timer(spec, dtype, mu_dtype)
+  first = time.time() - start
+  return dict(timer(repeats), compile_and_first_steps_s=first)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  print(json.dumps(time_step(f.spec, f.dtype, f.pad, f.mu_dtype, f.repeats)), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('spec', 'vit-digits', 'A model of experiments/bench/specs.py.')
+  flags.DEFINE_string('dtype', 'float32', 'Compute dtype: float32 or bfloat16.')
+  flags.DEFINE_integer('pad', 1, "A ViT's pad_tokens_to.")
+  flags.DEFINE_string('mu_dtype', '', "optimizer.mu_dtype: '' or bfloat16.")
+  flags.DEFINE_integer('repeats', 10, 'Timed steps (the median is reported).')
+  app.run(main)
