@@ -129,8 +129,9 @@ def _save_initial_states(configs, workdirs, vectorize):
   from experiments import steps
   from experiments.checkpoints import Checkpoints
   assert vectorize == (len(configs) > 1)
-  states = contextual.initial_states(steps.setup(configs[0]), [c.seed for c in configs])
-  for c, d, state in zip(configs, workdirs, states):
+  run = steps.setup(configs[0])
+  for c, d in zip(configs, workdirs):
+    state = jax.device_get(jax.jit(lambda: steps.init_state(run, c.seed))())
     _SAVED[c.seed] = state
     ckpt = Checkpoints(d, best_metric=c.best_metric, best_mode=c.best_mode)
     ckpt.save(c.total_steps, state, {})

@@ -64,7 +64,7 @@ def test_shuffled_is_the_packages_variant_and_validation_holds_out_train(held_ou
 
 
 def test_train_batches_are_the_generators_transformations(held_out):
-  config = ml_collections.ConfigDict(dict(batch_size=64, seed=3))
+  config = ml_collections.ConfigDict(dict(batch_size=64, seed=3, data={}))
   plain = held_out
   rows = data.batch_indices(3500, 64, 7, 3)
   source = plain.signals[rows].astype(np.float64)

@@ -258,10 +258,24 @@ def test_padded_tokens_give_the_unpadded_logits_and_gradients(options):
 
 
 def test_padding_to_a_multiple_of_8_is_what_makes_vit_b16_fused():
-  """The rule `tx.fused_is_valid` applies (bfloat16 on a GPU): 197 tokens, no; 200, yes."""
-  heads = jax.ShapeDtypeStruct((128, 197, 12, 64), jnp.bfloat16)
-  assert not tx.fused_is_valid(heads, heads, heads, backend='gpu')
-  heads = jax.ShapeDtypeStruct((128, 200, 12, 64), jnp.bfloat16)
-  assert tx.fused_is_valid(heads, heads, heads, backend='gpu')
+  """The q, k, v a bfloat16 ViT-B/16 at 224 hands its attention: 197 tokens, which
+  `tx.fused_is_valid` refuses on a GPU; with pad_tokens_to=8, 200 tokens, which it takes."""
+  seen = []
+
+  def recording(q, k, v, **kwargs):
+    seen.append((q, k, v, kwargs.get('key_lengths')))
+    return tx.dot_product_attention(q, k, v, **kwargs)
+
+  images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  for pad, tokens, valid in ((1, 197, False), (8, 200, True)):
+    seen.clear()
+    vit = tx.vit_variant('B/16', num_classes=10, dtype=jnp.bfloat16, pad_tokens_to=pad,
+                         attention_fn=recording)
+    jax.eval_shape(vit.init, jax.random.key(0), images)
+    assert len(seen) == 12
+    for q, k, v, lengths in seen:
+      assert q.shape[-3] == k.shape[-3] == tokens
+      assert tx.fused_is_valid(q, k, v, backend='gpu') is valid
+      assert (lengths is None) == (pad == 1)
   with pytest.raises(ValueError, match='pad_tokens_to=0; it must be an integer >= 1'):
     tx.ViT(**SMALL, pad_tokens_to=0).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))

@@ -327,8 +327,14 @@ def _fused(q, k, v, mask, bias, beta, key_lengths, logits_shape):
   its key_value_seq_lengths."""
   batch = logits_shape[:-3]
   flat = lambda x: jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
-  as4d = lambda m: None if m is None else jnp.broadcast_to(m, logits_shape).reshape(
-      (-1,) + logits_shape[-3:])
+
+  def as4d(m):  # [B·, H, Tq, Tk]; one that is the same for every batch element stays [1, ...].
+    if m is None:
+      return None
+    if all(d == 1 for d in jnp.shape(m)[:-3]):
+      return jnp.broadcast_to(m, logits_shape[-3:])[None]
+    return jnp.broadcast_to(m, logits_shape).reshape((-1,) + logits_shape[-3:])
+
   beta_value = concrete(beta)
   if beta_value is not None and beta_value.ndim == 0:
     scale = float(beta_value)

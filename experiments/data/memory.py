@@ -153,6 +153,8 @@ class Mnist1dDataset(Dataset):
   augment: tuple = (0, 0.0, 0.0, 0.0)  # (shift, scale, shear, noise).
 
   def train_batch(self, config, step: int, process=(0, 1)) -> dict:
+    if not any(self.augment):  # the transformation is the identity: the tokens are made.
+      return super().train_batch(config, step, process)
     c, (shift, scale, shear, noise) = config, self.augment
     idx = sampling.batch_indices(self.num_train, c.batch_size, step, c.seed, *process)
     rng = np.random.default_rng([c.seed, step, 2])

@@ -148,19 +148,6 @@ def layer_metrics(h, words, valid, min_count: int = MIN_COUNT) -> dict:
   return out | {'words': len(by_word), 'by_word': by_word}
 
 
-def initial_states(run, seeds) -> list:
-  """Each seed's initial TrainState, the one experiments.train starts that seed from
-  (experiments.steps.init_state), on the host; all made in one program."""
-  import jax
-  import jax.numpy as jnp
-
-  from experiments import steps
-  states = jax.device_get(jax.jit(jax.vmap(lambda s: steps.init_state(run, s)))(
-      jnp.asarray(list(seeds))))
-  # np.asarray: a 0-d leaf (the step) stays an array, which the checkpoints require.
-  return [jax.tree.map(lambda a, i=i: np.asarray(a[i]), states) for i in range(len(seeds))]
-
-
 def train_and_measure(model: Model, workdir: str, seeds, quick: bool) -> dict:
   """Trains `model` for every seed (one vectorized program; finished runs are skipped) in
   WORKDIR/<name>/seed_<s>, then measures, with layer_metrics, every layer of the trained and
@@ -173,6 +160,7 @@ def train_and_measure(model: Model, workdir: str, seeds, quick: bool) -> dict:
 
   from experiments import steps
   from experiments.checkpoints import Checkpoints
+  from experiments.runners import VmapRunner
   from experiments.train import train
   from tx.analysis import hidden_states
   configs = [model_config(model, s, quick) for s in seeds]
@@ -184,7 +172,9 @@ def train_and_measure(model: Model, workdir: str, seeds, quick: bool) -> dict:
   tokens = np.asarray(run.dataset.test['inputs'])
   valid = tokens >= model.first_word
   out = {'trained': [], 'init': [], 'eval': [], 'run': run}
-  for start, c, d, summary in zip(initial_states(run, seeds), configs, dirs, summaries):
+  # Each seed's initial state, as experiments.train starts a vectorized group from it.
+  starts = VmapRunner(run, [c.model.beta_scale for c in configs]).init(run, seeds)
+  for start, c, d, summary in zip(starts, configs, dirs, summaries):
     ckpt = Checkpoints(d, best_metric=c.best_metric, best_mode=c.best_mode, reader=True)
     with contextlib.closing(ckpt):
       trained, _ = ckpt.restore(start, ckpt.steps()[-1])
