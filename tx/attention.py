@@ -331,8 +331,9 @@ def _fused(q, k, v, mask, bias, beta, key_lengths, logits_shape):
   def as4d(m):  # [B·, H, Tq, Tk]; one that is the same for every batch element stays [1, ...].
     if m is None:
       return None
-    if all(d == 1 for d in jnp.shape(m)[:-3]):
-      return jnp.broadcast_to(m, logits_shape[-3:])[None]
+    lead, per_example = tuple(jnp.shape(m)[:-3]), tuple(logits_shape[-3:])
+    if all(d == 1 for d in lead):
+      return jnp.broadcast_to(m, lead + per_example).reshape((1,) + per_example)
     return jnp.broadcast_to(m, logits_shape).reshape((-1,) + logits_shape[-3:])
 
   beta_value = concrete(beta)
