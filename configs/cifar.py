@@ -47,7 +47,7 @@ def get_config(arg=None):
       name='ViT', patch_size=4, num_layers=6, d_model=192, num_heads=3, d_ff=768,
       posemb=arg.posemb, pool=arg.pool, beta_scale=arg.beta_scale, learn_beta=arg.learn_beta,
       score=arg.score, implementation='xla', dropout=0.0, attention_dropout=0.0,
-      dtype='float32', remat=False, scan_layers=False))
+      dtype='float32', remat=False, remat_policy='nothing', scan_layers=False))
   if arg.quick:
     c.num_epochs, c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 0, 20, 20, 20, 10
   return c

@@ -49,7 +49,8 @@ def get_config(arg=None):
       name='DecoderLM', num_layers=2, d_model=128, num_heads=4, d_ff=512, num_positions=arg.seq_len,
       posemb=arg.posemb, norm='pre', activation='gelu', beta_scale=arg.beta_scale,
       learn_beta=arg.learn_beta, score=arg.score, implementation='xla', dropout=0.0,
-      attention_dropout=0.0, tie_embeddings=True, dtype='float32', remat=False, scan_layers=False))
+      attention_dropout=0.0, tie_embeddings=True, dtype='float32', remat=False,
+      remat_policy='nothing', scan_layers=False))
   if arg.quick:
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 50, 50, 50, 25
   return c

@@ -50,7 +50,7 @@ def get_config(arg=None):
       num_positions=40 // arg.patch_size + 1, posemb=arg.posemb, pool=arg.pool, norm='pre',
       activation='gelu', beta_scale=arg.beta_scale, learn_beta=arg.learn_beta, score=arg.score,
       implementation='xla', dropout=0.1, attention_dropout=0.0, dtype='float32', remat=False,
-      scan_layers=False))
+      remat_policy='nothing', scan_layers=False))
   if arg.quick:
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 100, 100, 25
   return c

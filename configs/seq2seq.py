@@ -42,7 +42,8 @@ def get_config(arg=None):
       name='EncoderDecoder', num_layers=2, d_model=64, num_heads=4, d_ff=256,
       posemb=arg.posemb, norm='post', activation='relu', beta_scale=arg.beta_scale,
       learn_beta=arg.learn_beta, score=arg.score, implementation='xla', dropout=0.0,
-      attention_dropout=0.0, dtype='float32', remat=False, scan_layers=False))
+      attention_dropout=0.0, dtype='float32', remat=False, remat_policy='nothing',
+      scan_layers=False))
   if arg.quick:
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 100, 100, 25
     c.data.train_size, c.data.test_size = 2000, 200

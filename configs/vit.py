@@ -61,7 +61,7 @@ def get_config(arg=None):
       name='ViT', patch_size=2, num_layers=4, d_model=64, num_heads=4, d_ff=128,
       posemb=arg.posemb, pool=arg.pool, beta_scale=arg.beta_scale, learn_beta=arg.learn_beta,
       score=arg.score, implementation='xla', dropout=0.0, attention_dropout=0.0,
-      dtype='float32', remat=False, scan_layers=False))
+      dtype='float32', remat=False, remat_policy='nothing', scan_layers=False))
   if arg.quick:
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 100, 100, 25
   return c
@@ -80,7 +80,8 @@ def _model(arg, **fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name='ViT', posemb=arg.posemb, pool=arg.pool, beta_scale=arg.beta_scale,
       learn_beta=arg.learn_beta, score=arg.score, implementation='xla', dropout=0.0,
-      attention_dropout=0.0, dtype='float32', remat=False, scan_layers=False) | fields)
+      attention_dropout=0.0, dtype='float32', remat=False, remat_policy='nothing',
+      scan_layers=False) | fields)
 
 
 def _folder(arg):

@@ -66,7 +66,7 @@ def get_config(arg=None):
   # The architecture comes from config.init_from; these are the fields a fine-tune chooses.
   c.model = ml_collections.ConfigDict(dict(
       name='ViT', dropout=0.0, attention_dropout=0.0, beta_scale=1.0, dtype='float32',
-      implementation='xla', remat=False, scan_layers=False))
+      implementation='xla', remat=False, remat_policy='nothing', scan_layers=False))
   if arg.quick:
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 100, 100, 25
   return c

@@ -60,7 +60,7 @@ from experiments import workdir as workdir_lib
 
 # Model fields a fine-tune chooses; every other one is the checkpoint's.
 FINETUNE = ('num_classes', 'dropout', 'attention_dropout', 'beta_scale', 'dtype', 'param_dtype',
-            'implementation', 'remat', 'scan_layers')
+            'implementation', 'remat', 'remat_policy', 'scan_layers')
 NOT_CONFIG = ('parent', 'name', 'attention_fn')  # module fields no config holds.
 
 

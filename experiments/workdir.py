@@ -32,7 +32,7 @@ LIBRARY_LOG = 'library.log'  # process i > 0 of a multi-host run: library.<i>.lo
 # on resume without being allowed (the change is still recorded).
 FREE = ('parallel', 'num_devices', 'distributed', 'eval_batch_size', 'log_every',
         'checkpoint_every', 'keep_checkpoints', 'tensorboard', 'debug_nans',
-        'model.implementation', 'model.remat')
+        'model.implementation', 'model.remat', 'model.remat_policy')
 # Config fields that have another name now, as config.json files written earlier spell them.
 RENAMED = {('model', 'max_len'): 'num_positions', ('data', 'min_len'): 'min_length',
            ('data', 'max_len'): 'max_length', ('data', 'test_max_len'): 'extrapolate_max_length'}

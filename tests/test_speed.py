@@ -182,11 +182,13 @@ def _outputs_and_grads(model, args, **kw):
       jax.value_and_grad(loss, has_aux=True)(params)))
 
 
-@pytest.mark.parametrize('kind,dropout', [('vit', 0.0), ('lm', 0.1)])
-def test_remat_gives_the_same_params_outputs_and_gradients(kind, dropout):
+@pytest.mark.parametrize('kind,dropout,policy', [
+    ('vit', 0.0, 'nothing'), ('lm', 0.1, 'nothing'), ('vit', 0.0, 'dots'),
+    ('lm', 0.1, 'dots_no_batch')])
+def test_remat_gives_the_same_params_outputs_and_gradients(kind, dropout, policy):
   model, _, args = MODELS[kind](dropout=dropout)
   params = _init(model, *args)
-  remat = model.clone(remat=True)
+  remat = model.clone(remat=True, remat_policy=policy)
   assert _shapes(remat, *args) == _shapes(model, *args)  # the same parameter tree
   kw = dict(deterministic=False, rngs={'dropout': jax.random.key(3)})  # the same masks
   out, grads = _outputs_and_grads(model, args, **kw)(params)
@@ -196,6 +198,25 @@ def test_remat_gives_the_same_params_outputs_and_gradients(kind, dropout):
   remats = lambda m: [e for e in _walk(jax.make_jaxpr(jax.grad(_loss(m, args)))(params).jaxpr)
                       if 'remat' in e.primitive.name or e.primitive.name == 'checkpoint']
   assert len(remats(remat)) == SMALL['num_layers'] and not remats(model)
+
+
+def _saved(model, args, params) -> int:
+  """How many numbers the backward pass keeps: the sizes of jax.vjp's residuals."""
+  _, backward = jax.vjp(_loss(model, args), params)
+  return sum(x.size for x in jax.tree.leaves(backward))
+
+
+def test_each_remat_policy_keeps_what_it_names():
+  """Recomputing everything keeps least; keeping the projections (dots_no_batch) more;
+  every product (dots) more again, but still less than no remat, which also keeps the
+  elementwise results."""
+  model, _, args = _lm()
+  params = _init(model, *args)
+  saved = {p: _saved(model.clone(remat=True, remat_policy=p), args, params)
+           for p in tx.REMAT_POLICIES}
+  assert saved['nothing'] < saved['dots_no_batch'] < saved['dots'] < _saved(model, args, params)
+  with pytest.raises(ValueError, match="remat_policy='all'; allowed: 'nothing', 'dots'"):
+    _saved(model.clone(remat=True, remat_policy='all'), args, params)
 
 
 # --- 3. scan over layers ------------------------------------------------------------------

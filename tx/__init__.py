@@ -15,8 +15,8 @@ from tx.decoding import Beams, Decoded, beam_search, generate, length_penalty
 from tx.layers import (DecoderBlock, EncoderBlock, FeedForward, MultiHeadAttention)
 from tx.masks import (causal_mask, combine_masks, local_window_mask, padding_mask,
                       valid_from_lengths, valid_from_tokens)
-from tx.models import (Decoder, DecoderLM, Encoder, EncoderClassifier, EncoderDecoder,
-                       TokenEmbedding, shift_right, stack_layers, unstack_layers)
+from tx.models import (REMAT_POLICIES, Decoder, DecoderLM, Encoder, EncoderClassifier,
+                       EncoderDecoder, TokenEmbedding, shift_right, stack_layers, unstack_layers)
 from tx.posemb import (AddPositionEmbs, alibi_bias, alibi_slopes, resample_posemb, rope,
                        sincos_2d, sinusoidal_1d, sinusoidal_concat_1d)
 from tx.scores import (AdditiveScore, GeneralScore, LocationScore, cosine_score, dot_score,

@@ -32,6 +32,12 @@ class ModelHParams(BlockHParams, kw_only=True):
   remat: recompute each block's activations in the backward pass instead of keeping
     them (`nn.remat`): less memory, about one more forward pass of compute; the same
     parameters, outputs and gradients.
+  remat_policy: what a rematerialised block keeps from its forward pass (one of
+    REMAT_POLICIES; only with remat=True): 'nothing' recomputes the whole block;
+    'dots' keeps every matrix product's output and recomputes only the elementwise ops
+    (LayerNorm, GELU, softmax, residuals); 'dots_no_batch' keeps the products without
+    batch dimensions (the Q/K/V, output and MLP projections) and also recomputes the
+    attention's q·kᵀ and weights·v, whose [B, H, T, T] operands are the large ones.
   scan_layers: run the blocks as one `nn.scan` over a single block whose parameters
     (and cache, and sown intermediates) are stacked on a leading axis of length
     num_layers, under the name 'blocks' instead of 'block_0' ... 'block_{N-1}'. The
@@ -49,6 +55,7 @@ class ModelHParams(BlockHParams, kw_only=True):
   # True also after a post-LN stack (torch.nn.Transformer's encoder.norm, decoder.norm).
   final_norm: bool | None = None
   remat: bool = False
+  remat_policy: str = 'nothing'
   scan_layers: bool = False
 
 
@@ -56,6 +63,10 @@ def _block_args(model: ModelHParams) -> dict:
   return dict(hparams(model), rope=model.posemb == 'rope', alibi=model.posemb == 'alibi')
 
 
+# jax.checkpoint policies by remat_policy: what the backward pass may keep instead of recompute.
+REMAT_POLICIES = {'nothing': jax.checkpoint_policies.nothing_saveable,
+                  'dots': jax.checkpoint_policies.dots_saveable,
+                  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 STACKED = 'blocks'  # the scanned stack's name; unscanned blocks are 'block_0', 'block_1', ...
 
 
@@ -63,11 +74,14 @@ def _stack(model: ModelHParams, block: type, call, x, *args):
   """x through model.num_layers blocks of class `block`: x ← call(block_i, x, *args).
 
   `call` closes over the static `deterministic` flag; `args` (masks, memory) are the
-  same for every layer. With remat each call is wrapped in `nn.remat`; with scan_layers
+  same for every layer. With remat each call is wrapped in `nn.remat` (keeping what
+  model.remat_policy saves); with scan_layers
   the loop is one `nn.scan` (params, intermediates and cache stacked on axis 0, a fresh
   params/dropout key per layer, `args` broadcast to every step).
   """
-  fn = nn.remat(call, prevent_cse=not model.scan_layers) if model.remat else call
+  check_choice('remat_policy', model.remat_policy, tuple(REMAT_POLICIES))
+  fn = (nn.remat(call, prevent_cse=not model.scan_layers,
+                 policy=REMAT_POLICIES[model.remat_policy]) if model.remat else call)
   if not model.scan_layers:
     for i in range(model.num_layers):
       x = fn(block(**_block_args(model), name=f'block_{i}'), x, *args)

@@ -39,7 +39,7 @@ def get_config(arg=None):
       name='DecoderLM', num_layers=1, d_model=32, num_heads=1, d_ff=0, num_positions=32,
       posemb='none', norm='pre', beta_scale=1.0, learn_beta=False, score='dot',
       implementation='xla', dropout=0.0, attention_dropout=0.0, tie_embeddings=False,
-      dtype='float32', remat=False, scan_layers=False))
+      dtype='float32', remat=False, remat_policy='nothing', scan_layers=False))
   if arg.quick:  # the machinery end to end, not a result.
     c.total_steps = arg.steps or 60
     c.optimizer.warmup_steps = 10
