@@ -7,6 +7,7 @@ import math
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from experiments.bench import __main__ as bench
@@ -137,10 +138,47 @@ def test_gpu_script_runs_every_part_in_toy_sizes(tmp_path):
   assert {r['implementation'] for r in saved['attention']} == {'xla', 'fused'}
   if importlib.util.find_spec('torch'):
     assert saved['peers'][0]['step_s_median'] > 0
+  remat = saved['remat']
+  assert [(r['variant'], r['remat']) for r in remat] == [
+      (f'pad_tokens_to=8, remat={policy}', policy) for policy in gpu.REMAT_RUNS[:1]]
+  assert all(r['median_s'] > 0 and r['peak_bytes'] > 0 for r in remat)
+  parts = {r['part'] for r in saved['profile']['parts']}
+  assert {'ffn/hidden', 'self_attention/query', 'outside the model'} <= parts
+  assert saved['profile']['total_ms'] > 0 and os.path.exists(saved['profile']['trace'])
   table = (tmp_path / 'gpu.md').read_text()
   assert '| vit-tiny | pad_tokens_to=8 |' in table and results['wall_s'] > 0
+  assert '| vit-tiny | pad_tokens_to=8, remat=nothing |' in table and '| ffn/hidden |' in table
   late = gpu.run(str(tmp_path / 'late'), tiny=True, budget_s=0, log=lambda *_: None)
-  assert late['skipped'] == ['variants', 'vits', 'peers', 'sweep', 'attention']
+  assert late['skipped'] == ['variants', 'vits', 'peers', 'sweep', 'profile', 'remat',
+                             'attention']
+
+
+def test_ops_compute_the_same_values_in_jax_and_pytorch():
+  """experiments.bench.ops times what it says: each op's outputs agree across frameworks."""
+  pytest.importorskip('torch')
+  from experiments.bench import ops
+  dims = dict(n=32, d=16, f=24, b=2, h=2, t=8, dh=4)
+  jax_ops, torch_ops = ops.run_ops('jax', dims, repeats=1), ops.run_ops('torch', dims, repeats=1)
+  assert list(jax_ops) == list(torch_ops) and len(jax_ops) == 8
+  for name, result in jax_ops.items():
+    assert result['median_ms'] > 0
+    for mine, theirs in zip(result['outputs'], torch_ops[name]['outputs'], strict=True):
+      np.testing.assert_allclose(mine, theirs, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_profile_names_the_pass_and_the_part_of_an_op():
+  """experiments.bench.profile reads JAX's op_name metadata: block_i and jit scopes left out,
+  the last two names kept, transpose(jvp(...)) the backward pass."""
+  from experiments.bench import profile
+  body = 'jit(train_step)/while/body/closed_call/'
+  ffn = 'encoder/block_1/block_1.ffn_sublayer/block_1.sublayer/block_1.ffn/ffn/output/dot_general'
+  assert profile.part_of(body + 'transpose(jvp(ViT))/' + ffn) == ('backward', 'ffn/output')
+  assert profile.part_of(body + 'jvp(ViT)/' + ffn) == ('forward', 'ffn/output')
+  query = 'jvp(DecoderLM)/decoder/block_0/block_0.sublayer/self_attention/query/add_any'
+  assert profile.part_of(query) == ('forward', 'self_attention/query')
+  clip = 'transpose(jvp(ViT))/encoder/block_0/self_attention/jit(clip)/max'
+  assert profile.part_of(clip) == ('backward', 'encoder/self_attention')
+  assert profile.part_of('jit(train_step)/add') == (profile.OUTSIDE, profile.OUTSIDE)
 
 
 def test_xla_flag_sets_alternate_with_the_baseline_and_are_divided_by_it(tmp_path, monkeypatch):

@@ -18,16 +18,9 @@ import jax
 import jax.numpy as jnp
 
 import tx
-from experiments.bench.timing import measure
+from experiments.bench.timing import measure, peak_bytes
 
 IMPLEMENTATIONS = ('xla', 'fused')
-
-
-def peak_bytes(compiled) -> int | None:
-  """Arguments + outputs + temporaries of a compiled program (aliased buffers counted once)."""
-  m = compiled.memory_analysis()
-  return None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
-                                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def time_attention(length: int, implementation: str, *, batch: int, heads: int, head_dim: int,

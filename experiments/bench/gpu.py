@@ -15,6 +15,11 @@ skipped:
   peers      the same ViT-B/16 step in PyTorch: eager, torch.compile, and timm's
              VisionTransformer under torch.compile (experiments/bench/peer.py);
   sweep      8 members of the small ViT of configs/vit.py vmapped against one after another;
+  profile    a jax.profiler trace of 5 ViT-B/16 steps (pad_tokens_to=8, mu_dtype=bfloat16),
+             summed by op kind and model part (experiments/bench/profile.py); the trace is
+             kept in workdir/profile/trace;
+  remat      that ViT-B/16 step with remat=True under each policy of REMAT_RUNS: step time
+             and XLA's peak memory;
   attention  tx's einsum attention against the fused kernel, T = 1024, 2048, 4096.
 Each tx and peer timing runs in a process of its own (a fresh JAX, XLA_FLAGS set before it
 starts, no memory held by another), as its median over `repeats` steps after 2 warm-up steps.
@@ -33,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import attention_kernels, flops, specs, step_time
+from experiments.bench import attention_kernels, flops, profile, specs, step_time
 from experiments.bench.__main__ import run_module
 from experiments.bench.timing import environment
 from experiments.cli import exit_on_interrupt
@@ -46,6 +51,7 @@ VARIANTS = (('as it is', 1, '', ''),
             ('pad_tokens_to=8', 8, '', ''),
             ('+ mu_dtype=bfloat16', 8, 'bfloat16', ''),
             *((f'+ {flag[2:]}', 8, 'bfloat16', flag) for flag in FLAGS))
+REMAT_RUNS = ('nothing', 'dots_no_batch')  # model.remat_policy: recompute all; keep projections
 
 
 def plan(tiny: bool) -> dict:
@@ -54,22 +60,24 @@ def plan(tiny: bool) -> dict:
     vit = specs.by_name('vit-tiny')
     return dict(main=vit, others=(), peer_runs=(('tx', False),), sweep=vit, members=2,
                 lengths=(64, 128), attention=(1, 2, 16), dtype='float32', repeats=2,
-                matmul_sizes=(128, 256), variants=VARIANTS[:2])
+                matmul_sizes=(128, 256), variants=VARIANTS[:2], profile_steps=2,
+                remat_runs=REMAT_RUNS[:1])
   by = specs.by_name
   return dict(main=by('vit-b16-224'), others=(by('vit-ti16-224'), by('vit-s16-224')),
               peer_runs=(('tx', False), ('tx', True), ('timm', True)), sweep=by('vit-digits'),
               members=8, lengths=(1024, 2048, 4096), attention=(4, 16, 64), dtype='bfloat16',
-              repeats=10, matmul_sizes=(4096, 8192, 16384), variants=VARIANTS)
+              repeats=10, matmul_sizes=(4096, 8192, 16384), variants=VARIANTS, profile_steps=5,
+              remat_runs=REMAT_RUNS)
 
 
-def _tx_row(p, spec, variant, env, rate) -> dict:
+def _tx_row(p, spec, variant, env, rate, remat: str = '') -> dict:
   name, pad, mu_dtype, flag = variant
   env = dict(env, XLA_FLAGS=f'{env.get("XLA_FLAGS", "")} {flag}'.strip())
   row = dict(model=spec.name, variant=name, pad_tokens_to=pad, mu_dtype=mu_dtype,
-             xla_flags=flag, batch=spec.batch, dtype=p['dtype'])
+             xla_flags=flag, remat=remat, batch=spec.batch, dtype=p['dtype'])
   try:
     row.update(run_module('experiments.bench.step_time', f'--spec={spec.name}', f'--pad={pad}',
-                          f'--mu_dtype={mu_dtype}', f'--dtype={p["dtype"]}',
+                          f'--mu_dtype={mu_dtype}', f'--dtype={p["dtype"]}', f'--remat={remat}',
                           f'--repeats={p["repeats"]}', env=env))
     row['mfu'] = flops.train_step(spec) / row['median_s'] / rate
   except RuntimeError as e:  # a flag this XLA does not know, say: reported, not fatal.
@@ -98,15 +106,17 @@ def run(out: str, tiny: bool = False, budget_s: float = 450.0, log=print) -> dic
   rate = results['matmul']['flop_per_s']
   log(f'matmul {p["dtype"]}: {rate / 1e12:.2f} TFLOP/s')
 
-  def rows(spec_list, variants):
+  def rows(spec_list, variants, remats=('',)):
     out_rows = []
     for spec in spec_list:
       for v in variants:
-        if time.time() - start > budget_s:
-          results['skipped'].append(f'{spec.name} {v[0]}')
-          continue
-        out_rows.append(_tx_row(p, spec, v, env, rate))
-        log(_row_line(out_rows[-1]))
+        for remat in remats:
+          name = f'{v[0]}, remat={remat}' if remat else v[0]
+          if time.time() - start > budget_s:
+            results['skipped'].append(f'{spec.name} {name}')
+            continue
+          out_rows.append(_tx_row(p, spec, (name, *v[1:]), env, rate, remat))
+          log(_row_line(out_rows[-1]))
     return out_rows
 
   part('variants', lambda: rows([p['main']], p['variants']))
@@ -115,6 +125,9 @@ def run(out: str, tiny: bool = False, budget_s: float = 450.0, log=print) -> dic
   part('sweep', lambda: dict(step_time.time_vectorized(p['sweep'], p['members'],
                                                        repeats=p['repeats']),
                              model=p['sweep'].name))
+  part('profile', lambda: _profile(p, out, env))
+  part('remat', lambda: rows([p['main']], p['variants'][2:3] or p['variants'][-1:],
+                             p['remat_runs']))
   batch, heads, head_dim = p['attention']
   part('attention', lambda: attention_kernels.bench(
       p['lengths'], batch=batch, heads=heads, head_dim=head_dim, dtype=jnp.dtype(p['dtype']),
@@ -122,6 +135,18 @@ def run(out: str, tiny: bool = False, budget_s: float = 450.0, log=print) -> dic
   results['wall_s'] = round(time.time() - start, 1)
   log(save(results, out))
   return results
+
+
+def _profile(p, out: str, env: dict) -> dict:
+  """experiments.bench.profile of the main model with pad_tokens_to=8 and bfloat16 Adam
+  moments, in its own process."""
+  spec, dtype = p['main'].name, p['dtype']
+  try:
+    return run_module('experiments.bench.profile', f'--spec={spec}', f'--dtype={dtype}',
+                      '--pad=8', '--mu_dtype=bfloat16', f'--steps={p["profile_steps"]}',
+                      f'--workdir={os.path.join(out, "profile")}', '--print_json', env=env)
+  except RuntimeError as e:
+    return {'error': str(e)}
 
 
 def _peers(p, log) -> list[dict]:
@@ -157,17 +182,18 @@ def markdown(results: dict) -> str:
   if 'matmul' in results:
     m = results['matmul']
     lines += [f'matmul {m["dtype"]}: {m["flop_per_s"] / 1e12:.1f} TFLOP/s at n = {m["n"]}', '']
-  tx_rows = results.get('variants', []) + results.get('vits', [])
+  tx_rows = results.get('variants', []) + results.get('vits', []) + results.get('remat', [])
   if tx_rows:
-    lines += ['| model | variant | ms/step | examples/s | MFU | first step s (compiles) |',
-              '|---|---|---|---|---|---|']
+    lines += ['| model | variant | ms/step | examples/s | MFU | peak GiB | compile s |',
+              '|---|---|---|---|---|---|---|']
     for r in tx_rows:
       if 'error' in r:
-        lines.append(f'| {r["model"]} | {r["variant"]} | failed: {r["error"]} | | | |')
+        lines.append(f'| {r["model"]} | {r["variant"]} | failed: {r["error"]} | | | | |')
       else:
+        peak = f'{r["peak_bytes"] / 2**30:.2f}' if r.get('peak_bytes') else ''
         lines.append(f'| {r["model"]} | {r["variant"]} | {r["median_s"] * 1e3:.1f} | '
-                     f'{r["examples_per_s"]:.0f} | {r["mfu"]:.1%} | '
-                     f'{r["first_s"]:.1f} |')
+                     f'{r["examples_per_s"]:.0f} | {r["mfu"]:.1%} | {peak} | '
+                     f'{r["compile_s"]:.1f} |')
     lines.append('')
   peers = [r for r in results.get('peers', []) if 'error' not in r]
   best = min((r['median_s'] for r in results.get('variants', []) if 'error' not in r),
@@ -185,6 +211,9 @@ def markdown(results: dict) -> str:
     lines += [f'sweep, {s["members"]} members of {s["model"]}: vectorized '
               f'{s["vectorized_member_steps_per_s"]:.1f} member-steps/s, sequential '
               f'{s["sequential_member_steps_per_s"]:.1f}: {s["speedup"]:.2f}x', '']
+  if 'profile' in results:
+    lines += [f'profile failed: {results["profile"]["error"]}' if 'error' in results['profile']
+              else profile.markdown(results['profile']), '']
   if 'attention' in results:
     lines += ['| T | implementation | ms | peak MiB |', '|---|---|---|---|']
     lines += [f'| {r["length"]} | {r["implementation"]} | {r["median_s"] * 1e3:.2f} | '

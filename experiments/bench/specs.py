@@ -42,6 +42,7 @@ class Spec:
   seq_len: int = 0  # EncoderDecoder: source and target length; DecoderLM: context length
   vocab_size: int = 0
   pad_tokens_to: int = 1  # ViT: tx pads its tokens to a multiple of this (tx.ViT's field)
+  remat: str = ''  # tx recomputes each block in the backward pass keeping this policy; '': off
 
   @property
   def task(self) -> str:
@@ -56,7 +57,8 @@ class Spec:
 def tx_model(spec: Spec, dtype=jnp.float32):
   """The tx module of `spec`, computing in `dtype` with float32 parameters."""
   common = dict(num_layers=spec.num_layers, d_model=spec.d_model, num_heads=spec.num_heads,
-                d_ff=spec.d_ff, dtype=dtype, param_dtype=jnp.float32)
+                d_ff=spec.d_ff, dtype=dtype, param_dtype=jnp.float32, remat=bool(spec.remat),
+                remat_policy=spec.remat or 'nothing')
   if spec.kind == 'ViT':
     return tx.ViT(**common, num_classes=spec.num_classes, patch_size=spec.patch_size,
                   posemb='learn', pool='cls', norm='pre', activation='gelu',

@@ -11,6 +11,7 @@ on the device once, as the PyTorch peer's is.
                     and dtype, measured before and after the models (the faster kept)
 
   python -m experiments.bench.step_time --spec=NAME [--dtype=...] [--pad=N] [--mu_dtype=...]
+      [--remat=POLICY]
 
 times one spec's step in a process of its own and prints it as one JSON line: how
 experiments.bench.gpu and experiments.bench.xla_flags time a variant with its own XLA flags.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from experiments import data as data_lib
 from experiments import steps
 from experiments.optimizer import make_optimizer
 from experiments.bench import flops, specs
-from experiments.bench.timing import measure
+from experiments.bench.timing import measure, peak_bytes
 from experiments.runners import VmapRunner
 from experiments.tasks import DTYPES
 
@@ -61,17 +63,25 @@ def stepper(step, state, batch):
 
 def step_timer(spec: specs.Spec, dtype: str = 'float32', mu_dtype: str = ''):
   """Compiles the tx train step of `spec` once and returns timer(repeats) -> dict: median
-  seconds per step after 2 warm-up steps, examples/s and achieved FLOP/s. Each call times
-  more steps of the same run, so a model is timed again next to its peer without compiling."""
+  seconds per step after 2 warm-up steps, examples/s, achieved FLOP/s, the seconds that
+  tracing and compiling took, and the step's peak memory (`timing.peak_bytes`: XLA's buffer
+  assignment of the state, the batch and the step's temporaries; None where the backend does
+  not say). Each call times more steps of the same run, so a model is timed again next to
+  its peer without compiling."""
   run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]), mu_dtype)
-  next_step = stepper(jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)),
-                      steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec)))
+  state, batch = steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec))
+  start = time.perf_counter()
+  compiled = jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)).lower(
+      state, batch).compile()
+  compile_s = time.perf_counter() - start
+  peak = peak_bytes(compiled)
+  next_step = stepper(compiled, state, batch)
   flop = flops.train_step(spec)
 
   def timer(repeats: int) -> dict:
     t = measure(next_step, repeats=repeats, warmup=2)
     return dict(t, examples_per_s=spec.batch / t['median_s'], flops_per_step=flop,
-                flop_per_s=flop / t['median_s'])
+                flop_per_s=flop / t['median_s'], compile_s=compile_s, peak_bytes=peak)
 
   return timer
 
@@ -141,24 +151,31 @@ def best_rate(*measurements: dict) -> dict:
 
 
 def time_step(spec_name: str, dtype: str = 'float32', pad: int = 1, mu_dtype: str = '',
-              repeats: int = 10) -> dict:
-  """step_timer's timing of one spec (a ViT with pad_tokens_to=pad); its first_s is the
-  first step, compilation included."""
-  spec = dataclasses.replace(specs.by_name(spec_name), pad_tokens_to=pad)
+              repeats: int = 10, remat: str = '') -> dict:
+  """step_timer's timing of one spec (a ViT with pad_tokens_to=pad; remat: a remat policy or
+  '' for none); its first_s is the first step (the program was compiled before it)."""
+  spec = dataclasses.replace(specs.by_name(spec_name), pad_tokens_to=pad, remat=remat)
   return step_timer(spec, dtype, mu_dtype)(repeats)
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  print(json.dumps(time_step(f.spec, f.dtype, f.pad, f.mu_dtype, f.repeats)), flush=True)
+  print(json.dumps(time_step(f.spec, f.dtype, f.pad, f.mu_dtype, f.repeats, f.remat)),
+        flush=True)
 
 
-if __name__ == '__main__':
-  from absl import app, flags
+def define_step_flags(flags):
+  """The absl flags that name one tx train step: --spec, --dtype, --pad, --mu_dtype, --remat."""
   flags.DEFINE_string('spec', 'vit-digits', 'A model of experiments/bench/specs.py.')
   flags.DEFINE_string('dtype', 'float32', 'Compute dtype: float32 or bfloat16.')
   flags.DEFINE_integer('pad', 1, "A ViT's pad_tokens_to.")
   flags.DEFINE_string('mu_dtype', '', "optimizer.mu_dtype: '' or bfloat16.")
+  flags.DEFINE_string('remat', '', "A model.remat_policy to recompute blocks with; '': no remat.")
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  define_step_flags(flags)
   flags.DEFINE_integer('repeats', 10, 'Timed steps (the median is reported).')
   app.run(main)

@@ -31,6 +31,13 @@ def measure(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> dict:
   return {'first_s': calls[0], 'median_s': statistics.median(times), 'times_s': times}
 
 
+def peak_bytes(compiled) -> int | None:
+  """Arguments + outputs + temporaries of a compiled program (aliased buffers counted once)."""
+  m = compiled.memory_analysis()
+  return None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
 def environment() -> dict:
   """The device, library versions and thread counts of this process."""
   import flax
