@@ -22,8 +22,8 @@ path of the primitive, e.g. `.../transpose(jvp(ViT))/encoder/block_1/block_1.ffn
          'outside the model'
   pass   forward (jvp(...)), backward (transpose(jvp(...))) or outside the model
 
-On a GPU the events are the device's 'XLA Ops' line: device time, one op at a time. On a
-CPU they are the thunks on every thread, so rows are thread-milliseconds and parallel work
+On a GPU the events are the device's ops (its 'XLA Ops' line, or its kernels that name their
+op): device time, one op at a time. On a CPU they are the thunks on every thread, so rows are thread-milliseconds and parallel work
 adds up (compare shares, not their sum with the step time).
 
   python -m experiments.bench.profile --spec=lm-d256 --peer
@@ -82,15 +82,21 @@ def part_of(op_name: str) -> tuple[str, str]:
 
 
 def _events(path: str):
-  """(op name, duration ns) of the XLA op events in an .xplane.pb trace."""
-  data = jax.profiler.ProfileData.from_file(path)
-  planes = list(data.planes)
-  device = [line for p in planes if p.name.startswith('/device:') for line in p.lines
-            if line.name == 'XLA Ops']
-  if device:
-    return [(e.name, e.duration_ns) for line in device for e in line.events]
-  return [(dict(e.stats)['hlo_op'], e.duration_ns) for p in planes for line in p.lines
-          for e in line.events if 'hlo_op' in dict(e.stats)]
+  """(op name, duration ns) of the XLA op events in an .xplane.pb trace: a device's 'XLA Ops'
+  line where the trace has one; else the device's kernels that name their op (stat
+  'hlo_op'; an op's kernels add up); else, with no device plane (CPU), the host's thunks."""
+  planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  device = [p for p in planes if p.name.startswith('/device:')]
+  op_lines = [line for p in device for line in p.lines if line.name == 'XLA Ops']
+  if op_lines:
+    return [(dict(e.stats).get('hlo_op', e.name), e.duration_ns)
+            for line in op_lines for e in line.events]
+  for source in (device, planes):
+    events = [(stats['hlo_op'], e.duration_ns) for p in source for line in p.lines
+              for e in line.events if 'hlo_op' in (stats := dict(e.stats))]
+    if events:
+      return events
+  return []
 
 
 def summarize(events, described: dict, num_steps: int) -> dict:
