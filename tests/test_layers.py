@@ -279,3 +279,34 @@ def test_dropout_needs_rng_and_changes_output_in_training():
   np.testing.assert_array_equal(train(jax.random.key(1)), train(jax.random.key(1)))
   assert np.abs(train(jax.random.key(1)) - train(jax.random.key(2))).max() > 0
   np.testing.assert_array_equal(model.apply(params, x), model.apply(params, x))
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 16), (3, 1, 16), (2, 3, 4, 16)])
+def test_feed_forward_matches_reference_on_any_leading_dims(shape):
+  """FFN(x) = GELU(x W_1 + b_1) W_2 + b_2 row by row, whatever the leading dims (decoding's
+  [B, 1, d] included), in float64 NumPy."""
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  ffn = tx.FeedForward(d_ff=24, activation='gelu')
+  params = ffn.init(jax.random.key(0), x)['params']
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h = x.astype(np.float64) @ p['hidden']['kernel'] + p['hidden']['bias']
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  want = h @ p['output']['kernel'] + p['output']['bias']
+  got = ffn.apply({'params': params}, x)
+  assert got.shape == shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_feed_forward_kernel_gradients_contract_g_as_stored():
+  """From [B, T, d] inputs, XLA:CPU's compiled kernel gradients xᵀ·g contract the leading
+  axis of both operands: no transposed copy of g in the slow orientation (what flattening the
+  FFN's input buys; docs/performance.md)."""
+  x = jnp.ones((4, 32, 16))
+  ffn = tx.FeedForward(d_ff=64, activation='gelu')
+  params = ffn.init(jax.random.key(0), x)['params']
+  loss = lambda p, x: jnp.sum(ffn.apply({'params': p}, x) ** 2)
+  text = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+  kernel_grads = [line for line in text.splitlines()
+                  if ' dot(' in line and 'lhs_contracting_dims={0}' in line]
+  assert kernel_grads, 'no kernel gradient found as a dot'
+  assert all('rhs_contracting_dims={0}' in line for line in kernel_grads), kernel_grads

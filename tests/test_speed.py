@@ -217,6 +217,8 @@ def test_each_remat_policy_keeps_what_it_names():
   assert saved['nothing'] < saved['dots_no_batch'] < saved['dots'] < _saved(model, args, params)
   with pytest.raises(ValueError, match="remat_policy='all'; allowed: 'nothing', 'dots'"):
     _saved(model.clone(remat=True, remat_policy='all'), args, params)
+  with pytest.raises(ValueError, match="remat_policy='dots' needs remat=True"):
+    _saved(model.clone(remat_policy='dots'), args, params)
 
 
 # --- 3. scan over layers ------------------------------------------------------------------

@@ -75,11 +75,14 @@ def _stack(model: ModelHParams, block: type, call, x, *args):
 
   `call` closes over the static `deterministic` flag; `args` (masks, memory) are the
   same for every layer. With remat each call is wrapped in `nn.remat` (keeping what
-  model.remat_policy saves); with scan_layers
-  the loop is one `nn.scan` (params, intermediates and cache stacked on axis 0, a fresh
-  params/dropout key per layer, `args` broadcast to every step).
+  model.remat_policy saves); with scan_layers the loop is one `nn.scan` (params,
+  intermediates and cache stacked on axis 0, a fresh params/dropout key per layer, `args`
+  broadcast to every step).
   """
   check_choice('remat_policy', model.remat_policy, tuple(REMAT_POLICIES))
+  if model.remat_policy != 'nothing' and not model.remat:
+    raise ValueError(f'remat_policy={model.remat_policy!r} needs remat=True (a policy says '
+                     'what a rematerialised block keeps)')
   fn = (nn.remat(call, prevent_cse=not model.scan_layers,
                  policy=REMAT_POLICIES[model.remat_policy]) if model.remat else call)
   if not model.scan_layers:

@@ -1,5 +1,5 @@
 """The whole GPU measurement in one command, sized for one call of at most 8 minutes on one
-H100 or H200:
+H100 or H200 (an estimate from the step and compile times of 2026-11-22; not yet timed whole):
 
   python -m experiments.bench.gpu --workdir=runs/bench-gpu     # on the GPU machine
   python -m experiments.bench.gpu --tiny --workdir=/tmp/g      # the same parts, toy sizes (CPU)
@@ -15,12 +15,12 @@ skipped:
   peers      the same ViT-B/16 step in PyTorch: eager, torch.compile, and timm's
              VisionTransformer under torch.compile (experiments/bench/peer.py);
   sweep      8 members of the small ViT of configs/vit.py vmapped against one after another;
+  attention  tx's einsum attention against the fused kernel, T = 1024, 2048, 4096;
   profile    a jax.profiler trace of 5 ViT-B/16 steps (pad_tokens_to=8, mu_dtype=bfloat16),
              summed by op kind and model part (experiments/bench/profile.py); the trace is
              kept in workdir/profile/trace;
   remat      that ViT-B/16 step with remat=True under each policy of REMAT_RUNS: step time
-             and XLA's peak memory;
-  attention  tx's einsum attention against the fused kernel, T = 1024, 2048, 4096.
+             and XLA's peak memory.
 Each tx and peer timing runs in a process of its own (a fresh JAX, XLA_FLAGS set before it
 starts, no memory held by another), as its median over `repeats` steps after 2 warm-up steps.
 
@@ -60,14 +60,14 @@ def plan(tiny: bool) -> dict:
     vit = specs.by_name('vit-tiny')
     return dict(main=vit, others=(), peer_runs=(('tx', False),), sweep=vit, members=2,
                 lengths=(64, 128), attention=(1, 2, 16), dtype='float32', repeats=2,
-                matmul_sizes=(128, 256), variants=VARIANTS[:2], profile_steps=2,
-                remat_runs=REMAT_RUNS[:1])
+                matmul_sizes=(128, 256), variants=VARIANTS[:2], tuned=VARIANTS[1],
+                profile_steps=2, remat_runs=REMAT_RUNS[:1])
   by = specs.by_name
   return dict(main=by('vit-b16-224'), others=(by('vit-ti16-224'), by('vit-s16-224')),
               peer_runs=(('tx', False), ('tx', True), ('timm', True)), sweep=by('vit-digits'),
               members=8, lengths=(1024, 2048, 4096), attention=(4, 16, 64), dtype='bfloat16',
-              repeats=10, matmul_sizes=(4096, 8192, 16384), variants=VARIANTS, profile_steps=5,
-              remat_runs=REMAT_RUNS)
+              repeats=10, matmul_sizes=(4096, 8192, 16384), variants=VARIANTS, tuned=VARIANTS[2],
+              profile_steps=5, remat_runs=REMAT_RUNS)
 
 
 def _tx_row(p, spec, variant, env, rate, remat: str = '') -> dict:
@@ -125,26 +125,26 @@ def run(out: str, tiny: bool = False, budget_s: float = 450.0, log=print) -> dic
   part('sweep', lambda: dict(step_time.time_vectorized(p['sweep'], p['members'],
                                                        repeats=p['repeats']),
                              model=p['sweep'].name))
-  part('profile', lambda: _profile(p, out, env))
-  part('remat', lambda: rows([p['main']], p['variants'][2:3] or p['variants'][-1:],
-                             p['remat_runs']))
   batch, heads, head_dim = p['attention']
   part('attention', lambda: attention_kernels.bench(
       p['lengths'], batch=batch, heads=heads, head_dim=head_dim, dtype=jnp.dtype(p['dtype']),
       repeats=p['repeats'], log=log))
+  part('profile', lambda: _profile(p, out, env))
+  part('remat', lambda: rows([p['main']], [p['tuned']], p['remat_runs']))
   results['wall_s'] = round(time.time() - start, 1)
   log(save(results, out))
   return results
 
 
 def _profile(p, out: str, env: dict) -> dict:
-  """experiments.bench.profile of the main model with pad_tokens_to=8 and bfloat16 Adam
-  moments, in its own process."""
-  spec, dtype = p['main'].name, p['dtype']
+  """experiments.bench.profile of the main model as the plan's `tuned` variant sets it up
+  (padding and Adam's moment dtype; no XLA flag), in its own process."""
+  _, pad, mu_dtype, _ = p['tuned']
   try:
-    return run_module('experiments.bench.profile', f'--spec={spec}', f'--dtype={dtype}',
-                      '--pad=8', '--mu_dtype=bfloat16', f'--steps={p["profile_steps"]}',
-                      f'--workdir={os.path.join(out, "profile")}', '--print_json', env=env)
+    return run_module('experiments.bench.profile', f'--spec={p["main"].name}',
+                      f'--dtype={p["dtype"]}', f'--pad={pad}', f'--mu_dtype={mu_dtype}',
+                      f'--steps={p["profile_steps"]}', '--print_json',
+                      f'--workdir={os.path.abspath(os.path.join(out, "profile"))}', env=env)
   except RuntimeError as e:
     return {'error': str(e)}
 

@@ -14,9 +14,10 @@ the bench's lm-d256 (16 × 128 tokens, d_model 256, d_ff 1024, 4 heads of 64), f
   attention  causal softmax attention forward + backward, [B, H, T, Dh]; tx's einsums
            against PyTorch's scaled_dot_product_attention
 
-Each op is the median of `repeats` calls after 3 warm-ups; `--rounds` alternates the two
-processes. `run_ops(framework, dims)` returns the ops' outputs too, so the test checks that
-both frameworks compute the same values.
+Each op is the median of `repeats` calls after 3 warm-ups; "forward + backward" returns the
+output and the gradients in both frameworks. `--rounds` alternates the two processes.
+`run_ops(framework, dims)` returns the ops' outputs too, so the test checks that both
+frameworks compute the same values.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def _jax_ops(a: dict) -> dict:
                                     mask=mask, implementation='xla').swapaxes(1, 2)
 
   def grads(fn, *args, cotangent):
-    return jax.vjp(fn, *args)[1](cotangent)
+    """(fn(*args), its gradients for `cotangent`): the forward pass and the backward pass."""
+    out, backward = jax.vjp(fn, *args)
+    return (out,) + backward(cotangent)
 
   contract0 = (((0,), (0,)), ((), ()))
   g_t = jnp.asarray(np.ascontiguousarray(np.asarray(a['g']).T))  # [F, N] in memory
@@ -78,8 +81,7 @@ def _jax_ops(a: dict) -> dict:
           lambda x, s, b, g: grads(layernorm, x, s, b, cotangent=g),
           (a['x'], a['scale'], a['bias'], a['gd'])),
       'attention forward + backward': (
-          lambda q, k, v: (attention(q, k, v),) + grads(attention, q, k, v, cotangent=q),
-          (a['q'], a['k'], a['v'])),
+          lambda q, k, v: grads(attention, q, k, v, cotangent=q), (a['q'], a['k'], a['v'])),
   }
   return {name: (jax.jit(fn), args) for name, (fn, args) in ops.items()}
 
@@ -88,15 +90,18 @@ def _torch_ops(a: dict) -> dict:
   """The same ops in PyTorch eager; the backward ones through torch.autograd.grad."""
   import torch
   import torch.nn.functional as F
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                        else os.cpu_count() or 1)
   a = {k: torch.from_numpy(v) for k, v in a.items()}
   gelu = lambda h: F.gelu(h, approximate='tanh')
   layernorm = lambda x, s, b: F.layer_norm(x, (x.shape[-1],), s, b, eps=1e-6)
   attention = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
   def grads(fn, *args, cotangent):
+    """(fn(*args), its gradients for `cotangent`), as the JAX side returns them."""
     args = [t.detach().requires_grad_() for t in args]
-    return torch.autograd.grad(fn(*args), args, cotangent)
+    out = fn(*args)
+    return (out.detach(),) + torch.autograd.grad(out, args, cotangent)
 
   def no_grad(fn):
     def call(*args):
@@ -116,9 +121,7 @@ def _torch_ops(a: dict) -> dict:
           lambda x, s, b, g: grads(layernorm, x, s, b, cotangent=g),
           (a['x'], a['scale'], a['bias'], a['gd'])),
       'attention forward + backward': (
-          lambda q, k, v: (no_grad(attention)(q, k, v),) + grads(attention, q, k, v,
-                                                                   cotangent=q),
-          (a['q'], a['k'], a['v'])),
+          lambda q, k, v: grads(attention, q, k, v, cotangent=q), (a['q'], a['k'], a['v'])),
   }
 
 

@@ -23,8 +23,10 @@ path of the primitive, e.g. `.../transpose(jvp(ViT))/encoder/block_1/block_1.ffn
   pass   forward (jvp(...)), backward (transpose(jvp(...))) or outside the model
 
 On a GPU the events are the device's ops (its 'XLA Ops' line, or its kernels that name their
-op): device time, one op at a time. On a CPU they are the thunks on every thread, so rows are thread-milliseconds and parallel work
-adds up (compare shares, not their sum with the step time).
+op): device time, one op at a time. On a CPU they are the thunks on every thread, so rows are
+thread-milliseconds and parallel work adds up (compare shares, not their sum with the step
+time). Control flow (while, call, conditional: a scanned stack, gradient accumulation) is
+left out, as the ops inside it are counted.
 
   python -m experiments.bench.profile --spec=lm-d256 --peer
 
@@ -51,6 +53,7 @@ from experiments.metrics import write_atomically
 from experiments.tasks import DTYPES
 
 OUTSIDE = 'outside the model'
+CONTROL_FLOW = ('while', 'call', 'conditional')  # their time is their ops', counted apart.
 # One HLO instruction: `%name = type opcode(operands), attributes` (ROOT-prefixed or not).
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$', re.M)
 
@@ -84,19 +87,15 @@ def part_of(op_name: str) -> tuple[str, str]:
 def _events(path: str):
   """(op name, duration ns) of the XLA op events in an .xplane.pb trace: a device's 'XLA Ops'
   line where the trace has one; else the device's kernels that name their op (stat
-  'hlo_op'; an op's kernels add up); else, with no device plane (CPU), the host's thunks."""
+  'hlo_op'; an op's kernels add up); with no device plane (CPU), the host's thunks."""
   planes = list(jax.profiler.ProfileData.from_file(path).planes)
   device = [p for p in planes if p.name.startswith('/device:')]
   op_lines = [line for p in device for line in p.lines if line.name == 'XLA Ops']
   if op_lines:
     return [(dict(e.stats).get('hlo_op', e.name), e.duration_ns)
             for line in op_lines for e in line.events]
-  for source in (device, planes):
-    events = [(stats['hlo_op'], e.duration_ns) for p in source for line in p.lines
-              for e in line.events if 'hlo_op' in (stats := dict(e.stats))]
-    if events:
-      return events
-  return []
+  return [(stats['hlo_op'], e.duration_ns) for p in device or planes for line in p.lines
+          for e in line.events if 'hlo_op' in (stats := dict(e.stats))]
 
 
 def summarize(events, described: dict, num_steps: int) -> dict:
@@ -110,17 +109,20 @@ def summarize(events, described: dict, num_steps: int) -> dict:
       unknown += ms
       continue
     kind, op_name = described[name]
+    if kind in CONTROL_FLOW:
+      continue
     by_kind[kind] += ms
     by_part[part_of(op_name)] += ms
   total = sum(by_kind.values())
   kinds = [dict(kind=k, ms=round(v, 3), share=round(v / total, 4))
            for k, v in by_kind.most_common()]
-  parts = collections.defaultdict(lambda: dict(forward=0.0, backward=0.0))
+  parts = collections.defaultdict(collections.Counter)
   for (direction, part), ms in by_part.items():
-    parts[part][direction if direction != OUTSIDE else 'forward'] += ms
-  part_rows = sorted(({'part': p, 'forward_ms': round(v['forward'], 3),
+    parts[part][direction] += ms
+  part_rows = sorted(({'part': p, 'ms': round(sum(v.values()), 3),
+                       'forward_ms': round(v['forward'], 3),
                        'backward_ms': round(v['backward'], 3),
-                       'share': round((v['forward'] + v['backward']) / total, 4)}
+                       'share': round(sum(v.values()) / total, 4)}
                       for p, v in parts.items()), key=lambda r: -r['share'])
   return dict(total_ms=round(total, 3), other_programs_ms=round(unknown, 3), kinds=kinds,
               parts=part_rows)
@@ -131,10 +133,11 @@ def profile_step(spec: specs.Spec, dtype: str, mu_dtype: str, num_steps: int,
   """Traces num_steps train steps of `spec` (after 2 untraced ones) into logdir; summarize's
   tables, with the trace file's path."""
   run = step_time.run_of(spec, specs.tx_model(spec, DTYPES[dtype]), mu_dtype)
-  step = jax.jit(steps.step_functions(run)[0], donate_argnums=(0,))
   state, batch = steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec))
-  described = _described(step.lower(state, batch).compile().as_text())
-  next_step = step_time.stepper(step, state, batch)
+  compiled = jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)).lower(
+      state, batch).compile()
+  described = _described(compiled.as_text())  # the very program the trace runs
+  next_step = step_time.stepper(compiled, state, batch)
   for _ in range(2):
     jax.block_until_ready(next_step())
   with jax.profiler.trace(logdir):
@@ -152,7 +155,8 @@ def profile_peer(spec: specs.Spec, num_steps: int) -> dict:
   untimed steps; rows sorted by time."""
   import torch  # optional: only the peer needs it
   from experiments.bench import peer
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                        else os.cpu_count() or 1)
   step = peer.TrainStep(spec, peer.build_model(spec))
   inputs, targets = peer.torch_batch(spec, specs.synthetic_batch(spec))
   for _ in range(3):
@@ -170,6 +174,7 @@ def profile_peer(spec: specs.Spec, num_steps: int) -> dict:
 
 
 def peer_markdown(result: dict, top: int = 20) -> str:
+  """profile_peer's table, its top rows."""
   lines = [f'PyTorch eager {result["spec"]} float32 ({result["threads"]} threads): '
            f'{result["total_ms"]:.2f} ms of aten ops per step', '',
            '| aten op | ms/step | calls/step | share |', '|---|---|---|---|']
@@ -181,13 +186,16 @@ def peer_markdown(result: dict, top: int = 20) -> str:
 def markdown(result: dict, top: int = 15) -> str:
   """The two tables, the top rows of each."""
   lines = [f'{result["spec"]} {result["dtype"]} (pad_tokens_to={result["pad_tokens_to"]}, '
-           f'mu_dtype={result["mu_dtype"] or "float32"}) on {result["device"]}: '
+           f'mu_dtype={result["mu_dtype"] or "float32"}, remat={result["remat"] or "off"}) '
+           f'on {result["device"]}: '
            f'{result["total_ms"]:.2f} ms of ops per step', '',
            '| op kind | ms/step | share |', '|---|---|---|']
   lines += [f'| {r["kind"]} | {r["ms"]:.2f} | {r["share"]:.1%} |' for r in result['kinds'][:top]]
-  lines += ['', '| part | forward ms | backward ms | share |', '|---|---|---|---|']
-  lines += [f'| {r["part"]} | {r["forward_ms"]:.2f} | {r["backward_ms"]:.2f} | '
-            f'{r["share"]:.1%} |' for r in result['parts'][:top]]
+  lines += ['', '| part | ms/step | forward | backward | share |', '|---|---|---|---|---|']
+  lines += [f'| {r["part"]} | {r["ms"]:.2f} | {r["forward_ms"]:.2f} | {r["backward_ms"]:.2f} | '
+            f'{r["share"]:.1%} |' if r['part'] != OUTSIDE else
+            f'| {r["part"]} | {r["ms"]:.2f} | | | {r["share"]:.1%} |'
+            for r in result['parts'][:top]]
   return '\n'.join(lines)
 
 
