@@ -192,6 +192,7 @@ def test_key_lengths_are_the_padding_mask(implementation):
   k, v = (rng.normal(size=(3, 7, 2, 8)).astype(np.float32) for _ in range(2))  # grouped query.
   lengths = np.array([7, 3, 0])
   mask = rng.random((3, 1, 5, 7)) < 0.8
+  mask[1, :, 0] = np.arange(7) >= 3  # this row's keys are all at or past its length: none.
   padding = np.arange(7) < lengths[:, None, None, None]
   for m in (None, mask):
     got = tx.dot_product_attention(q, k, v, mask=m, key_lengths=lengths,
@@ -199,7 +200,7 @@ def test_key_lengths_are_the_padding_mask(implementation):
     ref, _ = reference.attention(q, np.repeat(k, 2, -2), np.repeat(v, 2, -2),
                                  mask=padding if m is None else padding & m)
     np.testing.assert_allclose(got, ref, atol=1e-5)
-  assert np.all(np.asarray(got)[2] == 0)
+  assert np.all(np.asarray(got)[2] == 0) and np.all(np.asarray(got)[1, 0] == 0)
 
 
 def test_key_lengths_are_checked():

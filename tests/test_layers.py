@@ -310,3 +310,17 @@ def test_feed_forward_kernel_gradients_contract_g_as_stored():
                   if ' dot(' in line and 'lhs_contracting_dims={0}' in line]
   assert kernel_grads, 'no kernel gradient found as a dot'
   assert all('rhs_contracting_dims={0}' in line for line in kernel_grads), kernel_grads
+
+
+@pytest.mark.parametrize('options', [dict(), dict(score='general'), dict(beta_length='log')])
+def test_mha_key_lengths_equal_the_padding_mask(options):
+  """key_lengths=L gives what mask=padding_mask(L) gives, also where they are folded into the
+  mask (other scores; the log-length β, whose n_i counts the keys a query may attend)."""
+  x = np.random.default_rng(0).normal(size=(3, 6, 16)).astype(np.float32)
+  lengths = np.array([6, 4, 1])
+  mha = tx.MultiHeadAttention(num_heads=4, **options)
+  variables = mha.init(jax.random.key(0), x)
+  got = mha.apply(variables, x, key_lengths=lengths)
+  want = mha.apply(variables, x, mask=tx.padding_mask(lengths, kv_len=6))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert not np.allclose(got, mha.apply(variables, x), atol=1e-3)  # the lengths do matter

@@ -99,18 +99,21 @@ def softargmax_beta(scores, beta=1.0, mask=None, axis: int = -1):
   return jnp.where(mask, weights, 0.0)
 
 
-def _check_mask(mask, logits_shape, name='mask'):
-  if mask is None:
-    return None
-  shape = tuple(np.shape(mask))
+def _check_broadcast(x, shape, name: str, what: str):
+  """ValueError unless x (None passes) broadcasts to `shape` without growing it."""
+  if x is None:
+    return
+  shape, own = tuple(shape), tuple(np.shape(x))
   try:
-    ok = np.broadcast_shapes(shape, logits_shape) == tuple(logits_shape)
+    ok = np.broadcast_shapes(own, shape) == shape
   except ValueError:
     ok = False
   if not ok:
-    raise ValueError(f'{name} has shape {shape}, which does not broadcast to the attention '
-                     f'logits [batch..., H, Tq, Tk] = {tuple(logits_shape)}')
-  return mask
+    raise ValueError(f'{name} has shape {own}, which does not broadcast to {what} = {shape}')
+
+
+def _check_mask(mask, logits_shape, name='mask'):
+  _check_broadcast(mask, logits_shape, name, 'the attention logits [batch..., H, Tq, Tk]')
 
 
 def _check_qkv(q, k, v):
@@ -243,14 +246,7 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, beta=None, key_lengt
     key_lengths = jnp.asarray(key_lengths)
     if not jnp.issubdtype(key_lengths.dtype, jnp.integer):
       raise ValueError(f'key_lengths has dtype {key_lengths.dtype}; it must be integer')
-    batch = tuple(logits_shape[:-3])
-    try:
-      ok = np.broadcast_shapes(key_lengths.shape, batch) == batch
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(f'key_lengths has shape {key_lengths.shape}, which does not broadcast '
-                       f'to the batch dims [batch...] = {batch}')
+    _check_broadcast(key_lengths, logits_shape[:-3], 'key_lengths', 'the batch dims [batch...]')
   dropout = dropout_rng is not None and dropout_rate > 0.0
   if implementation is None:
     implementation = 'fused' if fused_is_valid(q, k, v, beta=beta, dropout=dropout,
@@ -362,9 +358,11 @@ def _fused(q, k, v, mask, bias, beta, key_lengths, logits_shape):
   if out is None:
     out = jax.nn.dot_product_attention(*args, scale=scale, implementation='xla', **lengths)
   out = out.reshape(batch + out.shape[-3:])
-  if mask is not None:  # jax.nn gives a uniform average for fully-masked rows; we give 0.
-    row_ok = jnp.any(jnp.broadcast_to(mask, logits_shape), axis=-1)  # [batch..., H, Tq]
+  # jax.nn gives a uniform average over all keys where mask and lengths leave a row none; we
+  # give 0, as the xla path does.
+  valid = mask if key_lengths is None else combine_masks(
+      mask, padding_mask(key_lengths, kv_len=logits_shape[-1]))
+  if valid is not None:
+    row_ok = jnp.any(jnp.broadcast_to(valid, logits_shape), axis=-1)  # [batch..., H, Tq]
     out = jnp.where(jnp.swapaxes(row_ok, -1, -2)[..., None], out, 0)
-  if key_lengths is not None:
-    out = jnp.where((key_lengths > 0)[..., None, None, None], out, 0)
   return out.astype(q.dtype)

@@ -209,6 +209,8 @@ class MultiHeadAttention(nn.Module):
                        f'by num_heads={self.num_heads}')
     if self.implementation == 'fused' and self.score != 'dot':
       raise ValueError(f'implementation="fused" supports score="dot" only; got score={self.score!r}')
+    if key_lengths is not None and self.decode:
+      raise ValueError('key_lengths with decode=True; in decode mode a mask covers the cache')
     kv_heads = self._kv_heads()
     head_dim = features // self.num_heads
     self_attention = inputs_kv is None
@@ -220,9 +222,8 @@ class MultiHeadAttention(nn.Module):
     q_BxTxHxD = dense(self.num_heads, 'query')(inputs_q)
     k_BxSxKxD = dense(kv_heads, 'key')(inputs_kv)
     v_BxSxKxD = dense(kv_heads, 'value')(inputs_kv)
-    if key_lengths is not None and self.decode:
-      raise ValueError('key_lengths with decode=True; in decode mode a mask covers the cache')
     if key_lengths is not None and (self.score != 'dot' or self.beta_length == 'log'):
+      # Only dot products reach the kernel's sequence lengths; the rest read the mask.
       mask = combine_masks(mask, padding_mask(key_lengths, kv_len=k_BxSxKxD.shape[-3]))
       key_lengths = None
     if self_attention and self.decode:

@@ -38,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import attention_kernels, flops, profile, specs, step_time
+from experiments.bench import attention_kernels, profile, specs, step_time
 from experiments.bench.__main__ import run_module
 from experiments.bench.timing import environment
 from experiments.cli import exit_on_interrupt
@@ -79,7 +79,7 @@ def _tx_row(p, spec, variant, env, rate, remat: str = '') -> dict:
     row.update(run_module('experiments.bench.step_time', f'--spec={spec.name}', f'--pad={pad}',
                           f'--mu_dtype={mu_dtype}', f'--dtype={p["dtype"]}', f'--remat={remat}',
                           f'--repeats={p["repeats"]}', env=env))
-    row['mfu'] = flops.train_step(spec) / row['median_s'] / rate
+    row['mfu'] = row['flop_per_s'] / rate
   except RuntimeError as e:  # a flag this XLA does not know, say: reported, not fatal.
     row['error'] = str(e)
   return row

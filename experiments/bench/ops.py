@@ -10,7 +10,7 @@ the bench's lm-d256 (16 × 128 tokens, d_model 256, d_ff 1024, 4 heads of 64), f
            XLA:CPU chose for the FFN kernel gradients inside the lm-d256 train step
   g·Wᵀ     its input gradient, [N, F]·[D, F]ᵀ
   gelu     tanh-GELU forward over [N, F], and forward + backward
-  layernorm  forward + backward over [N, D]
+  layernorm  forward + backward over [N, D] (Flax's nn.LayerNorm, as tx uses it)
   attention  causal softmax attention forward + backward, [B, H, T, Dh]; tx's einsums
            against PyTorch's scaled_dot_product_attention
 
@@ -39,43 +39,22 @@ def _inputs(dims: dict) -> dict:
   normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
   n, d, f = dims['n'], dims['d'], dims['f']
   qkv = (dims['b'], dims['h'], dims['t'], dims['dh'])
-  return dict(x=normal(n, d), w=normal(d, f) * 0.05, g=normal(n, f), h=normal(n, f),
-              gd=normal(n, d), scale=1 + 0.1 * normal(d), bias=0.1 * normal(d),
-              q=normal(*qkv), k=normal(*qkv), v=normal(*qkv))
+  g = normal(n, f)
+  return dict(x=normal(n, d), w=normal(d, f) * 0.05, g=g, g_t=np.ascontiguousarray(g.T),
+              h=normal(n, f), gd=normal(n, d), scale=1 + 0.1 * normal(d),
+              bias=0.1 * normal(d), q=normal(*qkv), k=normal(*qkv), v=normal(*qkv))
 
 
-def _jax_ops(a: dict) -> dict:
-  """name -> (fn, args) in JAX; each fn returns arrays."""
-  import jax
-  import jax.numpy as jnp
-  import tx
-  a = {k: jnp.asarray(v) for k, v in a.items()}
-  gelu = lambda h: jax.nn.gelu(h, approximate=True)
-
-  def layernorm(x, scale, bias):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-6) * scale + bias
-
-  def attention(q, k, v):
-    mask = tx.causal_mask(q.shape[2])
-    return tx.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
-                                    mask=mask, implementation='xla').swapaxes(1, 2)
-
-  def grads(fn, *args, cotangent):
-    """(fn(*args), its gradients for `cotangent`): the forward pass and the backward pass."""
-    out, backward = jax.vjp(fn, *args)
-    return (out,) + backward(cotangent)
-
-  contract0 = (((0,), (0,)), ((), ()))
-  g_t = jnp.asarray(np.ascontiguousarray(np.asarray(a['g']).T))  # [F, N] in memory
-  ops = {
-      'x·W': (lambda x, w: x @ w, (a['x'], a['w'])),
-      'xᵀ·g': (lambda x, g: jax.lax.dot_general(x, g, contract0), (a['x'], a['g'])),
-      'xᵀ·(gᵀ)ᵀ': (lambda x, gt: jax.lax.dot_general(x, gt, (((0,), (1,)), ((), ()))),
-                   (a['x'], g_t)),
-      'g·Wᵀ': (lambda g, w: g @ w.T, (a['g'], a['w'])),
-      'gelu forward': (gelu, (a['h'],)),
+def _table(a: dict, *, forward, grads, gelu, layernorm, attention) -> dict:
+  """name -> (fn, args), the same for both frameworks: the products are written once (the
+  operators mean the same on jax and torch arrays); `forward` wraps the forward-only ops,
+  grads(fn, *args, cotangent) returns (fn(*args), its gradients)."""
+  return {
+      'x·W': (forward(lambda x, w: x @ w), (a['x'], a['w'])),
+      'xᵀ·g': (forward(lambda x, g: x.T @ g), (a['x'], a['g'])),
+      'xᵀ·(gᵀ)ᵀ': (forward(lambda x, gt: x.T @ gt.T), (a['x'], a['g_t'])),
+      'g·Wᵀ': (forward(lambda g, w: g @ w.T), (a['g'], a['w'])),
+      'gelu forward': (forward(gelu), (a['h'],)),
       'gelu forward + backward': (lambda h, g: grads(gelu, h, cotangent=g), (a['h'], a['g'])),
       'layernorm forward + backward': (
           lambda x, s, b, g: grads(layernorm, x, s, b, cotangent=g),
@@ -83,22 +62,41 @@ def _jax_ops(a: dict) -> dict:
       'attention forward + backward': (
           lambda q, k, v: grads(attention, q, k, v, cotangent=q), (a['q'], a['k'], a['v'])),
   }
+
+
+def _jax_ops(a: dict) -> dict:
+  """_table in JAX, each op jitted: tx's LayerNorm (Flax's) and tx's einsum attention."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import tx
+
+  def layernorm(x, scale, bias):
+    return nn.LayerNorm(epsilon=1e-6).apply({'params': {'scale': scale, 'bias': bias}}, x)
+
+  def attention(q, k, v):
+    mask = tx.causal_mask(q.shape[2])
+    return tx.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
+                                    mask=mask, implementation='xla').swapaxes(1, 2)
+
+  def grads(fn, *args, cotangent):
+    out, backward = jax.vjp(fn, *args)
+    return (out,) + backward(cotangent)
+
+  ops = _table({k: jnp.asarray(v) for k, v in a.items()}, forward=lambda fn: fn, grads=grads,
+               gelu=lambda h: jax.nn.gelu(h, approximate=True), layernorm=layernorm,
+               attention=attention)
   return {name: (jax.jit(fn), args) for name, (fn, args) in ops.items()}
 
 
 def _torch_ops(a: dict) -> dict:
-  """The same ops in PyTorch eager; the backward ones through torch.autograd.grad."""
+  """_table in PyTorch eager; the backward ones through torch.autograd.grad."""
   import torch
   import torch.nn.functional as F
   torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                         else os.cpu_count() or 1)
-  a = {k: torch.from_numpy(v) for k, v in a.items()}
-  gelu = lambda h: F.gelu(h, approximate='tanh')
-  layernorm = lambda x, s, b: F.layer_norm(x, (x.shape[-1],), s, b, eps=1e-6)
-  attention = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
   def grads(fn, *args, cotangent):
-    """(fn(*args), its gradients for `cotangent`), as the JAX side returns them."""
     args = [t.detach().requires_grad_() for t in args]
     out = fn(*args)
     return (out.detach(),) + torch.autograd.grad(out, args, cotangent)
@@ -109,20 +107,11 @@ def _torch_ops(a: dict) -> dict:
         return fn(*args)
     return call
 
-  g_t = a['g'].T.contiguous()
-  return {
-      'x·W': (no_grad(lambda x, w: x @ w), (a['x'], a['w'])),
-      'xᵀ·g': (no_grad(lambda x, g: x.T @ g), (a['x'], a['g'])),
-      'xᵀ·(gᵀ)ᵀ': (no_grad(lambda x, gt: x.T @ gt.T), (a['x'], g_t)),
-      'g·Wᵀ': (no_grad(lambda g, w: g @ w.T), (a['g'], a['w'])),
-      'gelu forward': (no_grad(gelu), (a['h'],)),
-      'gelu forward + backward': (lambda h, g: grads(gelu, h, cotangent=g), (a['h'], a['g'])),
-      'layernorm forward + backward': (
-          lambda x, s, b, g: grads(layernorm, x, s, b, cotangent=g),
-          (a['x'], a['scale'], a['bias'], a['gd'])),
-      'attention forward + backward': (
-          lambda q, k, v: grads(attention, q, k, v, cotangent=q), (a['q'], a['k'], a['v'])),
-  }
+  return _table(
+      {k: torch.from_numpy(v) for k, v in a.items()}, forward=no_grad, grads=grads,
+      gelu=lambda h: F.gelu(h, approximate='tanh'),
+      layernorm=lambda x, s, b: F.layer_norm(x, (x.shape[-1],), s, b, eps=1e-6),
+      attention=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def _numpy(out) -> list:

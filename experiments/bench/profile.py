@@ -39,7 +39,6 @@ on one core XLA's thread-milliseconds and PyTorch's op times are both wall time.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import glob
 import json
 import os
@@ -47,10 +46,8 @@ import re
 
 import jax
 
-from experiments import steps
 from experiments.bench import specs, step_time
 from experiments.metrics import write_atomically
-from experiments.tasks import DTYPES
 
 OUTSIDE = 'outside the model'
 CONTROL_FLOW = ('while', 'call', 'conditional')  # their time is their ops', counted apart.
@@ -132,12 +129,8 @@ def profile_step(spec: specs.Spec, dtype: str, mu_dtype: str, num_steps: int,
                  logdir: str) -> dict:
   """Traces num_steps train steps of `spec` (after 2 untraced ones) into logdir; summarize's
   tables, with the trace file's path."""
-  run = step_time.run_of(spec, specs.tx_model(spec, DTYPES[dtype]), mu_dtype)
-  state, batch = steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec))
-  compiled = jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)).lower(
-      state, batch).compile()
+  compiled, next_step, _ = step_time.compiled_step(spec, dtype, mu_dtype)
   described = _described(compiled.as_text())  # the very program the trace runs
-  next_step = step_time.stepper(compiled, state, batch)
   for _ in range(2):
     jax.block_until_ready(next_step())
   with jax.profiler.trace(logdir):
@@ -202,7 +195,7 @@ def markdown(result: dict, top: int = 15) -> str:
 def main(argv):
   del argv
   f = flags.FLAGS
-  spec = dataclasses.replace(specs.by_name(f.spec), pad_tokens_to=f.pad, remat=f.remat)
+  spec = step_time.spec_of(f.spec, f.pad, f.remat)
   os.makedirs(f.workdir, exist_ok=True)
   if f.peer:
     result = profile_peer(spec, f.steps)

@@ -61,6 +61,22 @@ def stepper(step, state, batch):
   return run
 
 
+def compiled_step(spec: specs.Spec, dtype: str = 'float32', mu_dtype: str = ''):
+  """(the compiled, state-donating train step of `spec`, run() -> one more step of it, the
+  seconds that tracing and compiling took)."""
+  run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]), mu_dtype)
+  state, batch = steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec))
+  start = time.perf_counter()
+  compiled = jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)).lower(
+      state, batch).compile()
+  return compiled, stepper(compiled, state, batch), time.perf_counter() - start
+
+
+def spec_of(name: str, pad: int = 1, remat: str = '') -> specs.Spec:
+  """The spec called `name`, a ViT's tokens padded to a multiple of pad, remat a policy."""
+  return dataclasses.replace(specs.by_name(name), pad_tokens_to=pad, remat=remat)
+
+
 def step_timer(spec: specs.Spec, dtype: str = 'float32', mu_dtype: str = ''):
   """Compiles the tx train step of `spec` once and returns timer(repeats) -> dict: median
   seconds per step after 2 warm-up steps, examples/s, achieved FLOP/s, the seconds that
@@ -68,14 +84,8 @@ def step_timer(spec: specs.Spec, dtype: str = 'float32', mu_dtype: str = ''):
   assignment of the state, the batch and the step's temporaries; None where the backend does
   not say). Each call times more steps of the same run, so a model is timed again next to
   its peer without compiling."""
-  run = run_of(spec, specs.tx_model(spec, DTYPES[dtype]), mu_dtype)
-  state, batch = steps.init_state(run, 0), jax.device_put(specs.synthetic_batch(spec))
-  start = time.perf_counter()
-  compiled = jax.jit(steps.step_functions(run)[0], donate_argnums=(0,)).lower(
-      state, batch).compile()
-  compile_s = time.perf_counter() - start
+  compiled, next_step, compile_s = compiled_step(spec, dtype, mu_dtype)
   peak = peak_bytes(compiled)
-  next_step = stepper(compiled, state, batch)
   flop = flops.train_step(spec)
 
   def timer(repeats: int) -> dict:
@@ -154,8 +164,7 @@ def time_step(spec_name: str, dtype: str = 'float32', pad: int = 1, mu_dtype: st
               repeats: int = 10, remat: str = '') -> dict:
   """step_timer's timing of one spec (a ViT with pad_tokens_to=pad; remat: a remat policy or
   '' for none); its first_s is the first step (the program was compiled before it)."""
-  spec = dataclasses.replace(specs.by_name(spec_name), pad_tokens_to=pad, remat=remat)
-  return step_timer(spec, dtype, mu_dtype)(repeats)
+  return step_timer(spec_of(spec_name, pad, remat), dtype, mu_dtype)(repeats)
 
 
 def main(argv):
